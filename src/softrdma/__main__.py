@@ -1,0 +1,5 @@
+"""``python -m softrdma``."""
+
+from softrdma.cli import main
+
+raise SystemExit(main())

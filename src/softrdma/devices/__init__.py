@@ -1,0 +1,1 @@
+"""devices layer (see DESIGN.md)."""

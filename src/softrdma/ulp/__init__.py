@@ -1,0 +1,1 @@
+"""ulp layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""verbs layer (see DESIGN.md)."""
