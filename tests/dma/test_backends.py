@@ -406,3 +406,23 @@ def test_invalid_api_arguments() -> None:
         dev.map_single(k, 64, DMA_TO_DEVICE)
     with pytest.raises(ValueError, match="IOMMU"):
         Platform(make_host()).add_device("x", backend=DmaBackend.IOMMU)
+
+
+@pytest.mark.parametrize(("kind", "coherent"), KINDS)
+def test_sync_sg_hands_buffers_back_and_forth(kind: str, coherent: bool) -> None:
+    dev = make_device(kind, coherent=coherent)
+    host = dev.host
+    pages = [host.alloc_pages(0) for _ in range(3)]
+    sgl = Scatterlist.from_pages([(p, 16, 1000) for p in pages])
+    with dev.platform.dma_debug.strict():
+        assert dev.map_sg(sgl, DMA_BIDIRECTIONAL)
+        for e in sgl:
+            host.cpu_write_phys(e.phys, b"cpu-data")
+        dev.sync_sg_for_device(sgl, DMA_BIDIRECTIONAL)
+        for addr, _ in sgl.dma_segments():
+            assert bytes(dev.dma_read(addr, 8)) == b"cpu-data"
+            dev.dma_write(addr, b"dev-data")
+        dev.sync_sg_for_cpu(sgl, DMA_BIDIRECTIONAL)
+        for e in sgl:
+            assert bytes(host.cpu_read_phys(e.phys, 8)) == b"dev-data"
+        dev.unmap_sg(sgl, DMA_BIDIRECTIONAL)
