@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from softrdma.cli import main
 from softrdma.cli.demo_dma import run
 
@@ -39,3 +41,30 @@ def test_benchmark_smoke() -> None:
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["iommu_cost_ratio_max_over_min_live"] < 2
     assert set(result["read_1MiB_vs_memoryview_copy"]) == {"direct", "swiotlb", "iommu", "virtual"}
+
+
+def test_demo_rdma_end_to_end(tmp_path: Path) -> None:
+    from softrdma.cli.demo_rdma import run as run_rdma
+    from softrdma.fabric.pcap import read_pcap
+
+    out = io.StringIO()
+    pcap = tmp_path / "demo.pcap"
+    assert run_rdma(out, pcap=str(pcap)) == 0
+    text = out.getvalue()
+    assert (
+        text.count(
+            "data in the initiator's buffer: True; RDMA READ IB_WC_SUCCESS, same bytes back: True"
+        )
+        == 2
+    )
+    assert "= the kernel virtual address (virtual DMA)" in text and "= an IOVA" in text
+    assert "got b'not mapped for anyone'" in text
+    assert "IB_WC_REM_ACCESS_ERR; IOMMU: DMAR: [DMA read]" in text
+    assert "WRITE with a bogus rkey: IB_WC_REM_ACCESS_ERR; QPs now ERR / ERR" in text
+    assert len(list(read_pcap(pcap))) > 100
+
+
+def test_softrdma_demo_runs_every_demo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0
+    assert (tmp_path / "softrdma-demo.pcap").stat().st_size > 0

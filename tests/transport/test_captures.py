@@ -79,6 +79,7 @@ EXPECTED: dict[str, dict[int, int]] = {
     },
 }
 
+
 def _capture_files() -> list[str]:
     return sorted(p.name for p in CAPTURES.glob("*.pcap"))
 

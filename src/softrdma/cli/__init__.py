@@ -14,16 +14,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="run a demonstration of the stack end to end")
-    demo_sub = demo.add_subparsers(dest="demo", required=True)
+    demo_sub = demo.add_subparsers(dest="demo")
     dma = demo_sub.add_parser("dma", help="one buffer through every DMA backend")
     dma.add_argument("--size", type=int, default=6000, help="buffer size in bytes (default 6000)")
+    rdma = demo_sub.add_parser("rdma", help="a DMA address in a message, used by a remote peer")
+    rdma.add_argument(
+        "--pcap", default="softrdma-demo.pcap", help="where to write the frames ('' for none)"
+    )
+    rdma.add_argument(
+        "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
     args = build_parser().parse_args(argv)
-    if args.command == "demo" and args.demo == "dma":
-        from softrdma.cli.demo_dma import run
+    from softrdma.cli import demo_dma, demo_rdma
 
-        return run(args.size, out=sys.stdout)
-    return 2
+    if args.command != "demo":
+        return 2
+    status = 0
+    if args.demo in (None, "dma"):
+        status |= demo_dma.run(getattr(args, "size", 6000), out=sys.stdout)
+    if args.demo is None:
+        sys.stdout.write("\n")
+    if args.demo in (None, "rdma"):
+        status |= demo_rdma.run(
+            sys.stdout,
+            pcap=getattr(args, "pcap", "softrdma-demo.pcap") or None,
+            drop=getattr(args, "drop", 0.1),
+        )
+    return status

@@ -247,6 +247,17 @@ class Device:
             self._debug.device_access(self, dma, length, write=False)
         return self.ops.read(self, dma, length)
 
+    def dma_probe(self, dma: int, length: int, write: bool) -> None:
+        """Check that the device can reach ``[dma, dma + length)`` for a
+        read or a write, moving no data: an HCA validating a request before
+        its first DMA. Raises :class:`DmaAccessError` (an IOMMU records the
+        fault); reported by the debug checker like an access."""
+        if length <= 0:
+            return
+        if self._debug:
+            self._debug.device_access(self, dma, length, write=write)
+        self.ops.probe(self, dma, length, write)
+
     def dma_write(self, dma: int, data: BytesLike) -> None:
         """The device writes ``data`` at a DMA address."""
         if not len(data):

@@ -166,6 +166,9 @@ class DirectOps(DmaOps):
             raise DmaAccessError("dma", dma, f"bus error: {e}") from e
         return phys
 
+    def probe(self, dev: Device, dma: int, length: int, write: bool) -> None:
+        self._phys(dev, dma, length)
+
     def read(self, dev: Device, dma: int, length: int) -> memoryview:
         return dev.host.bus_read(self._phys(dev, dma, length), length, snoop=dev.coherent)
 

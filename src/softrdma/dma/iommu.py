@@ -358,6 +358,9 @@ class IommuOps(DmaOps):
             host.cache.set_uncached(page.pfn, page_align(size) >> PAGE_SHIFT, False)
         free_coherent_pages(host, page, size)
 
+    def probe(self, dev: Device, dma: int, length: int, write: bool) -> None:
+        self._domain(dev).translate(dma, length, write)
+
     def read(self, dev: Device, dma: int, length: int) -> memoryview:
         host = dev.host
         runs = self._domain(dev).translate(dma, length, write=False)

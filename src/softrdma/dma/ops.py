@@ -104,6 +104,11 @@ class DmaOps(abc.ABC):
     def write(self, dev: Device, dma: int, data: BytesLike) -> None:
         """The device writes memory at a DMA address."""
 
+    @abc.abstractmethod
+    def probe(self, dev: Device, dma: int, length: int, write: bool) -> None:
+        """Raise :class:`DmaAccessError` unless the device could access the
+        range (for the IOMMU this is the translation, fault recorded)."""
+
     def max_mapping_size(self, dev: Device) -> int:
         """``dma_max_mapping_size``."""
         return (1 << 64) - 1

@@ -81,6 +81,12 @@ class VirtOps(DmaOps):
     def free(self, dev: Device, size: int, kva: int, dma: int) -> None:
         free_coherent_pages(dev.host, dev.host.virt_to_page(kva), size)
 
+    def probe(self, dev: Device, dma: int, length: int, write: bool) -> None:
+        try:
+            dev.host.kva_segments(dma, length)
+        except KvaError as e:
+            raise DmaAccessError("dma", dma, f"{dev.name}: {e.why}") from e
+
     def read(self, dev: Device, dma: int, length: int) -> memoryview:
         try:
             return dev.host.cpu_read(dma, length)
@@ -88,8 +94,5 @@ class VirtOps(DmaOps):
             raise DmaAccessError("dma", dma, f"{dev.name}: {e.why}") from e
 
     def write(self, dev: Device, dma: int, data: BytesLike) -> None:
-        try:
-            dev.host.kva_segments(dma, len(data))  # fault before writing anything
-            dev.host.cpu_write(dma, data)
-        except KvaError as e:
-            raise DmaAccessError("dma", dma, f"{dev.name}: {e.why}") from e
+        self.probe(dev, dma, len(data), True)  # fault before writing anything
+        dev.host.cpu_write(dma, data)

@@ -1,0 +1,67 @@
+"""A hardware RDMA HCA: a DMA engine on a bus.
+
+Every byte it moves goes through its bus device's ``dma_read`` /
+``dma_write``, so the platform decides what its DMA addresses are: bus
+addresses (direct), bounce slots (swiotlb) or IOVAs (an IOMMU, which blocks
+what the driver did not map and records the fault), and the DMA-API debug
+checker sees every mapping and access. Like mlx5 it has a reserved
+``local_dma_lkey`` valid in every PD (``IBK_LOCAL_DMA_LKEY``).
+
+Kernel counterparts: ``drivers/infiniband/hw/*`` (mlx5's
+``ib_register_device(…, &pdev->dev)``: the HCA's own DMA device).
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from softrdma.devices.rdma_device import RdmaDevice
+from softrdma.dma.platform import Platform
+from softrdma.dma.types import DMA_BIT_MASK, DmaBackend
+from softrdma.fabric.inproc import Fabric
+from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IBK_LOCAL_DMA_LKEY, DeviceAttr
+
+#: The reserved lkey, as firmware hands one to mlx5 (index 1, key byte 0).
+HCA_RESERVED_LKEY = 0x100
+
+
+class HwHca(RdmaDevice):
+    """A hardware HCA on ``platform``: its DMA backend is the platform's
+    default (IOMMU if it has one) unless ``backend`` says otherwise."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        fabric: Fabric,
+        ip: str | IPv4Address,
+        *,
+        name: str = "mlx0",
+        backend: DmaBackend | None = None,
+        dma_mask: int = DMA_BIT_MASK(64),
+        coherent: bool = True,
+        debug: bool | None = None,
+        netdev_mtu: int = 1500,
+    ) -> None:
+        dma_device = platform.add_device(
+            name,
+            backend=backend,
+            dma_mask=dma_mask,
+            coherent=coherent,
+            max_seg_size=1 << 31,
+            debug=debug,
+            driver="softrdma_hca",
+        )
+        attrs = DeviceAttr(
+            vendor_id=0x02C9,
+            kernel_cap_flags=IBK_LOCAL_DMA_LKEY,
+            device_cap_flags=IB_DEVICE_MEM_MGT_EXTENSIONS,
+        )
+        super().__init__(
+            name,
+            dma_device,
+            attrs,
+            fabric,
+            ip,
+            netdev_mtu=netdev_mtu,
+            local_dma_lkey=HCA_RESERVED_LKEY,
+        )

@@ -1,0 +1,46 @@
+"""A CPU-copy RDMA device, like Linux Soft-RoCE (rxe), siw or rdmavt — and
+ipath, whose DMA-address problem started the ``ib_dma_*`` wrappers.
+
+It is not a DMA engine: its "DMA addresses" are kernel virtual addresses
+and it moves data with the CPU through the kernel's page tables. It gets a
+bus device with the virtual DMA backend, so ``ib_dma_map_*`` return kernel
+addresses and ``ib_uses_virt_dma`` is true. Like rxe it has no reserved
+lkey: each PD gets an internal DMA MR whose lkey is ``local_dma_lkey``.
+
+Kernel counterparts: ``drivers/infiniband/sw/rxe`` (``rxe_register_device``
+with no DMA device), ``kernel/dma/virt.c``.
+"""
+
+from __future__ import annotations
+
+from ipaddress import IPv4Address
+
+from softrdma.devices.rdma_device import RdmaDevice
+from softrdma.dma.platform import Platform
+from softrdma.dma.types import DmaBackend
+from softrdma.fabric.inproc import Fabric
+from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, DeviceAttr
+
+
+class SoftRoce(RdmaDevice):
+    """An rxe-like device on ``platform``'s host."""
+
+    def __init__(
+        self,
+        platform: Platform,
+        fabric: Fabric,
+        ip: str | IPv4Address,
+        *,
+        name: str = "rxe0",
+        debug: bool | None = None,
+        netdev_mtu: int = 1500,
+    ) -> None:
+        dma_device = platform.add_device(
+            name,
+            backend=DmaBackend.VIRTUAL,
+            max_seg_size=1 << 31,
+            debug=debug,
+            driver="softrdma_rxe",
+        )
+        attrs = DeviceAttr(vendor_id=0xFFFFFF, device_cap_flags=IB_DEVICE_MEM_MGT_EXTENSIONS)
+        super().__init__(name, dma_device, attrs, fabric, ip, netdev_mtu=netdev_mtu)

@@ -1,0 +1,317 @@
+"""Send work queue entries and what the transport engines hand back.
+
+Kernel counterparts: ``struct rxe_send_wqe`` and ``enum wqe_state``
+(``drivers/infiniband/sw/rxe/rxe_verbs.h``, ``include/uapi/rdma/rdma_user_rxe.h``),
+``wr_opcode_mask()`` / ``rxe_wr_opcode_info[]`` (``rxe_opcode.c``),
+``wr_to_wc_opcode()`` (``rxe_comp.c``).
+
+The engines are sans-IO: a device feeds them work requests, packets and the
+time, and takes back an :class:`Output` — packets to put on the wire
+(:class:`OutPacket`, with a :class:`UdDest` for UD), work completions
+(:class:`Completion`, tagged with the CQ they belong to) and QP events
+(:class:`QpFatal`, :class:`SqDrained`).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from softrdma.transport.opcodes import Opcode
+from softrdma.transport.packet import Packet
+from softrdma.verbs.enums import (
+    IbEventType,
+    IbSendFlags,
+    IbWcOpcode,
+    IbWcStatus,
+    IbWrOpcode,
+)
+from softrdma.verbs.wr import AtomicWR, RdmaWR, SendWR, UdWR, WorkCompletion
+
+__all__ = [
+    "WR_ATOMIC",
+    "WR_IMM",
+    "WR_INV",
+    "WR_LOCAL",
+    "WR_READ",
+    "WR_SEND",
+    "WR_WRITE",
+    "Completion",
+    "CqSide",
+    "OutPacket",
+    "Output",
+    "QpEvent",
+    "QpFatal",
+    "SendWqe",
+    "SqDrained",
+    "UdDest",
+    "WqeState",
+    "wr_to_wc_opcode",
+]
+
+
+class WqeState(enum.IntEnum):
+    """Progress of a send WQE (rxe ``enum wqe_state``).
+
+    ======== ================================================================
+    POSTED   queued; the requester has not started it (or rewound it for a
+             retry). requester → PROCESSING / PENDING / DONE / ERROR
+    PROCESSING  some but not all request packets sent. requester → PENDING
+    PENDING  every request packet sent; waiting for the ACK / response.
+             completer → retired; req_retry → POSTED
+    DONE     finished without an ACK (local operation, UD send); the
+             completer retires it in order
+    ERROR    failed locally (``status`` says why); the completer reports it
+             in order and moves the QP to ERR
+    ======== ================================================================
+    """
+
+    POSTED = 0
+    PROCESSING = 1
+    PENDING = 2
+    DONE = 3
+    ERROR = 4
+
+
+# WR classification bits (rxe_opcode.c rxe_wr_opcode_info[].mask, WR_*_MASK).
+WR_SEND = 1 << 0
+WR_WRITE = 1 << 1
+WR_READ = 1 << 2
+WR_ATOMIC = 1 << 3
+WR_LOCAL = 1 << 4
+WR_IMM = 1 << 5
+WR_INV = 1 << 6
+
+_WR_MASK: dict[IbWrOpcode, int] = {
+    IbWrOpcode.SEND: WR_SEND,
+    IbWrOpcode.SEND_WITH_IMM: WR_SEND | WR_IMM,
+    IbWrOpcode.SEND_WITH_INV: WR_SEND | WR_INV,
+    IbWrOpcode.RDMA_WRITE: WR_WRITE,
+    IbWrOpcode.RDMA_WRITE_WITH_IMM: WR_WRITE | WR_IMM,
+    IbWrOpcode.RDMA_READ: WR_READ,
+    IbWrOpcode.ATOMIC_CMP_AND_SWP: WR_ATOMIC,
+    IbWrOpcode.ATOMIC_FETCH_AND_ADD: WR_ATOMIC,
+    IbWrOpcode.REG_MR: WR_LOCAL,
+    IbWrOpcode.LOCAL_INV: WR_LOCAL,
+}
+
+_O = Opcode
+# RC opcodes per WR opcode as (FIRST, MIDDLE, LAST, ONLY) — rxe_req.c
+# next_opcode_rc() as a table. READ and atomics are single-packet requests.
+_RC_OPS: dict[IbWrOpcode, tuple[int, int, int, int]] = {
+    IbWrOpcode.SEND: (_O.RC_SEND_FIRST, _O.RC_SEND_MIDDLE, _O.RC_SEND_LAST, _O.RC_SEND_ONLY),
+    IbWrOpcode.SEND_WITH_IMM: (
+        _O.RC_SEND_FIRST,
+        _O.RC_SEND_MIDDLE,
+        _O.RC_SEND_LAST_WITH_IMMEDIATE,
+        _O.RC_SEND_ONLY_WITH_IMMEDIATE,
+    ),
+    IbWrOpcode.SEND_WITH_INV: (
+        _O.RC_SEND_FIRST,
+        _O.RC_SEND_MIDDLE,
+        _O.RC_SEND_LAST_WITH_INVALIDATE,
+        _O.RC_SEND_ONLY_WITH_INVALIDATE,
+    ),
+    IbWrOpcode.RDMA_WRITE: (
+        _O.RC_RDMA_WRITE_FIRST,
+        _O.RC_RDMA_WRITE_MIDDLE,
+        _O.RC_RDMA_WRITE_LAST,
+        _O.RC_RDMA_WRITE_ONLY,
+    ),
+    IbWrOpcode.RDMA_WRITE_WITH_IMM: (
+        _O.RC_RDMA_WRITE_FIRST,
+        _O.RC_RDMA_WRITE_MIDDLE,
+        _O.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE,
+        _O.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE,
+    ),
+    IbWrOpcode.RDMA_READ: (_O.RC_RDMA_READ_REQUEST,) * 4,
+    IbWrOpcode.ATOMIC_CMP_AND_SWP: (_O.RC_COMPARE_SWAP,) * 4,
+    IbWrOpcode.ATOMIC_FETCH_AND_ADD: (_O.RC_FETCH_ADD,) * 4,
+}
+_NO_OPS = (-1, -1, -1, -1)
+_SIGNALED = int(IbSendFlags.SIGNALED)
+
+_WC_OPCODE: dict[IbWrOpcode, IbWcOpcode] = {
+    IbWrOpcode.SEND: IbWcOpcode.SEND,
+    IbWrOpcode.SEND_WITH_IMM: IbWcOpcode.SEND,
+    IbWrOpcode.SEND_WITH_INV: IbWcOpcode.SEND,
+    IbWrOpcode.RDMA_WRITE: IbWcOpcode.RDMA_WRITE,
+    IbWrOpcode.RDMA_WRITE_WITH_IMM: IbWcOpcode.RDMA_WRITE,
+    IbWrOpcode.RDMA_READ: IbWcOpcode.RDMA_READ,
+    IbWrOpcode.ATOMIC_CMP_AND_SWP: IbWcOpcode.COMP_SWAP,
+    IbWrOpcode.ATOMIC_FETCH_AND_ADD: IbWcOpcode.FETCH_ADD,
+    IbWrOpcode.LOCAL_INV: IbWcOpcode.LOCAL_INV,
+    IbWrOpcode.REG_MR: IbWcOpcode.REG_MR,
+}
+
+
+def wr_to_wc_opcode(opcode: IbWrOpcode) -> IbWcOpcode:
+    """The completion opcode of a send WR opcode (rxe_comp.c ``wr_to_wc_opcode``)."""
+    return _WC_OPCODE.get(opcode, IbWcOpcode.SEND)
+
+
+class SendWqe:
+    """One send queue entry (rxe ``struct rxe_send_wqe``): the work request,
+    whether it produces a completion on success, inline data captured at
+    post time, and the engines' progress through it.
+
+    Built by the device in ``post_send`` with :meth:`from_wr`; the engine
+    owns it afterwards. Progress fields (rxe names in brackets):
+
+    * ``state`` / ``status`` — :class:`WqeState` and the completion status;
+    * ``first_psn`` / ``last_psn`` — PSNs the message occupies (a READ
+      reserves one per response packet);
+    * ``resid`` [``dma.resid``] — bytes still to send (SEND/WRITE) or still
+      requested (READ: the DMA length of the next READ request);
+    * ``offset`` [``dma.sge_offset``] — bytes already taken from the SGE list
+      (SEND/WRITE) or already received into it (READ);
+    * ``iova`` — remote address of the next byte (WRITE/READ/atomic);
+    * ``has_rd_atomic`` — holds one of the ``max_rd_atomic`` credits;
+    * ``started`` — the requester has begun it (a retry rewinds ``state`` but
+      not this); SQD lets only started WQEs run to completion.
+    """
+
+    __slots__ = (
+        "first_psn",
+        "has_rd_atomic",
+        "inline_data",
+        "iova",
+        "last_psn",
+        "length",
+        "mask",
+        "offset",
+        "opcode",
+        "ops",
+        "remote_addr",
+        "resid",
+        "rkey",
+        "send_flags",
+        "signaled",
+        "started",
+        "state",
+        "status",
+        "wc_opcode",
+        "wr",
+    )
+
+    def __init__(self, wr: SendWR, signaled: bool = True, inline_data: bytes | None = None) -> None:
+        self.wr = wr
+        self.signaled = signaled
+        self.inline_data = inline_data
+        self.opcode = wr.opcode
+        self.send_flags = int(wr.send_flags)  # a plain int: IntFlag ops are slow
+        self.mask = _WR_MASK.get(wr.opcode, 0)
+        self.ops = _RC_OPS.get(wr.opcode, _NO_OPS)
+        self.wc_opcode = _WC_OPCODE.get(wr.opcode, IbWcOpcode.SEND)
+        self.length = len(inline_data) if inline_data is not None else wr.length
+        if isinstance(wr, RdmaWR | AtomicWR):
+            self.remote_addr = wr.remote_addr
+            self.rkey = wr.rkey
+        else:
+            self.remote_addr = 0
+            self.rkey = 0
+        self.state = WqeState.POSTED
+        self.status = IbWcStatus.SUCCESS
+        self.first_psn = 0
+        self.last_psn = 0
+        self.resid = self.length
+        self.offset = 0
+        self.iova = self.remote_addr
+        self.has_rd_atomic = False
+        self.started = False
+
+    @classmethod
+    def from_wr(
+        cls, wr: SendWR, *, sq_sig_all: bool = False, inline_data: bytes | None = None
+    ) -> SendWqe:
+        """A WQE for ``wr`` as ``rxe_post_send`` → ``init_send_wqe`` builds it:
+        signaled if the WR asks (``IB_SEND_SIGNALED``) or the QP signals all;
+        ``inline_data`` is the SGE bytes the device copied at post time for an
+        ``IB_SEND_INLINE`` WR (the consumer may reuse its buffers at once)."""
+        signaled = sq_sig_all or bool(int(wr.send_flags) & _SIGNALED)
+        return cls(wr, signaled, inline_data)
+
+    def reset_progress(self) -> None:
+        """Rewind to the start of the message (rxe_req.c ``req_retry``)."""
+        self.resid = self.length
+        self.offset = 0
+        self.iova = self.remote_addr
+
+    def __repr__(self) -> str:
+        return (
+            f"SendWqe(wr_id={self.wr.wr_id:#x}, {self.opcode.name}, {self.state.name}, "
+            f"psn={self.first_psn:#x}..{self.last_psn:#x}, resid={self.resid})"
+        )
+
+
+class CqSide(enum.Enum):
+    """Which CQ a completion goes to: the QP's send CQ or its receive CQ."""
+
+    SEND = "send"
+    RECV = "recv"
+
+
+class Completion(NamedTuple):
+    """A work completion for the send or the receive CQ. ``solicited`` is the
+    BTH SE bit of the message that completed a receive (``rxe_cq_post``'s
+    ``solicited`` argument, for ``IB_CQ_SOLICITED`` notification)."""
+
+    side: CqSide
+    wc: WorkCompletion
+    solicited: bool = False
+
+
+class UdDest(NamedTuple):
+    """Where a UD packet goes: the WR (``wr.ah`` is the address handle with
+    the destination GID), the remote QPN and the Q_Key actually sent (the
+    QP's own when the WR's has the high bit set)."""
+
+    wr: UdWR
+    remote_qpn: int
+    qkey: int
+
+
+class OutPacket(NamedTuple):
+    """A packet to transmit. RC packets go to the QP's connected peer
+    (``dest`` is ``None``); UD packets carry a :class:`UdDest`."""
+
+    pkt: Packet
+    dest: UdDest | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QpFatal:
+    """The QP hit an error that moves it to ERR (rxe ``rxe_qp_error``).
+
+    ``status`` is the completion status that reported it, ``event`` the
+    affiliated asynchronous event (``IB_EVENT_QP_FATAL``, or
+    ``IB_EVENT_QP_REQ_ERR`` / ``IB_EVENT_QP_ACCESS_ERR`` for a responder
+    that NAKed an invalid request / access violation). The device moves the
+    QP to ERR and calls ``flush()``."""
+
+    status: IbWcStatus
+    reason: str
+    event: IbEventType = IbEventType.QP_FATAL
+
+
+@dataclass(frozen=True, slots=True)
+class SqDrained:
+    """In SQD every WQE that was started has completed
+    (``IB_EVENT_SQ_DRAINED``)."""
+
+
+QpEvent = QpFatal | SqDrained
+
+
+@dataclass(slots=True)
+class Output:
+    """What one :meth:`poll` hands back: packets to transmit now, completions
+    and events, each in the order they happened."""
+
+    packets: list[OutPacket] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)
+    events: list[QpEvent] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.packets or self.completions or self.events)

@@ -1,0 +1,295 @@
+"""An RDMA device as the RDMA core sees it (``struct ib_device``,
+``struct ib_device_attr``, ``struct ib_port_attr``; ``ib_alloc_pd``,
+``ib_create_cq``, ``ib_create_qp``, ``ib_alloc_mr``, ``ib_query_*``,
+``ib_register_event_handler``).
+
+Device drivers (``softrdma.devices``) subclass :class:`IbDevice` and
+implement its ``ops_*`` hooks (the ``ib_device_ops`` of a driver); the
+verbs objects validate their arguments and call them.
+"""
+
+from __future__ import annotations
+
+import abc
+import errno
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+from typing import TYPE_CHECKING
+
+from softrdma.dma.device import Device
+from softrdma.memory.host import Host
+from softrdma.verbs.enums import IbAccess, IbEventType, IbMrType, IbMtu, IbPdFlags, IbQpType
+from softrdma.verbs.errors import VerbsError
+from softrdma.verbs.mr import MemoryRegion, MrState, MrTable, ib_check_mr_access
+
+if TYPE_CHECKING:
+    from softrdma.verbs.cq import CompletionQueue
+    from softrdma.verbs.pd import ProtectionDomain
+    from softrdma.verbs.qp import QpAttr, QpInitAttr, QueuePair
+    from softrdma.verbs.wr import RecvWR, SendWR
+
+#: ``IB_DEVICE_MEM_MGT_EXTENSIONS``: REG_MR, LOCAL_INV, SEND_WITH_INV.
+IB_DEVICE_MEM_MGT_EXTENSIONS = 1 << 21
+#: ``IBK_LOCAL_DMA_LKEY``: one device-wide lkey for DMA addresses.
+IBK_LOCAL_DMA_LKEY = 1 << 0
+
+
+@dataclass(frozen=True)
+class DeviceAttr:
+    """``struct ib_device_attr`` (the fields kernel consumers read)."""
+
+    max_mr_size: int = 1 << 40
+    page_size_cap: int = 0xFFFFF000
+    vendor_id: int = 0
+    max_qp: int = 0x10000
+    max_qp_wr: int = 0x4000
+    device_cap_flags: int = IB_DEVICE_MEM_MGT_EXTENSIONS
+    kernel_cap_flags: int = 0
+    max_send_sge: int = 32
+    max_recv_sge: int = 32
+    max_sge_rd: int = 32
+    max_cq: int = 0x10000
+    max_cqe: int = 0x8000
+    max_mr: int = 0x10000
+    max_pd: int = 0x10000
+    max_qp_rd_atom: int = 128
+    max_qp_init_rd_atom: int = 128
+    max_fast_reg_page_list_len: int = 512
+    max_inline_data: int = 256
+
+
+@dataclass(frozen=True)
+class PortAttr:
+    """``struct ib_port_attr`` of a RoCEv2 port."""
+
+    max_mtu: IbMtu
+    active_mtu: IbMtu
+    gid_tbl_len: int
+    state: str = "ACTIVE"
+
+
+@dataclass(frozen=True)
+class IbEvent:
+    """``struct ib_event``."""
+
+    event: IbEventType
+    device: IbDevice
+    qp: QueuePair | None = None
+    cq: CompletionQueue | None = None
+    reason: str = ""
+
+
+EventHandler = Callable[[IbEvent], None]
+
+
+def gid_for_ipv4(ip: IPv4Address) -> bytes:
+    """The RoCEv2 GID of an IPv4 address: ``::ffff:a.b.c.d``."""
+    return bytes(10) + b"\xff\xff" + ip.packed
+
+
+@dataclass
+class _Tables:
+    pds: list[ProtectionDomain] = field(default_factory=list)
+    cqs: list[CompletionQueue] = field(default_factory=list)
+    qps: dict[int, QueuePair] = field(default_factory=dict)
+
+
+class IbDevice(abc.ABC):
+    """``struct ib_device``. ``dma_device`` is the bus device whose DMA API
+    the ``ib_dma_*`` wrappers use (a virtual-backend device for CPU-copy
+    drivers, see :mod:`softrdma.verbs.dma`)."""
+
+    def __init__(
+        self,
+        name: str,
+        dma_device: Device,
+        attrs: DeviceAttr,
+        *,
+        ip: IPv4Address,
+        mac: bytes,
+        netdev_mtu: int = 1500,
+        local_dma_lkey: int = 0,
+    ) -> None:
+        self.name = name
+        self.dma_device = dma_device
+        self.host: Host = dma_device.host
+        self.attrs = attrs
+        self.ip = ip
+        self.mac = mac
+        self.netdev_mtu = netdev_mtu
+        self.local_dma_lkey = local_dma_lkey
+        self.mr_table = MrTable(first_index=(local_dma_lkey >> 8) + 1)
+        self._tables = _Tables()
+        self._event_handlers: list[EventHandler] = []
+        self._next_qpn = 0x11  # QP0/QP1 are special; rxe starts at 17
+        self.unregistered = False
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.name!r}, {self.ip}, dma={self.dma_device.backend.value})"
+        )
+
+    # -- queries ---------------------------------------------------------------
+
+    def query_device(self) -> DeviceAttr:
+        """``ib_query_device`` (``dev->attrs``)."""
+        return self.attrs
+
+    def query_port(self, port_num: int = 1) -> PortAttr:
+        """``ib_query_port``: RoCE's active MTU is the largest IB MTU below
+        the netdev MTU minus the RoCEv2 headers, as rxe computes it."""
+        self._check_port(port_num)
+        active = IbMtu.from_size(self.netdev_mtu - 20 - 8 - 12 - 16 - 4)
+        return PortAttr(max_mtu=IbMtu.MTU_4096, active_mtu=active, gid_tbl_len=2)
+
+    def query_gid(self, port_num: int = 1, index: int = 1) -> bytes:
+        """``rdma_query_gid``: index 0 is the link-local GID of the MAC,
+        index 1 the RoCEv2 GID ``::ffff:<ipv4>`` (as on a Linux rxe port)."""
+        self._check_port(port_num)
+        if index == 0:
+            m = self.mac
+            eui = bytes([m[0] ^ 2, m[1], m[2], 0xFF, 0xFE, m[3], m[4], m[5]])
+            return b"\xfe\x80" + bytes(6) + eui
+        if index == 1:
+            return gid_for_ipv4(self.ip)
+        raise VerbsError(errno.EINVAL, f"GID index {index} is beyond the table")
+
+    @staticmethod
+    def _check_port(port_num: int) -> None:
+        if port_num != 1:
+            raise VerbsError(errno.EINVAL, f"port {port_num} does not exist (one port, number 1)")
+
+    # -- events ------------------------------------------------------------------
+
+    def register_event_handler(self, handler: EventHandler) -> None:
+        """``ib_register_event_handler``."""
+        self._event_handlers.append(handler)
+
+    def dispatch_event(self, event: IbEvent) -> None:
+        """``ib_dispatch_event``: device handlers, then the object's own."""
+        for handler in self._event_handlers:
+            handler(event)
+        if event.qp is not None and event.qp.event_handler is not None:
+            event.qp.event_handler(event)
+        if event.cq is not None and event.cq.event_handler is not None:
+            event.cq.event_handler(event)
+
+    # -- object creation ------------------------------------------------------------
+
+    def alloc_pd(self, flags: int = 0) -> ProtectionDomain:
+        """``ib_alloc_pd``."""
+        from softrdma.verbs.pd import ProtectionDomain
+
+        if len(self._tables.pds) >= self.attrs.max_pd:
+            raise VerbsError(errno.ENOMEM, "max_pd reached")
+        pd = ProtectionDomain(self, IbPdFlags(flags))
+        self._tables.pds.append(pd)
+        return pd
+
+    def create_cq(
+        self,
+        cqe: int,
+        comp_handler: Callable[[CompletionQueue], None] | None = None,
+        event_handler: EventHandler | None = None,
+    ) -> CompletionQueue:
+        """``ib_create_cq`` / ``ib_alloc_cq``."""
+        from softrdma.verbs.cq import CompletionQueue
+
+        if not 0 < cqe <= self.attrs.max_cqe:
+            raise VerbsError(errno.EINVAL, f"cqe {cqe} outside 1..{self.attrs.max_cqe}")
+        cq = CompletionQueue(self, cqe, comp_handler, event_handler)
+        self._tables.cqs.append(cq)
+        return cq
+
+    def create_qp(self, pd: ProtectionDomain, init_attr: QpInitAttr) -> QueuePair:
+        """``ib_create_qp``."""
+        from softrdma.verbs.qp import QueuePair
+
+        if pd.device is not self:
+            raise VerbsError(errno.EINVAL, "PD belongs to another device")
+        if len(self._tables.qps) >= self.attrs.max_qp:
+            raise VerbsError(errno.ENOMEM, "max_qp reached")
+        if init_attr.qp_type == IbQpType.GSI:
+            qpn = 1  # the General Services Interface QP of the port
+            if qpn in self._tables.qps:
+                raise VerbsError(errno.EBUSY, "the port already has its GSI QP (QP1)")
+        else:
+            qpn = self._next_qpn
+            self._next_qpn += 1
+        qp = QueuePair(pd, init_attr, qpn)
+        self._tables.qps[qpn] = qp
+        self.ops_create_qp(qp)
+        return qp
+
+    def qp_by_num(self, qpn: int) -> QueuePair | None:
+        """The QP with number ``qpn`` (``rxe_pool_get_index`` on the QP pool)."""
+        return self._tables.qps.get(qpn)
+
+    def alloc_mr(
+        self, pd: ProtectionDomain, max_num_sg: int, mr_type: IbMrType = IbMrType.MEM_REG
+    ) -> MemoryRegion:
+        """``ib_alloc_mr``: a fast-registration MR, free until IB_WR_REG_MR."""
+        if mr_type not in (IbMrType.MEM_REG, IbMrType.SG_GAPS):
+            raise VerbsError(errno.EINVAL, f"ib_alloc_mr of type {mr_type.name}")
+        if not 0 < max_num_sg <= self.attrs.max_fast_reg_page_list_len:
+            raise VerbsError(
+                errno.EINVAL,
+                f"max_num_sg {max_num_sg} outside 1..{self.attrs.max_fast_reg_page_list_len}",
+            )
+        if len(self.mr_table) >= self.attrs.max_mr:
+            raise VerbsError(errno.ENOMEM, "max_mr reached")
+        mr = self.mr_table.add(pd, IbMrType.MEM_REG, IbAccess(0), max_num_sg)
+        pd.usecnt += 1
+        return mr
+
+    def get_dma_mr(self, pd: ProtectionDomain, access: IbAccess) -> MemoryRegion:
+        """``ops.get_dma_mr``: an MR covering every DMA address of the device."""
+        ib_check_mr_access(access)
+        return self.mr_table.add(pd, IbMrType.DMA, access)
+
+    def dereg_mr(self, mr: MemoryRegion) -> None:
+        """``ib_dereg_mr``."""
+        if mr.deregistered:
+            raise VerbsError(errno.EINVAL, f"MR {mr.lkey:#x} already deregistered")
+        mr.deregistered = True
+        mr.state = MrState.INVALID
+        self.mr_table.remove(mr)
+        if mr is not mr.pd.internal_mr:
+            mr.pd.usecnt -= 1
+
+    def _forget_qp(self, qp: QueuePair) -> None:
+        self._tables.qps.pop(qp.qp_num, None)
+
+    def _forget_cq(self, cq: CompletionQueue) -> None:
+        self._tables.cqs.remove(cq)
+
+    def _forget_pd(self, pd: ProtectionDomain) -> None:
+        self._tables.pds.remove(pd)
+
+    # -- the driver's ib_device_ops ------------------------------------------------------
+
+    @abc.abstractmethod
+    def ops_create_qp(self, qp: QueuePair) -> None:
+        """Set up the driver's side of a new QP."""
+
+    @abc.abstractmethod
+    def ops_modify_qp(self, qp: QueuePair, attr: QpAttr, mask: int) -> None:
+        """Apply a validated state transition (the QP's fields are updated)."""
+
+    @abc.abstractmethod
+    def ops_post_send(self, qp: QueuePair, wrs: Sequence[SendWR]) -> None:
+        """Queue validated send work requests and ring the doorbell."""
+
+    @abc.abstractmethod
+    def ops_post_recv(self, qp: QueuePair, wrs: Sequence[RecvWR]) -> None:
+        """Queue validated receive work requests."""
+
+    @abc.abstractmethod
+    def ops_destroy_qp(self, qp: QueuePair) -> None:
+        """Tear down the driver's side of a QP."""
+
+    @abc.abstractmethod
+    def ops_progress(self, until: Callable[[], bool]) -> None:
+        """Let the simulated hardware run until ``until()`` holds or it has
+        nothing left to do (see the README's progress model)."""

@@ -1,0 +1,130 @@
+"""Work requests and work completions (``struct ib_sge``, ``ib_send_wr`` and
+its ``ib_rdma_wr`` / ``ib_atomic_wr`` / ``ib_reg_wr`` / ``ib_ud_wr``
+extensions, ``ib_recv_wr``, ``ib_wc``).
+
+Work requests are immutable values; ``post_send`` / ``post_recv`` take one
+or a sequence of them (the kernel's ``next`` chain).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from softrdma.verbs.enums import (
+    IbAccess,
+    IbSendFlags,
+    IbWcFlags,
+    IbWcOpcode,
+    IbWcStatus,
+    IbWrOpcode,
+)
+
+if TYPE_CHECKING:
+    from softrdma.verbs.ah import AddressHandle
+    from softrdma.verbs.mr import MemoryRegion
+
+
+@dataclass(frozen=True, slots=True)
+class Sge:
+    """``struct ib_sge``: ``length`` bytes at ``addr``, checked with ``lkey``.
+
+    ``addr`` is a DMA address of the device (``local_dma_lkey``) or an
+    iova inside the MR that ``lkey`` names."""
+
+    addr: int
+    length: int
+    lkey: int
+
+
+@dataclass(frozen=True, slots=True)
+class SendWR:
+    """``struct ib_send_wr``: SEND, SEND_WITH_IMM, SEND_WITH_INV, LOCAL_INV.
+
+    ``imm_data`` is the 32-bit immediate as carried on the wire (big-endian
+    value); ``invalidate_rkey`` is the key SEND_WITH_INV / LOCAL_INV names."""
+
+    wr_id: int
+    opcode: IbWrOpcode = IbWrOpcode.SEND
+    sg_list: tuple[Sge, ...] = ()
+    send_flags: IbSendFlags = IbSendFlags.SIGNALED
+    imm_data: int = 0
+    invalidate_rkey: int = 0
+
+    @property
+    def length(self) -> int:
+        """Total bytes of the scatter/gather list."""
+        return sum(s.length for s in self.sg_list)
+
+
+@dataclass(frozen=True, slots=True)
+class RdmaWR(SendWR):
+    """``struct ib_rdma_wr``: RDMA_WRITE(_WITH_IMM) and RDMA_READ."""
+
+    remote_addr: int = 0
+    rkey: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AtomicWR(SendWR):
+    """``struct ib_atomic_wr``: ATOMIC_CMP_AND_SWP / ATOMIC_FETCH_AND_ADD.
+    The 8-byte original value lands in the first SGE."""
+
+    remote_addr: int = 0
+    compare_add: int = 0
+    swap: int = 0
+    rkey: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RegWR(SendWR):
+    """``struct ib_reg_wr``: IB_WR_REG_MR of a fast-registration MR with
+    the ``key`` (its low byte may differ from the MR's) and ``access``."""
+
+    mr: MemoryRegion | None = None
+    key: int = 0
+    access: IbAccess = IbAccess.LOCAL_WRITE
+
+
+@dataclass(frozen=True, slots=True)
+class UdWR(SendWR):
+    """``struct ib_ud_wr``: a SEND on a UD QP to ``remote_qpn`` via ``ah``."""
+
+    ah: AddressHandle | None = None
+    remote_qpn: int = 0
+    remote_qkey: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RecvWR:
+    """``struct ib_recv_wr``."""
+
+    wr_id: int
+    sg_list: tuple[Sge, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return sum(s.length for s in self.sg_list)
+
+
+@dataclass(slots=True)
+class WorkCompletion:
+    """``struct ib_wc``."""
+
+    wr_id: int
+    status: IbWcStatus
+    opcode: IbWcOpcode
+    qp_num: int
+    byte_len: int = 0
+    wc_flags: IbWcFlags = field(default_factory=lambda: IbWcFlags(0))
+    imm_data: int = 0
+    invalidate_rkey: int = 0
+    src_qp: int = 0
+    pkey_index: int = 0
+    vendor_err: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"wc(wr_id={self.wr_id:#x}, {self.status.kernel_name}, {self.opcode.name}, "
+            f"qp={self.qp_num:#x}, len={self.byte_len})"
+        )

@@ -1,0 +1,254 @@
+"""The RDMA core's objects on their own: PD keys, MR registration rules,
+the QP state machine and work-request validation (no transport)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Address
+
+import pytest
+
+from softrdma.dma.platform import Platform
+from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend
+from softrdma.memory.scatterlist import Scatterlist
+from softrdma.verbs.ah import AhAttr
+from softrdma.verbs.device import IBK_LOCAL_DMA_LKEY, DeviceAttr, IbDevice
+from softrdma.verbs.dma import ib_dma_map_sg, ib_uses_virt_dma
+from softrdma.verbs.enums import (
+    IbAccess,
+    IbMrType,
+    IbMtu,
+    IbPdFlags,
+    IbQpAttrMask,
+    IbQpState,
+    IbQpType,
+    IbSendFlags,
+    IbWrOpcode,
+)
+from softrdma.verbs.errors import PostError, VerbsError
+from softrdma.verbs.mr import KeyError_, MrState, ib_inc_rkey
+from softrdma.verbs.qp import QpAttr, QpCap, QpInitAttr, QueuePair, connect_qp, ib_modify_qp_is_ok
+from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, RegWR, SendWR, Sge, UdWR
+from tests.conftest import make_host
+
+M = IbQpAttrMask
+S = IbQpState
+
+
+class FakeDevice(IbDevice):
+    """Records what the verbs layer asks of a driver."""
+
+    def __init__(self, backend: DmaBackend = DmaBackend.DIRECT, reserved_lkey: bool = True) -> None:
+        platform = Platform(make_host(), iommu=backend == DmaBackend.IOMMU)
+        caps = IBK_LOCAL_DMA_LKEY if reserved_lkey else 0
+        super().__init__(
+            "fake0",
+            platform.add_device("fake0", backend=backend),
+            DeviceAttr(kernel_cap_flags=caps),
+            ip=IPv4Address("10.0.0.1"),
+            mac=b"\x02\x00\x0a\x00\x00\x01",
+            local_dma_lkey=0x100 if reserved_lkey else 0,
+        )
+        self.calls: list[tuple[str, object]] = []
+
+    def ops_create_qp(self, qp: QueuePair) -> None:
+        self.calls.append(("create", qp))
+
+    def ops_modify_qp(self, qp: QueuePair, attr: QpAttr, mask: int) -> None:
+        self.calls.append(("modify", qp.state))
+
+    def ops_post_send(self, qp: QueuePair, wrs: Sequence[SendWR]) -> None:
+        self.calls.append(("send", list(wrs)))
+
+    def ops_post_recv(self, qp: QueuePair, wrs: Sequence[RecvWR]) -> None:
+        self.calls.append(("recv", list(wrs)))
+
+    def ops_destroy_qp(self, qp: QueuePair) -> None:
+        self.calls.append(("destroy", qp))
+
+    def ops_progress(self, until: Callable[[], bool]) -> None:
+        pass
+
+
+def rc_qp(dev: FakeDevice, **cap: int) -> QueuePair:
+    pd = dev.alloc_pd()
+    cq = dev.create_cq(16)
+    return dev.create_qp(pd, QpInitAttr(IbQpType.RC, cq, cq, QpCap(**cap)))
+
+
+def test_pd_local_dma_lkey_and_global_rkey() -> None:
+    hw = FakeDevice()
+    pd = hw.alloc_pd()
+    assert pd.local_dma_lkey == 0x100 and pd.unsafe_global_rkey == 0
+    unsafe = hw.alloc_pd(IbPdFlags.UNSAFE_GLOBAL_RKEY)
+    assert unsafe.unsafe_global_rkey and unsafe.internal_mr is not None
+    assert unsafe.internal_mr.type == IbMrType.DMA
+    soft = FakeDevice(DmaBackend.VIRTUAL, reserved_lkey=False)
+    assert ib_uses_virt_dma(soft) and not ib_uses_virt_dma(hw)
+    spd = soft.alloc_pd()
+    assert spd.internal_mr is not None and spd.local_dma_lkey == spd.internal_mr.lkey
+    assert spd.internal_mr.access == IbAccess.LOCAL_WRITE
+    mr = soft.alloc_mr(spd, 4)
+    with pytest.raises(VerbsError) as err:
+        spd.dealloc()
+    assert err.value.errno == errno.EBUSY
+    soft.dereg_mr(mr)
+    spd.dealloc()
+
+
+def test_keys_index_and_byte() -> None:
+    dev = FakeDevice()
+    pd = dev.alloc_pd()
+    a, b = dev.alloc_mr(pd, 8), dev.alloc_mr(pd, 8)
+    assert a.lkey >> 8 != b.lkey >> 8 and a.lkey == a.rkey
+    assert ib_inc_rkey(0x12FF) == 0x1200 and ib_inc_rkey(0x1234) == 0x1235
+
+
+def test_map_mr_sg_builds_the_page_list_from_dma_segments() -> None:
+    dev = FakeDevice(DmaBackend.DIRECT)
+    host = dev.host
+    pages = [host.alloc_pages(0) for _ in range(3)]
+    sgl = Scatterlist.from_pages([(pages[0], 512, 3584), (pages[1], 0, 4096), (pages[2], 0, 100)])
+    n = ib_dma_map_sg(dev, sgl, DMA_BIDIRECTIONAL)
+    assert n == 3
+    pd = dev.alloc_pd()
+    mr = dev.alloc_mr(pd, 8)
+    assert mr.map_sg(sgl, n) == n
+    segs = sgl.dma_segments()
+    assert mr.iova == segs[0][0] and mr.length == 3584 + 4096 + 100
+    assert list(mr.dma_segments(mr.iova + 3584, 10)) == [(segs[1][0], 10)]
+    assert list(mr.dma_segments(mr.iova + 3580, 8)) == [(segs[0][0] + 3580, 4), (segs[1][0], 4)]
+    small = dev.alloc_mr(pd, 1)
+    assert small.map_sg(sgl, n) == 1, "only the prefix that fits"
+    gap = Scatterlist.from_pages([(pages[0], 0, 100), (pages[1], 0, 100)])
+    ib_dma_map_sg(dev, gap, DMA_BIDIRECTIONAL)
+    assert dev.alloc_mr(pd, 8).map_sg(gap) == 1, "a gap that is not page aligned ends the prefix"
+
+
+def test_fast_registration_rules() -> None:
+    dev = FakeDevice()
+    pd, other = dev.alloc_pd(), dev.alloc_pd()
+    mr = dev.alloc_mr(pd, 4)
+    table = dev.mr_table
+    assert mr.state == MrState.FREE
+    with pytest.raises(KeyError_, match="more than the key byte"):
+        table.reg_fast_mr(pd, mr, mr.lkey + 0x100, IbAccess.LOCAL_WRITE)
+    with pytest.raises(KeyError_, match="another PD"):
+        table.reg_fast_mr(other, mr, mr.lkey, IbAccess.LOCAL_WRITE)
+    with pytest.raises(VerbsError, match="need LOCAL_WRITE"):
+        table.reg_fast_mr(pd, mr, mr.lkey, IbAccess.REMOTE_WRITE)
+    key = ib_inc_rkey(mr.rkey)
+    table.reg_fast_mr(pd, mr, key, IbAccess.LOCAL_WRITE | IbAccess.REMOTE_READ)
+    assert mr.state == MrState.VALID and mr.rkey == key
+    assert table.lookup(key, pd, IbAccess.REMOTE_READ, remote=True) is mr
+    for bad_key, bad_pd, access, msg in (
+        (key - 1, pd, 0, "names no MR"),
+        (key, other, 0, "another PD"),
+        (key, pd, IbAccess.REMOTE_WRITE, "lacks"),
+    ):
+        with pytest.raises(KeyError_, match=msg):
+            table.lookup(bad_key, bad_pd, access, remote=True)
+    with pytest.raises(KeyError_, match="state valid"):
+        table.reg_fast_mr(pd, mr, key, IbAccess.LOCAL_WRITE)
+    table.invalidate(pd, key, remote=True)
+    with pytest.raises(KeyError_, match="free"):
+        table.lookup(key, pd, IbAccess.REMOTE_READ, remote=True)
+
+
+def test_qp_state_machine() -> None:
+    dev = FakeDevice()
+    qp = rc_qp(dev)
+    with pytest.raises(VerbsError, match="requires"):
+        qp.modify(QpAttr(qp_state=S.INIT), M.STATE)
+    with pytest.raises(VerbsError, match="no transition RESET -> RTS"):
+        qp.modify(QpAttr(qp_state=S.RTS), M.STATE)
+    with pytest.raises(VerbsError, match="does not take"):
+        qp.modify(
+            QpAttr(qp_state=S.INIT), M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS | M.SQ_PSN
+        )
+    with pytest.raises(VerbsError, match="port_num"):
+        qp.modify(
+            QpAttr(qp_state=S.INIT, port_num=2), M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS
+        )
+    assert qp.state == S.RESET
+    connect_qp(qp, dest_qp_num=0x22, dgid=dev.query_gid(1, 1), rq_psn=5, sq_psn=7)
+    assert qp.state == S.RTS and qp.attr.sq_psn == 7 and qp.attr.path_mtu == IbMtu.MTU_1024
+    assert [c[1] for c in dev.calls if c[0] == "modify"] == [S.INIT, S.RTR, S.RTS]
+    qp.modify(QpAttr(qp_state=S.SQD), M.STATE)
+    qp.modify(QpAttr(qp_state=S.RTS, min_rnr_timer=3), M.STATE | M.MIN_RNR_TIMER)
+    qp.modify(QpAttr(qp_state=S.ERR), M.STATE)
+    with pytest.raises(VerbsError):
+        qp.modify(QpAttr(qp_state=S.RTS), M.STATE)
+    qp.modify(QpAttr(qp_state=S.RESET), M.STATE)
+    assert ib_modify_qp_is_ok(S.SQE, S.RTS, IbQpType.RC, M.STATE) is not None
+    assert ib_modify_qp_is_ok(S.SQE, S.RTS, IbQpType.UD, M.STATE) is None
+    assert ib_modify_qp_is_ok(S.INIT, S.RTR, IbQpType.UD, M.STATE) is None
+
+
+def test_post_validation_and_bad_wr() -> None:
+    dev = FakeDevice()
+    qp = rc_qp(dev, max_send_wr=2, max_send_sge=1, max_inline_data=16, max_recv_wr=1)
+    sge = Sge(0x1000, 8, 0x100)
+    with pytest.raises(PostError, match="RESET"):
+        qp.post_send(SendWR(1, sg_list=(sge,)))
+    with pytest.raises(PostError, match="RESET"):
+        qp.post_recv(RecvWR(1, (sge,)))
+    connect_qp(qp, dest_qp_num=0x22, dgid=dev.query_gid())
+    bad_cases = [
+        (SendWR(2, sg_list=(sge, sge)), "max_send_sge"),
+        (SendWR(3, IbWrOpcode.RDMA_WRITE, (sge,)), "needs an RdmaWR"),
+        (AtomicWR(4, IbWrOpcode.ATOMIC_FETCH_AND_ADD, (Sge(0, 4, 0x100),)), "8-byte SGE"),
+        (RegWR(5, IbWrOpcode.REG_MR), "RegWR with an MR"),
+        (SendWR(6, sg_list=(Sge(0, 32, 0),), send_flags=IbSendFlags.INLINE), "max_inline_data"),
+    ]
+    for wr, msg in bad_cases:
+        with pytest.raises(PostError, match=msg) as err:
+            qp.post_send(wr)
+        assert err.value.bad_wr is wr and err.value.errno == errno.EINVAL
+    good, also_good, overflow = (
+        SendWR(7, sg_list=(sge,)),
+        RdmaWR(8, IbWrOpcode.RDMA_READ, (sge,)),
+        SendWR(9),
+    )
+    with pytest.raises(PostError, match="send queue full") as err:
+        qp.post_send([good, also_good, overflow])
+    assert err.value.bad_wr is overflow and err.value.errno == errno.ENOMEM
+    assert dev.calls[-1] == ("send", [good, also_good]), "the WRs before bad_wr are posted"
+    assert qp.sq_outstanding == 2
+
+
+def test_ud_qp_opcodes_and_address_handles() -> None:
+    dev = FakeDevice()
+    pd = dev.alloc_pd()
+    cq = dev.create_cq(4)
+    qp = dev.create_qp(pd, QpInitAttr(IbQpType.UD, cq, cq))
+    qp.modify(QpAttr(qp_state=S.INIT, qkey=0x1234), M.STATE | M.PKEY_INDEX | M.PORT | M.QKEY)
+    qp.modify(QpAttr(qp_state=S.RTR), M.STATE)
+    qp.modify(QpAttr(qp_state=S.RTS, sq_psn=0), M.STATE | M.SQ_PSN)
+    with pytest.raises(PostError, match="not valid on a UD QP"):
+        qp.post_send(RdmaWR(1, IbWrOpcode.RDMA_WRITE))
+    with pytest.raises(PostError, match="address handle"):
+        qp.post_send(SendWR(2))
+    from softrdma.verbs.ah import create_ah
+
+    ah = create_ah(pd, AhAttr(dgid=dev.query_gid()))
+    qp.post_send(UdWR(3, ah=ah, remote_qpn=0x33, remote_qkey=0x1234))
+    with pytest.raises(VerbsError):
+        AhAttr(dgid=b"short")
+
+
+def test_create_qp_limits_and_cq_checks() -> None:
+    dev = FakeDevice()
+    pd = dev.alloc_pd()
+    cq = dev.create_cq(4)
+    with pytest.raises(VerbsError, match="max_send_sge"):
+        dev.create_qp(pd, QpInitAttr(IbQpType.RC, cq, cq, QpCap(max_send_sge=1000)))
+    with pytest.raises(VerbsError, match="cqe"):
+        dev.create_cq(0)
+    qp = dev.create_qp(pd, QpInitAttr(IbQpType.RC, cq, cq))
+    with pytest.raises(VerbsError):
+        cq.destroy()
+    qp.destroy()
+    cq.destroy()
+    assert dev.qp_by_num(qp.qp_num) is None
