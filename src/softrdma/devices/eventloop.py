@@ -223,41 +223,12 @@ class EventLoop:
             )
         self._running = True
 
-    def step(self) -> bool:
-        """Run the next event (advancing :attr:`now` to its time). Returns
-        False, doing nothing, when no event is pending."""
-        self._enter()
-        try:
-            heap = self._heap
-            while heap:
-                entry = heappop(heap)
-                cb = entry[_CB]
-                if cb is None:
-                    self._ncancelled -= 1
-                    continue
-                entry[_CB] = None
-                self._now = entry[_WHEN]
-                self.events_run += 1
-                cb(*entry[_ARGS])
-                return True
-            return False
-        finally:
-            self._running = False
-
-    def run(self, until: float | None = None, max_events: int | None = None) -> int:
-        """Run events in time order and return how many ran.
-
-        Without ``until``, runs until no event is left. With ``until``, runs
-        every event due at or before ``until`` and then sets :attr:`now` to
-        ``until`` (the simulated time has passed even if nothing happened).
-        ``max_events`` stops after that many events, leaving :attr:`now` at
-        the last one's time.
-        """
-        if until is not None and not until >= self._now:
-            raise EventLoopError(f"run(until={until!r}) is before the current time {self._now!r}")
-        limit = _INF if until is None else until
-        budget = sys.maxsize if max_events is None else max_events
-        self._enter()
+    def _drain(
+        self, limit: float, budget: int, predicate: Callable[[], object] | None
+    ) -> tuple[int, bool]:
+        """Run due events in order until none is left at or before ``limit``,
+        ``budget`` have run, or ``predicate()`` (checked after each) holds.
+        Returns how many ran and whether the predicate stopped it."""
         heap = self._heap
         n = 0
         try:
@@ -274,14 +245,40 @@ class EventLoop:
                 self._now = entry[_WHEN]
                 n += 1
                 cb(*entry[_ARGS])
-            else:
-                if n >= budget:
-                    return n
-            if until is not None and until > self._now:
+                if predicate is not None and predicate():
+                    return n, True
+            return n, False
+        finally:
+            self.events_run += n
+
+    def step(self) -> bool:
+        """Run the next event (advancing :attr:`now` to its time). Returns
+        False, doing nothing, when no event is pending."""
+        self._enter()
+        try:
+            return self._drain(_INF, 1, None)[0] == 1
+        finally:
+            self._running = False
+
+    def run(self, until: float | None = None, max_events: int | None = None) -> int:
+        """Run events in time order and return how many ran.
+
+        Without ``until``, runs until no event is left. With ``until``, runs
+        every event due at or before ``until`` and then sets :attr:`now` to
+        ``until`` (the simulated time has passed even if nothing happened).
+        ``max_events`` stops after that many events, leaving :attr:`now` at
+        the last one's time.
+        """
+        if until is not None and not until >= self._now:
+            raise EventLoopError(f"run(until={until!r}) is before the current time {self._now!r}")
+        budget = sys.maxsize if max_events is None else max_events
+        self._enter()
+        try:
+            n, _ = self._drain(_INF if until is None else until, budget, None)
+            if n < budget and until is not None and until > self._now:
                 self._now = until
             return n
         finally:
-            self.events_run += n
             self._running = False
 
     def run_until(
@@ -308,26 +305,9 @@ class EventLoop:
                 return True
             deadline = _INF if timeout is None else self._now + timeout
             budget = sys.maxsize if max_events is None else max_events
-            heap = self._heap
-            n = 0
-            try:
-                while heap and n < budget:
-                    entry = heap[0]
-                    if entry[_WHEN] > deadline:
-                        break
-                    heappop(heap)
-                    cb = entry[_CB]
-                    if cb is None:
-                        self._ncancelled -= 1
-                        continue
-                    entry[_CB] = None
-                    self._now = entry[_WHEN]
-                    n += 1
-                    cb(*entry[_ARGS])
-                    if predicate():
-                        return True
-            finally:
-                self.events_run += n
+            n, satisfied = self._drain(deadline, budget, predicate)
+            if satisfied:
+                return True
             if n < budget and timeout is not None and deadline > self._now:
                 self._now = deadline
             return False

@@ -29,6 +29,7 @@ from softrdma.devices.memport import QpMemory
 from softrdma.dma.device import Device
 from softrdma.fabric.inproc import Fabric
 from softrdma.transport.headers import MalformedPacket
+from softrdma.transport.icrc import IcrcError
 from softrdma.transport.params import QpParams
 from softrdma.transport.rc import RcTransport
 from softrdma.transport.roce import (
@@ -96,6 +97,8 @@ class RdmaDevice(IbDevice):
         self._timers: dict[int, TimerHandle] = {}
         self._kicked: set[int] = set()
         self._ip_ident = IpIdentGenerator()
+        self._saddr = addr.packed
+        self._routes: dict[bytes, tuple[bytes, bytes]] = {}
         self.stats: Counter[str] = Counter()
         """Frames sent / received / dropped, by reason (``rx_bad_icrc``, ...)."""
 
@@ -244,25 +247,36 @@ class RdmaDevice(IbDevice):
         if op.dest is None:
             ah = qp.attr.ah_attr
             assert ah is not None
-            dgid, flow_label = ah.dgid, ah.flow_label
-            sport = rdma_get_udp_sport(flow_label, qp.qp_num, qp.attr.dest_qp_num)
+            dgid = ah.dgid
+            sport = rdma_get_udp_sport(ah.flow_label, qp.qp_num, qp.attr.dest_qp_num)
         else:
-            ah_attr = op.dest.wr.ah.attr if op.dest.wr.ah is not None else None
-            assert ah_attr is not None
-            dgid = ah_attr.dgid
+            assert op.dest.wr.ah is not None
+            dgid = op.dest.wr.ah.attr.dgid
             sport = rxe_qp_src_port(qp.qp_num)
-        dst = rdma_gid2ip(dgid)
+        daddr, dmac = self._route(dgid)
         frame = RoceFrame.build(
             op.pkt,
-            self.ip,
-            dst,
+            self._saddr,
+            daddr,
             sport,
-            eth_dst=self.fabric.lookup_mac(dst) or _BROADCAST,
+            eth_dst=dmac,
             eth_src=self.mac,
-            ip_id=self._ip_ident(self.ip.packed, dst.packed),
+            ip_id=self._ip_ident(self._saddr, daddr),
         )
         self.stats["tx_frames"] += 1
         self._port.transmit(encode_roce_v2(frame))
+
+    def _route(self, dgid: bytes) -> tuple[bytes, bytes]:
+        """Destination address and MAC for a GID (rxe's ``rxe_find_route``
+        and neighbour lookup), cached once the neighbour is known."""
+        route = self._routes.get(dgid)
+        if route is None:
+            dst = rdma_gid2ip(dgid)
+            mac = self.fabric.lookup_mac(dst)
+            route = (dst.packed, mac or _BROADCAST)
+            if mac is not None:
+                self._routes[dgid] = route
+        return route
 
     def receive_frame(self, frame: bytes) -> None:
         """A frame from the fabric (``rxe_udp_encap_recv`` → ``rxe_rcv``):
@@ -270,10 +284,13 @@ class RdmaDevice(IbDevice):
         from an address that is not the QP's peer — dropped silently."""
         try:
             rf = decode_roce_v2(frame)
-        except MalformedPacket as e:
-            self.stats["rx_bad_" + ("icrc" if "ICRC" in str(e) else "frame")] += 1
+        except IcrcError:
+            self.stats["rx_bad_icrc"] += 1
             return
-        if rf.daddr != self.ip.packed:
+        except MalformedPacket:
+            self.stats["rx_bad_frame"] += 1
+            return
+        if rf.daddr != self._saddr:
             self.stats["rx_wrong_address"] += 1
             return
         pkt = rf.packet
@@ -291,7 +308,7 @@ class RdmaDevice(IbDevice):
             engine.receive(pkt, self.loop.now, sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
         else:
             ah = qp.attr.ah_attr
-            if ah is None or _gid(rf.saddr) != ah.dgid:
+            if ah is None or rf.saddr != self._route(ah.dgid)[0]:
                 self.stats["rx_wrong_peer"] += 1
                 return
             engine.receive(pkt, self.loop.now)

@@ -47,12 +47,11 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv6Address
-from types import TracebackType
-from typing import Protocol, Self
+from typing import Protocol
 
 from softrdma.devices.eventloop import EventLoop
 from softrdma.errors import SoftRdmaError
-from softrdma.fabric.pcap import PathOrFile, PcapWriter
+from softrdma.fabric.pcap import Closing, PathOrFile, PcapWriter
 
 __all__ = [
     "DEFAULT_LATENCY",
@@ -294,7 +293,7 @@ class FrameFilter:
         self._fabric._remove_filter(self)
 
 
-class PcapTap:
+class PcapTap(Closing):
     """A pcap capture point from :meth:`Fabric.tap`. Timestamps are the
     simulated time in nanoseconds plus ``epoch_ns``. :meth:`close` stops the
     capture and closes the file if the tap opened it (a :class:`PcapWriter`
@@ -339,17 +338,6 @@ class PcapTap:
         else:
             self.writer.flush()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 def _corrupt(frame: bytes, rng: random.Random) -> bytes | None:
     """``frame`` with one bit flipped after the Ethernet header, in a field
@@ -387,7 +375,7 @@ def _corrupt(frame: bytes, rng: random.Random) -> bytes | None:
     return bytes(buf)
 
 
-class Fabric:
+class Fabric(Closing):
     """One Ethernet segment joining any number of ports in one process
     (the wire and the switch).
 
@@ -818,17 +806,6 @@ class Fabric:
         """Close every tap. The fabric stays usable."""
         for tap in self.taps:
             tap.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def __repr__(self) -> str:
         return (

@@ -49,6 +49,27 @@ _REC_BE = struct.Struct(">IIII")
 PathOrFile = str | os.PathLike[str] | BinaryIO
 
 
+class Closing:
+    """``with obj:`` closes ``obj`` at the end (readers, writers, taps, the
+    fabric)."""
+
+    __slots__ = ()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 class PcapError(SoftRdmaError, ValueError):
     """The file is not a classic pcap file, or is truncated or corrupt."""
 
@@ -75,7 +96,7 @@ def _open(src: PathOrFile, write: bool) -> tuple[BinaryIO, bool]:
     return src, False
 
 
-class PcapReader:
+class PcapReader(Closing):
     """Iterate over the records of a classic pcap file (``pcap_open_offline`` +
     ``pcap_next_ex``). Usable as a context manager; records are read lazily.
 
@@ -143,19 +164,8 @@ class PcapReader:
         if self._owned:
             self._f.close()
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-class PcapWriter:
+class PcapWriter(Closing):
     """Write a classic pcap file (``pcap_dump_open`` + ``pcap_dump``), little-endian,
     microsecond timestamps unless ``nanosecond``. Frames longer than
     ``snaplen`` are truncated (their ``orig_len`` keeps the full length)."""
@@ -211,17 +221,6 @@ class PcapWriter:
         self._f.flush()
         if self._owned:
             self._f.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def read_pcap(source: PathOrFile) -> Iterator[PcapRecord]:
