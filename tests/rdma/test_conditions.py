@@ -18,6 +18,7 @@ from softrdma.verbs.enums import (
     IbQpAttrMask,
     IbQpState,
     IbQpType,
+    IbSendFlags,
     IbWcFlags,
     IbWcOpcode,
     IbWcStatus,
@@ -184,3 +185,24 @@ def test_pcap_tap_of_device_traffic_decodes_in_tshark(tmp_path: Path) -> None:
     assert opcodes[:3] == [0, 1, 2], opcodes  # SEND_FIRST, SEND_MIDDLE, SEND_LAST
     assert 17 in opcodes  # the ACKNOWLEDGE
     assert int(rows[0][1], 0) == b.qp.qp_num
+
+
+def test_completion_notification_and_solicited_events() -> None:
+    fabric, a, b = pair("cpu", "hw-direct")
+    calls: list[int] = []
+    b.cq.comp_handler = lambda cq: calls.append(len(cq))
+    src, sink = Buffer(a.dev, 64), Buffer(b.dev, 64)
+    lb, la = b.pd.local_dma_lkey, a.pd.local_dma_lkey
+    b.qp.post_recv([RecvWR(i, (sink.sge(lb),)) for i in range(3)])
+    b.cq.req_notify(solicited_only=True)
+    a.qp.post_send(SendWR(1, IbWrOpcode.SEND, (src.sge(la, 0, 8),)))
+    fabric.loop.run()
+    assert calls == [], "an unsolicited completion does not fire a solicited-only arm"
+    a.qp.post_send(SendWR(2, IbWrOpcode.SEND, (src.sge(la, 0, 8),),
+                          send_flags=IbSendFlags.SIGNALED | IbSendFlags.SOLICITED))
+    fabric.loop.run()
+    assert calls == [2]
+    a.qp.post_send(SendWR(3, IbWrOpcode.SEND, (src.sge(la, 0, 8),)))
+    fabric.loop.run()
+    assert calls == [2], "one arm, one notification (ib_req_notify_cq again to re-arm)"
+    assert len(b.cq.poll(3)) == 3

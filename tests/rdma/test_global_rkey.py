@@ -5,6 +5,7 @@ mapped right now."""
 
 from __future__ import annotations
 
+from softrdma.dma.debug import DebugKind
 from softrdma.verbs.enums import IbPdFlags, IbWcStatus, IbWrOpcode
 from softrdma.verbs.wr import RdmaWR
 from tests.rdma.nodes import Buffer, pair
@@ -20,17 +21,16 @@ def test_direct_mapped_hca_exposes_all_host_memory() -> None:
     b.host.cpu_write(secret, SECRET)
     bus_address = b.host.virt_to_phys(secret) + b.dev.dma_device.bus_offset
     loot = Buffer(a.dev, 64)
-    a.qp.post_send(
-        RdmaWR(
-            1,
-            IbWrOpcode.RDMA_READ,
-            (loot.sge(a.pd.local_dma_lkey, 0, len(SECRET)),),
-            remote_addr=bus_address,
-            rkey=rkey,
-        )
-    )
-    a.wait_ok()
+    read = RdmaWR(1, IbWrOpcode.RDMA_READ, (loot.sge(a.pd.local_dma_lkey, 0, len(SECRET)),),
+                  remote_addr=bus_address, rkey=rkey)
+    with b.dev.dma_device.platform.dma_debug.capture() as reports:
+        a.qp.post_send(read)
+        a.wait_ok()
     assert loot.read(len(SECRET)) == SECRET, "the peer read memory nobody mapped"
+    # Nothing stopped it, but the DMA-API debug checker saw the HCA touch
+    # memory outside every live mapping.
+    (report,) = reports
+    assert report.kind is DebugKind.DEVICE_ACCESS_UNMAPPED and report.dma_address == bus_address
     # ... and can write it, too
     a.qp.post_send(
         RdmaWR(

@@ -297,3 +297,28 @@ def test_rnr_limits() -> None:
         rnr_timer_encode(655361)
     with pytest.raises(HeaderFieldError):
         rnr_timer_decode(32)
+
+
+# --- the shared codec ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", EXT, ids=lambda c: c.__name__)
+@given(data=st.data())
+def test_verbatim_headers_are_their_struct_values(cls: Any, data: st.DataObject) -> None:
+    """Packet.decode builds a VERBATIM header straight from the unpacked values
+    (tuple.__new__), skipping from_wire: only headers that keep the shared
+    from_wire may say so."""
+    h = data.draw(HEADER_STRATEGY[cls])
+    values = cls.STRUCT.unpack(h.pack())
+    assert cls.from_wire(*values) == h
+    assert ("from_wire" in vars(cls)) is not cls.VERBATIM
+    if cls.VERBATIM:
+        assert tuple.__new__(cls, values) == h
+
+
+@pytest.mark.parametrize("cls", [Bth, *EXT], ids=lambda c: c.__name__)
+def test_headers_share_one_codec(cls: Any) -> None:
+    for name in ("pack", "pack_into", "unpack_from"):
+        assert getattr(cls, name).__qualname__ == f"_WireHeader.{name}"
+    assert cls.STRUCT.size == cls.SIZE
+    assert len(cls.BITS) == len(cls._fields)

@@ -21,6 +21,7 @@ from softrdma.transport.icrc import (
     icrc_check,
     icrc_compute,
     icrc_hdr,
+    icrc_headers,
     icrc_ipv4,
     icrc_ipv6,
     icrc_pack,
@@ -178,6 +179,17 @@ def test_split_and_contiguous_agree(pkt: Packet, addrs: tuple[bytes, bytes], ip_
     assert crc == icrc_compute(l3[:-4]) == icrc_check(l3)
     assert icrc_pack(crc) == l3[-4:]
     assert zlib.crc32(ib[12:], icrc_hdr(l3)) == crc
+
+
+@given(packets(max_payload=64), st.booleans(), st.data())
+def test_icrc_headers_takes_the_extension_headers_too(
+    pkt: Packet, v6: bool, data: st.DataObject
+) -> None:
+    l3 = _frame(pkt, v6)[14:]
+    n = 60 if v6 else 40
+    k = data.draw(st.integers(0, len(l3) - n))
+    assert icrc_headers(l3[: n + k], v6) == zlib.crc32(l3[n : n + k], icrc_hdr(l3))
+    assert icrc_headers(memoryview(l3)[: n + k], v6) == icrc_headers(l3[: n + k], v6)
 
 
 # --- corruption -----------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def test_layout_is_headers_in_order_then_payload_then_zero_pad(pkt: Packet) -> N
     assert hdr + bytes(payload) + pad == expected
 
 
+@given(packets())
+def test_wire_values_are_what_encode_packs(pkt: Packet) -> None:
+    st_, vals, payload, pad = pkt.wire_values()
+    assert st_.size == pkt.info.length and vals[:5] == pkt.bth.wire_fields()
+    assert st_.pack(*vals) + bytes(payload) + bytes(pad) == pkt.encode()
+    assert pad == pad_count(pkt.payload_len) and payload is pkt.payload
+
+
 @given(packets(), st.integers(0, 9), st.sampled_from(["bytes", "bytearray", "memoryview"]))
 def test_decode_accepts_buffers_and_is_zero_copy(pkt: Packet, offset: int, kind: str) -> None:
     raw = pkt.encode()

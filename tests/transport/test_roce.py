@@ -232,6 +232,39 @@ def test_encode_validation() -> None:
         RoceFrame(big, b"\1\2\3\4", b"\1\2\3\4", 1).encode()
 
 
+def test_encode_reports_the_packet_error_first() -> None:
+    """As when the packet was encoded before the frame around it."""
+    pkt = Packet.build(Opcode.RC_SEND_ONLY, dest_qp=1, psn=1)
+    pkt.bth = pkt.bth._replace(psn=1 << 24)
+    for frame in (
+        RoceFrame(pkt, b"\1\2\3\4", b"\1\2\3\4", 1, eth_src=b"\1"),
+        RoceFrame(pkt, b"\1\2\3\4", bytes(16), 1),
+        RoceFrame(pkt, b"\1\2\3\4", b"\1\2\3\4", 1, ttl=256),
+    ):
+        with pytest.raises(HeaderFieldError, match="psn"):
+            frame.encode()
+
+
+def _ones_sum_reference(data: bytes) -> int:
+    """RFC 1071 word by word, with end-around carries."""
+    s = 0
+    for i in range(0, len(data), 2):
+        s += data[i] << 8 | data[i + 1]
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+@given(st.binary(min_size=20, max_size=20))
+def test_ipv4_checksum_matches_rfc1071(hdr: bytes) -> None:
+    from softrdma.transport.roce import _csum_fold, _ipv4_csum
+
+    assert _csum_fold(int.from_bytes(hdr, "big")) == _ones_sum_reference(hdr)
+    assert _ipv4_csum(hdr) == ~_ones_sum_reference(hdr) & 0xFFFF
+    fixed = hdr[:10] + b"\0\0" + hdr[12:]
+    fixed = fixed[:10] + _ipv4_csum(fixed).to_bytes(2, "big") + fixed[12:]
+    assert _ipv4_csum(fixed) == 0
+
+
 # --- addresses and ports -----------------------------------------------------------------
 
 

@@ -251,12 +251,9 @@ class Device:
         """Check that the device can reach ``[dma, dma + length)`` for a
         read or a write, moving no data: an HCA validating a request before
         its first DMA. Raises :class:`DmaAccessError` (an IOMMU records the
-        fault); reported by the debug checker like an access."""
-        if length <= 0:
-            return
-        if self._debug:
-            self._debug.device_access(self, dma, length, write=write)
-        self.ops.probe(self, dma, length, write)
+        fault). The debug checker looks at the accesses that follow."""
+        if length > 0:
+            self.ops.probe(self, dma, length, write)
 
     def dma_write(self, dma: int, data: BytesLike) -> None:
         """The device writes ``data`` at a DMA address."""

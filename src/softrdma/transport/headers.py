@@ -6,10 +6,11 @@ Kernel counterpart: ``drivers/infiniband/sw/rxe/rxe_hdr.h`` (``struct rxe_bth``,
 ``include/rdma/ib_pack.h``.
 
 Each header is an immutable :class:`typing.NamedTuple` (cheap to build on
-the data path) with a precompiled big-endian :class:`struct.Struct`,
-``pack`` / ``pack_into`` that validate field ranges and raise
-:class:`HeaderFieldError`, and an ``unpack_from`` classmethod that raises
-:class:`MalformedPacket` on short or invalid input.
+the data path) with a precompiled big-endian :class:`struct.Struct`. One
+shared codec (``_WireHeader``, driven by each class's ``STRUCT`` / ``NAME``
+/ ``BITS``) gives them all ``pack`` / ``pack_into`` that validate field
+ranges and raise :class:`HeaderFieldError`, and an ``unpack_from``
+classmethod that raises :class:`MalformedPacket` on short or invalid input.
 
 Reserved bits are written as zero and ignored on receive, as rxe does.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
-from typing import ClassVar, NamedTuple, Self, TypeAlias
+from typing import Any, ClassVar, NamedTuple, Self, TypeAlias, cast
 
 from softrdma.errors import SoftRdmaError
 
@@ -95,10 +96,90 @@ GSI_QKEY = 0x80010000
 
 _U24 = 24
 _BTH_STRUCT = struct.Struct(">BBHII")
+# Decoders build a header with tuple.__new__(cls, values): the NamedTuple's
+# __new__ is a Python-level function that does only that, with no checks.
+_tuple_new = tuple.__new__
 
 
 def _bad(header: str, field: str, value: object, bits: int) -> HeaderFieldError:
     return HeaderFieldError(f"{header}.{field}={value!r} does not fit {bits} bits")
+
+
+class _WireHeader(tuple[Any, ...]):
+    """The codec every header shares, driven by the class variables each one
+    sets. rxe_hdr.h has a getter and a setter per field of every header; here
+    the fields are a NamedTuple and these few methods serve all of them.
+
+    A header is ``class X(_XFields, _WireHeader)``, ``_XFields`` being the
+    NamedTuple of its fields. By default the :attr:`STRUCT` values are the
+    fields themselves, in order; headers whose fields share a word or sit next
+    to reserved bits (BTH, AETH, DETH) override :meth:`wire_fields` and
+    :meth:`from_wire`.
+    """
+
+    __slots__ = ()
+
+    SIZE: ClassVar[int]
+    """Bytes on the wire."""
+    STRUCT: ClassVar[struct.Struct]
+    """Precompiled big-endian layout; its values are :meth:`wire_fields`."""
+    NAME: ClassVar[str]
+    """The header's name in :class:`MalformedPacket` messages."""
+    BITS: ClassVar[tuple[int, ...]]
+    """Wire width of each field, in field order (for :class:`HeaderFieldError`)."""
+    VERBATIM: ClassVar[bool] = True
+    """The :attr:`STRUCT` values are the fields as they are, so a decoder may
+    build the tuple straight from them (``tuple.__new__(cls, values)``);
+    a header that overrides :meth:`from_wire` sets this to False."""
+
+    def wire_fields(self) -> tuple[Any, ...]:
+        """Values for :attr:`STRUCT`: the fields as they are (``struct`` itself
+        range-checks a field that fills its word)."""
+        return self
+
+    def pack(self) -> bytes:
+        """Encode to :attr:`SIZE` bytes (rxe_hdr.h ``*_set_*``); an out-of-range
+        field raises :class:`HeaderFieldError`."""
+        try:
+            return self.STRUCT.pack(*self.wire_fields())
+        except struct.error as e:
+            raise self._field_error(e) from None
+
+    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
+        """Encode into ``buf`` at ``offset``."""
+        try:
+            self.STRUCT.pack_into(buf, offset, *self.wire_fields())
+        except struct.error as e:
+            raise self._field_error(e) from None
+
+    @classmethod
+    def from_wire(cls, *values: Any) -> Self:
+        """Build from the :attr:`STRUCT` values."""
+        return cls(*values)
+
+    @classmethod
+    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
+        """Decode :attr:`SIZE` bytes at ``offset`` (rxe_hdr.h field getters);
+        a short buffer raises :class:`MalformedPacket`."""
+        st = cls.STRUCT
+        try:
+            values = st.unpack_from(buf, offset)
+        except struct.error:
+            n = len(memoryview(buf))
+            raise MalformedPacket(
+                f"{cls.NAME} needs {st.size} bytes at offset {offset}, buffer has {n}"
+            ) from None
+        return cls.from_wire(*values)
+
+    def _field_error(self, cause: object) -> HeaderFieldError:
+        """The error for a header that cannot be encoded: names the first
+        field outside its :attr:`BITS`."""
+        name = type(self).__name__
+        fields = cast(NamedTuple, self)._fields  # the field names of the NamedTuple base
+        for field, bits, v in zip(fields, self.BITS, self, strict=True):
+            if not isinstance(v, int) or v >> bits:
+                return _bad(name, field, v, bits)
+        return HeaderFieldError(f"invalid {name} {self!r}: {cause}")
 
 
 class _BthFields(NamedTuple):
@@ -115,8 +196,9 @@ class _BthFields(NamedTuple):
     ack_req: bool = False
 
 
-class Bth(_BthFields):
-    """Base Transport Header, 12 bytes (rxe_hdr.h ``struct rxe_bth``).
+class Bth(_BthFields, _WireHeader):
+    """Base Transport Header, 12 bytes (rxe_hdr.h ``struct rxe_bth``, built by
+    ``bth_init`` and read by ``bth_opcode``, ``bth_psn``, …).
 
     Fields as in rxe/IBTA: ``opcode`` (8), ``se`` solicited event, ``mig``
     MigReq, ``pad`` PadCnt (0..3), ``tver`` (must be 0), ``pkey`` (16),
@@ -131,6 +213,9 @@ class Bth(_BthFields):
 
     SIZE: ClassVar[int] = BTH_SIZE
     STRUCT: ClassVar[struct.Struct] = _BTH_STRUCT
+    NAME: ClassVar[str] = "BTH"
+    BITS: ClassVar[tuple[int, ...]] = (8, 24, 24, 16, 1, 1, 2, 0, 1, 1, 1)  # tver: only 0 exists
+    VERBATIM: ClassVar[bool] = False
 
     def wire_fields(self) -> tuple[int, ...]:
         """Values for :attr:`STRUCT` (opcode, byte 1, P_Key, word 4, word 8),
@@ -138,7 +223,7 @@ class Bth(_BthFields):
         opcode, dest_qp, psn, pkey, se, mig, pad, tver, fecn, becn, ack_req = self
         # A negative value shifts to -1, so one shift test catches both ends.
         if (dest_qp | psn) >> _U24 or pad >> 2 or tver or (se | mig | fecn | becn | ack_req) >> 1:
-            raise self._explain()
+            raise self._field_error("range")
         return (
             opcode,
             se << 7 | mig << 6 | pad << 4,
@@ -147,35 +232,8 @@ class Bth(_BthFields):
             ack_req << 31 | psn,
         )
 
-    def _explain(self) -> HeaderFieldError:
-        for name, bits in (("dest_qp", 24), ("psn", 24), ("pad", 2)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v >> bits:
-                return _bad("Bth", name, v, bits)
-        if self.tver != 0:
-            return HeaderFieldError(f"Bth.tver={self.tver!r}: only transport version 0 exists")
-        for name in ("se", "mig", "fecn", "becn", "ack_req"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v >> 1:
-                return _bad("Bth", name, v, 1)
-        return HeaderFieldError(f"invalid BTH {self!r}")
-
-    def pack(self) -> bytes:
-        """Encode to 12 bytes (rxe_hdr.h ``bth_init``)."""
-        try:
-            return _BTH_STRUCT.pack(*self.wire_fields())
-        except struct.error as e:
-            raise _bth_struct_error(self, e) from None
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset`` (rxe_hdr.h ``bth_init``)."""
-        try:
-            _BTH_STRUCT.pack_into(buf, offset, *self.wire_fields())
-        except struct.error as e:
-            raise _bth_struct_error(self, e) from None
-
     @classmethod
-    def from_wire(cls, opcode: int, b1: int, pkey: int, w4: int, w8: int) -> Bth:
+    def from_wire(cls, opcode: int, b1: int, pkey: int, w4: int, w8: int) -> Self:
         """Build from the :attr:`STRUCT` values; checks TVer (rxe_recv.c
         ``hdr_check``: ``bth_tver(pkt) != BTH_TVER`` drops)."""
         if b1 & 0x0F:
@@ -194,35 +252,11 @@ class Bth(_BthFields):
             bool(w8 & 0x80000000),
         )
 
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Bth:
-        """Decode 12 bytes at ``offset`` (rxe_hdr.h ``bth_opcode``, ``bth_psn``, …)."""
-        return cls.from_wire(*_unpack(_BTH_STRUCT, "BTH", buf, offset))
-
-
-def _bth_struct_error(bth: Bth, e: struct.error) -> HeaderFieldError:
-    for name, bits in (("opcode", 8), ("pkey", 16)):
-        v = getattr(bth, name)
-        if not isinstance(v, int) or v >> bits:
-            return _bad("Bth", name, v, bits)
-    return HeaderFieldError(f"invalid BTH {bth!r}: {e}")
-
-
-def _unpack(st: struct.Struct, name: str, buf: BytesLike, offset: int) -> tuple[int, ...]:
-    try:
-        return st.unpack_from(buf, offset)
-    except struct.error:
-        n = len(memoryview(buf))
-        raise MalformedPacket(
-            f"{name} needs {st.size} bytes at offset {offset}, buffer has {n}"
-        ) from None
-
-
-def _explain_fields(header: Header, bits: tuple[int, ...], e: object) -> HeaderFieldError:
-    for name, b, v in zip(header._fields, bits, header, strict=True):
-        if not isinstance(v, int) or v >> b:
-            return _bad(type(header).__name__, name, v, b)
-    return HeaderFieldError(f"invalid {type(header).__name__} {header!r}: {e}")
+    def _field_error(self, cause: object) -> HeaderFieldError:
+        """As for any header, but a non-zero TVer gets its own message."""
+        if self.tver != 0:
+            return HeaderFieldError(f"Bth.tver={self.tver!r}: only transport version 0 exists")
+        return super()._field_error(cause)
 
 
 class _RethFields(NamedTuple):
@@ -231,9 +265,10 @@ class _RethFields(NamedTuple):
     dma_len: int
 
 
-class Reth(_RethFields):
-    """RDMA Extended Transport Header, 16 bytes (rxe_hdr.h ``struct rxe_reth``):
-    ``va`` (64), ``rkey`` (32), ``dma_len`` (32)."""
+class Reth(_RethFields, _WireHeader):
+    """RDMA Extended Transport Header, 16 bytes (rxe_hdr.h ``struct rxe_reth``,
+    ``reth_va`` / ``reth_rkey`` / ``reth_len`` and their setters): ``va`` (64),
+    ``rkey`` (32), ``dma_len`` (32)."""
 
     __slots__ = ()
 
@@ -241,28 +276,6 @@ class Reth(_RethFields):
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">QII")
     NAME: ClassVar[str] = "RETH"
     BITS: ClassVar[tuple[int, ...]] = (64, 32, 32)
-
-    def wire_fields(self) -> tuple[int, ...]:
-        """Values for :attr:`STRUCT` (struct itself range-checks whole fields)."""
-        return self
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``reth_set_va``/``_rkey``/``_len``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
-
-    @classmethod
-    def from_wire(cls, va: int, rkey: int, dma_len: int) -> Self:
-        """Build from :attr:`STRUCT` values."""
-        return cls(va, rkey, dma_len)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``reth_va``/``reth_rkey``/``reth_len``)."""
-        return cls(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
 
 
 class AethType(IntEnum):
@@ -324,9 +337,9 @@ class _AethFields(NamedTuple):
     msn: int
 
 
-class Aeth(_AethFields):
-    """ACK Extended Transport Header, 4 bytes (rxe_hdr.h ``struct rxe_aeth``):
-    ``syndrome`` (8), ``msn`` (24)."""
+class Aeth(_AethFields, _WireHeader):
+    """ACK Extended Transport Header, 4 bytes (rxe_hdr.h ``struct rxe_aeth``,
+    ``aeth_syn`` / ``aeth_msn`` and their setters): ``syndrome`` (8), ``msn`` (24)."""
 
     __slots__ = ()
 
@@ -334,31 +347,19 @@ class Aeth(_AethFields):
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">I")
     NAME: ClassVar[str] = "AETH"
     BITS: ClassVar[tuple[int, ...]] = (8, 24)
+    VERBATIM: ClassVar[bool] = False
 
     def wire_fields(self) -> tuple[int, ...]:
         """Values for :attr:`STRUCT` (syndrome and MSN share one word)."""
         syndrome, msn = self
         if syndrome >> 8 or msn >> _U24:
-            raise _explain_fields(self, self.BITS, "range")
+            raise self._field_error("range")
         return (syndrome << 24 | msn,)
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``aeth_set_syn``, ``aeth_set_msn``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
 
     @classmethod
     def from_wire(cls, word: int) -> Self:
         """Build from the :attr:`STRUCT` value."""
-        return cls(word >> 24, word & 0xFFFFFF)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``aeth_syn``, ``aeth_msn``)."""
-        return cls.from_wire(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
+        return _tuple_new(cls, (word >> 24, word & 0xFFFFFF))
 
     @classmethod
     def ack(cls, msn: int, credits: int = AETH_CREDIT_INVALID) -> Self:
@@ -393,9 +394,11 @@ class _AtomicEthFields(NamedTuple):
     compare: int
 
 
-class AtomicEth(_AtomicEthFields):
+class AtomicEth(_AtomicEthFields, _WireHeader):
     """Atomic Extended Transport Header, 28 bytes (rxe_hdr.h ``struct
-    rxe_atmeth``): ``va`` (64), ``rkey`` (32), ``swap_add`` (64), ``compare`` (64)."""
+    rxe_atmeth``, ``atmeth_va`` / ``atmeth_rkey`` / ``atmeth_swap_add`` /
+    ``atmeth_comp`` and their setters): ``va`` (64), ``rkey`` (32),
+    ``swap_add`` (64), ``compare`` (64)."""
 
     __slots__ = ()
 
@@ -404,36 +407,15 @@ class AtomicEth(_AtomicEthFields):
     NAME: ClassVar[str] = "AtomicETH"
     BITS: ClassVar[tuple[int, ...]] = (64, 32, 64, 64)
 
-    def wire_fields(self) -> tuple[int, ...]:
-        """Values for :attr:`STRUCT`."""
-        return self
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``atmeth_set_va``/``_rkey``/``_swap_add``/``_comp``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
-
-    @classmethod
-    def from_wire(cls, va: int, rkey: int, swap_add: int, compare: int) -> Self:
-        """Build from :attr:`STRUCT` values."""
-        return cls(va, rkey, swap_add, compare)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``atmeth_va``, ``atmeth_swap_add``, …)."""
-        return cls(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
-
 
 class _AtomicAckEthFields(NamedTuple):
     orig_data: int
 
 
-class AtomicAckEth(_AtomicAckEthFields):
+class AtomicAckEth(_AtomicAckEthFields, _WireHeader):
     """Atomic Acknowledge Extended Transport Header, 8 bytes (rxe_hdr.h
-    ``struct rxe_atmack``): ``orig_data`` (64)."""
+    ``struct rxe_atmack``, ``atmack_orig`` / ``atmack_set_orig``):
+    ``orig_data`` (64)."""
 
     __slots__ = ()
 
@@ -442,36 +424,14 @@ class AtomicAckEth(_AtomicAckEthFields):
     NAME: ClassVar[str] = "AtomicAckETH"
     BITS: ClassVar[tuple[int, ...]] = (64,)
 
-    def wire_fields(self) -> tuple[int, ...]:
-        """Values for :attr:`STRUCT`."""
-        return self
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``atmack_set_orig``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
-
-    @classmethod
-    def from_wire(cls, orig_data: int) -> Self:
-        """Build from :attr:`STRUCT` values."""
-        return cls(orig_data)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``atmack_orig``)."""
-        return cls(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
-
 
 class _ImmDtFields(NamedTuple):
     imm: int
 
 
-class ImmDt(_ImmDtFields):
-    """Immediate data, 4 bytes (rxe_hdr.h ``struct rxe_immdt``): ``imm`` (32),
-    read as a big-endian integer."""
+class ImmDt(_ImmDtFields, _WireHeader):
+    """Immediate data, 4 bytes (rxe_hdr.h ``struct rxe_immdt``, ``immdt_imm`` /
+    ``immdt_set_imm``): ``imm`` (32), read as a big-endian integer."""
 
     __slots__ = ()
 
@@ -480,36 +440,15 @@ class ImmDt(_ImmDtFields):
     NAME: ClassVar[str] = "ImmDt"
     BITS: ClassVar[tuple[int, ...]] = (32,)
 
-    def wire_fields(self) -> tuple[int, ...]:
-        """Values for :attr:`STRUCT`."""
-        return self
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``immdt_set_imm``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
-
-    @classmethod
-    def from_wire(cls, imm: int) -> Self:
-        """Build from :attr:`STRUCT` values."""
-        return cls(imm)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``immdt_imm``)."""
-        return cls(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
-
 
 class _IethFields(NamedTuple):
     inv_rkey: int
 
 
-class Ieth(_IethFields):
+class Ieth(_IethFields, _WireHeader):
     """Invalidate Extended Transport Header, 4 bytes (rxe_hdr.h ``struct
-    rxe_ieth``): ``inv_rkey`` (32), the R_Key to invalidate."""
+    rxe_ieth``, ``ieth_rkey`` / ``ieth_set_rkey``): ``inv_rkey`` (32), the
+    R_Key to invalidate."""
 
     __slots__ = ()
 
@@ -518,37 +457,16 @@ class Ieth(_IethFields):
     NAME: ClassVar[str] = "IETH"
     BITS: ClassVar[tuple[int, ...]] = (32,)
 
-    def wire_fields(self) -> tuple[int, ...]:
-        """Values for :attr:`STRUCT`."""
-        return self
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``ieth_set_rkey``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
-
-    @classmethod
-    def from_wire(cls, inv_rkey: int) -> Self:
-        """Build from :attr:`STRUCT` values."""
-        return cls(inv_rkey)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``ieth_rkey``)."""
-        return cls(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
-
 
 class _DethFields(NamedTuple):
     qkey: int
     src_qp: int
 
 
-class Deth(_DethFields):
+class Deth(_DethFields, _WireHeader):
     """Datagram Extended Transport Header, 8 bytes (rxe_hdr.h ``struct
-    rxe_deth``): ``qkey`` (32), reserved (8), ``src_qp`` (24)."""
+    rxe_deth``, ``deth_qkey`` / ``deth_sqp`` and their setters): ``qkey`` (32),
+    reserved (8), ``src_qp`` (24)."""
 
     __slots__ = ()
 
@@ -556,37 +474,25 @@ class Deth(_DethFields):
     STRUCT: ClassVar[struct.Struct] = struct.Struct(">II")
     NAME: ClassVar[str] = "DETH"
     BITS: ClassVar[tuple[int, ...]] = (32, 24)
+    VERBATIM: ClassVar[bool] = False
 
     def wire_fields(self) -> tuple[int, ...]:
         """Values for :attr:`STRUCT` (the reserved byte is the top of word 2)."""
         if self.src_qp >> _U24:
-            raise _explain_fields(self, self.BITS, "range")
+            raise self._field_error("range")
         return self
-
-    def pack(self) -> bytes:
-        """Encode (rxe_hdr.h ``deth_set_qkey``, ``deth_set_sqp``)."""
-        return _pack(self)
-
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        _pack_into(self, buf, offset)
 
     @classmethod
     def from_wire(cls, qkey: int, word: int) -> Self:
         """Build from :attr:`STRUCT` values (reserved byte ignored)."""
-        return cls(qkey, word & 0xFFFFFF)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode (rxe_hdr.h ``deth_qkey``, ``deth_sqp``)."""
-        return cls.from_wire(*_unpack(cls.STRUCT, cls.NAME, buf, offset))
+        return _tuple_new(cls, (qkey, word & 0xFFFFFF))
 
 
 class _CnpRsvdFields(NamedTuple):
     rsvd: bytes = bytes(CNP_RSVD_SIZE)
 
 
-class CnpRsvd(_CnpRsvdFields):
+class CnpRsvd(_CnpRsvdFields, _WireHeader):
     """The 16 reserved bytes that follow the BTH of a RoCEv2 CNP (IBTA annex
     A17, opcode 0x81). rxe neither sends nor parses CNPs; the bytes are kept
     so a received CNP re-encodes exactly (senders write zeros)."""
@@ -599,51 +505,15 @@ class CnpRsvd(_CnpRsvdFields):
     BITS: ClassVar[tuple[int, ...]] = (128,)
 
     def wire_fields(self) -> tuple[bytes, ...]:
-        """Values for :attr:`STRUCT`."""
+        """Values for :attr:`STRUCT` (``16s`` would pad or cut a wrong length
+        silently, so the length is checked here)."""
         if not isinstance(self.rsvd, bytes | bytearray) or len(self.rsvd) != CNP_RSVD_SIZE:
             raise HeaderFieldError(f"CnpRsvd.rsvd must be {CNP_RSVD_SIZE} bytes, got {self.rsvd!r}")
         return self
 
-    def pack(self) -> bytes:
-        """Encode the 16 reserved bytes."""
-        return self.STRUCT.pack(*self.wire_fields())
 
-    def pack_into(self, buf: WritableBuffer, offset: int = 0) -> None:
-        """Encode into ``buf`` at ``offset``."""
-        self.STRUCT.pack_into(buf, offset, *self.wire_fields())
-
-    @classmethod
-    def from_wire(cls, rsvd: bytes) -> Self:
-        """Build from :attr:`STRUCT` values."""
-        return cls(rsvd)
-
-    @classmethod
-    def unpack_from(cls, buf: BytesLike, offset: int = 0) -> Self:
-        """Decode the 16 reserved bytes."""
-        try:
-            (rsvd,) = cls.STRUCT.unpack_from(buf, offset)
-        except struct.error:
-            raise MalformedPacket(f"{cls.NAME} needs {CNP_RSVD_SIZE} bytes after the BTH") from None
-        return cls(rsvd)
-
-
-Header = Reth | Aeth | AtomicEth | AtomicAckEth | ImmDt | Ieth | Deth
-ExtHeader = Header | CnpRsvd
+ExtHeader = Reth | Aeth | AtomicEth | AtomicAckEth | ImmDt | Ieth | Deth | CnpRsvd
 """Any extension header instance."""
-
-
-def _pack(h: Header) -> bytes:
-    try:
-        return h.STRUCT.pack(*h.wire_fields())
-    except struct.error as e:
-        raise _explain_fields(h, h.BITS, e) from None
-
-
-def _pack_into(h: Header, buf: WritableBuffer, offset: int) -> None:
-    try:
-        h.STRUCT.pack_into(buf, offset, *h.wire_fields())
-    except struct.error as e:
-        raise _explain_fields(h, h.BITS, e) from None
 
 
 # IBTA vol.1 table 45 "RNR NAK timer field encodings", in microseconds; code 0

@@ -20,7 +20,9 @@ the real IP header is needed to check it.
 
 Masking is a single OR of the 40 (IPv4) or 60 (IPv6) header bytes with a
 constant, and the rest of the packet is fed to :func:`zlib.crc32` with a
-running value, so nothing after the BTH is copied.
+running value, so nothing after the BTH is copied. :func:`icrc_headers`
+masks the same way but takes the extension headers in the same call (the
+frame encoder has them packed right behind the BTH).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = [
     "icrc_check",
     "icrc_compute",
     "icrc_hdr",
+    "icrc_headers",
     "icrc_ipv4",
     "icrc_ipv6",
     "icrc_pack",
@@ -110,6 +113,22 @@ def icrc_hdr(ip_udp_bth: BytesLike) -> int:
     return zlib.crc32(masked, _LRH_CRC)
 
 
+def icrc_headers(headers: BytesLike, ipv6: bool) -> int:
+    """Running CRC after the masked pseudo-header and whatever follows the BTH
+    in ``headers``: :func:`icrc_hdr` without its checks, for the RoCEv2
+    framing code, which has parsed or built the IP header itself.
+
+    ``headers`` runs from the start of the IP header (20-byte IPv4 when
+    ``ipv6`` is false, else 40-byte IPv6) to at least the end of the BTH, so
+    the extension headers after the BTH go into the same ``zlib.crc32`` call.
+    """
+    n = len(headers)
+    # The masks cover the first 40 / 60 bytes; align them with the start of
+    # ``headers`` (big-endian, so shift past the bytes after the BTH).
+    mask = (_V6_MASK << 8 * (n - _V6_LEN)) if ipv6 else (_V4_MASK << 8 * (n - _V4_LEN))
+    return zlib.crc32((int.from_bytes(headers, "big") | mask).to_bytes(n, "big"), _LRH_CRC)
+
+
 def icrc_compute(l3: BytesLike) -> int:
     """ICRC of a contiguous IP header .. pad (the ICRC itself excluded)
     (rxe_icrc.c ``rxe_icrc_hdr`` + ``crc32_le`` over the rest)."""
@@ -140,7 +159,7 @@ def _icrc_split(ip_hdr: BytesLike, hlen: int, udp_hdr: BytesLike, ib: BytesLike)
     mv = memoryview(ib)
     if len(mv) < BTH_SIZE:
         raise MalformedPacket("transport part shorter than a BTH")
-    crc = icrc_hdr(bytes(ip_hdr) + bytes(udp_hdr) + mv[:BTH_SIZE])
+    crc = icrc_hdr(b"".join((ip_hdr, udp_hdr, mv[:BTH_SIZE])))  # 40 or 60 bytes
     return zlib.crc32(mv[BTH_SIZE:], crc)
 
 

@@ -8,10 +8,12 @@ rxe_pkt_info``, ``header_size()``, ``payload_size()``, ``payload_addr()``),
 The ICRC and the UDP/IP/Ethernet framing live in :mod:`.icrc` and
 :mod:`.roce`; here a packet is the bytes from the BTH to the end of the pad.
 
-Data path notes: each opcode has a precompiled :class:`struct.Struct` for
-BTH + all its extension headers, so encoding is one ``pack`` plus one
-``join`` with the payload, and decoding one ``unpack_from`` plus a
-zero-copy :class:`memoryview` slice for the payload.
+Data path notes: each opcode has a plan, built once at import, with a
+precompiled :class:`struct.Struct` for BTH + all its extension headers, so
+encoding is one ``pack`` plus one ``join`` with the payload, and decoding one
+``unpack_from`` plus a zero-copy :class:`memoryview` slice for the payload.
+:mod:`.roce` packs the same values together with the Ethernet, IP and UDP
+headers (:meth:`Packet.wire_values`).
 """
 
 from __future__ import annotations
@@ -71,19 +73,33 @@ def pad_count(payload_len: int) -> int:
 class _Plan:
     """Precompiled codec for one opcode (built once at import)."""
 
-    __slots__ = ("decoders", "has_payload", "info", "length", "nhdrs", "slots", "struct")
+    __slots__ = (
+        "decoders",
+        "has_payload",
+        "info",
+        "length",
+        "name",
+        "nhdrs",
+        "opcode",
+        "slots",
+        "struct",
+    )
 
     def __init__(self, info: OpcodeInfo) -> None:
         self.info = info
+        self.opcode = info.opcode
+        self.name = info.name
         self.length = info.length
         self.has_payload = info.has_payload
         fmt = ">" + Bth.STRUCT.format[1:]
-        decoders: list[tuple[str, Any, int, int]] = []
+        # (Packet attribute, header class, build it with tuple.__new__, first
+        # and end index of its values in the unpacked tuple)
+        decoders: list[tuple[str, Any, bool, int, int]] = []
         i = 5
         for cls in info.ext_headers:
             fmt += cls.STRUCT.format[1:]
             k = len(cls.STRUCT.unpack(bytes(cls.SIZE)))
-            decoders.append((_SLOT[cls], cls.from_wire, i, i + k))
+            decoders.append((_SLOT[cls], cls, cls.VERBATIM, i, i + k))
             i += k
         self.struct = struct.Struct(fmt)
         assert self.struct.size == info.length, info
@@ -150,7 +166,8 @@ class Packet:
         n = payload.nbytes if isinstance(payload, memoryview) else len(payload)
         if cnp is None and opcode == 0x81:
             cnp = CnpRsvd()
-        bth = Bth(opcode, dest_qp, psn, pkey, se, mig, -n & 3, 0, fecn, becn, ack_req)
+        # tuple.__new__: the NamedTuple's Python-level __new__ checks nothing.
+        bth = _tuple_new(Bth, (opcode, dest_qp, psn, pkey, se, mig, -n & 3, 0, fecn, becn, ack_req))
         return cls(bth, payload, reth, aeth, atmeth, atmack, immdt, ieth, deth, cnp)
 
     # Convenience views of the BTH and the opcode row.
@@ -172,8 +189,7 @@ class Packet:
     @property
     def info(self) -> OpcodeInfo:
         """The opcode table row (rxe ``rxe_opcode[pkt->opcode]``)."""
-        plan = _plan_for_encode(self.bth.opcode)
-        return plan.info
+        return _plan_for_encode(self.bth.opcode).info
 
     @property
     def payload_len(self) -> int:
@@ -193,10 +209,13 @@ class Packet:
         )
         return f"Packet({self.bth!r}{hdrs}, payload=<{self.payload_len} bytes>)"
 
-    def encode_parts(self) -> tuple[bytes, BytesLike, bytes]:
-        """(headers, payload, pad) — the packet as three buffers so callers can
-        checksum or scatter them without joining (rxe builds the headers in the
-        skb and copies the payload behind them)."""
+    def wire_values(self) -> tuple[struct.Struct, tuple[Any, ...], BytesLike, int]:
+        """The validated pieces of the encoding: the opcode's header
+        :class:`struct.Struct` (BTH + extension headers), the values for it
+        (the first five are the BTH's), the payload and the pad count. The
+        struct itself range-checks whole-word fields when packing; a
+        :class:`struct.error` from it means a header field is out of range and
+        :meth:`encode_parts` names it."""
         bth = self.bth
         plan = _plan_for_encode(bth.opcode)
         payload = self.payload
@@ -205,7 +224,7 @@ class Packet:
         if bth.pad != pad:
             raise HeaderFieldError(f"Bth.pad={bth.pad!r} but a {n}-byte payload needs PadCnt {pad}")
         if n and not plan.has_payload:
-            raise HeaderFieldError(f"{plan.info.name} carries no payload, got {n} bytes")
+            raise HeaderFieldError(f"{plan.name} carries no payload, got {n} bytes")
         present = (
             (self.reth is not None)
             + (self.aeth is not None)
@@ -220,30 +239,38 @@ class Packet:
         for slot in plan.slots:
             h = getattr(self, slot)
             if h is None:
-                raise HeaderFieldError(f"{plan.info.name} needs a {slot} header")
+                raise HeaderFieldError(f"{plan.name} needs a {slot} header")
             vals += h.wire_fields()
         if present != plan.nhdrs:
             extra = [s for s in _SLOT.values() if s not in plan.slots and getattr(self, s)]
-            raise HeaderFieldError(f"{plan.info.name} does not carry {', '.join(extra)}")
-        try:
-            hdr = plan.struct.pack(*vals)
-        except struct.error:
-            raise self._explain_pack_error(plan) from None
-        return hdr, payload, _PADS[pad]
+            raise HeaderFieldError(f"{plan.name} does not carry {', '.join(extra)}")
+        return plan.struct, vals, payload, pad
 
-    def _explain_pack_error(self, plan: _Plan) -> HeaderFieldError:
+    def encode_parts(self) -> tuple[bytes, BytesLike, bytes]:
+        """(headers, payload, pad) — the packet as three buffers so callers can
+        checksum or scatter them without joining (rxe builds the headers in the
+        skb and copies the payload behind them)."""
+        st, vals, payload, pad = self.wire_values()
+        try:
+            return st.pack(*vals), payload, _PADS[pad]
+        except struct.error:
+            raise self._explain_pack_error() from None
+
+    def _explain_pack_error(self) -> HeaderFieldError:
         self.bth.pack()  # raises the precise error if the BTH is at fault
-        for slot in plan.slots:
+        for slot in _plan_for_encode(self.bth.opcode).slots:
             getattr(self, slot).pack()
         return HeaderFieldError(f"cannot encode {self!r}")
 
     def encode(self) -> bytes:
         """Wire bytes from the BTH to the end of the pad, without ICRC
         (rxe_req.c ``init_req_packet`` + ``finish_packet``)."""
-        hdr, payload, pad = self.encode_parts()
-        if not pad:
-            return hdr + payload
-        return b"".join((hdr, payload, pad))
+        st, vals, payload, pad = self.wire_values()
+        try:
+            hdr = st.pack(*vals)
+        except struct.error:
+            raise self._explain_pack_error() from None
+        return hdr + payload if not pad else b"".join((hdr, payload, _PADS[pad]))
 
     @classmethod
     def decode(cls, buf: BytesLike) -> Packet:
@@ -264,7 +291,7 @@ class Packet:
             raise UnknownOpcode(mv[0])
         hlen = plan.length
         if n < hlen:
-            raise MalformedPacket(f"{plan.info.name} needs {hlen} header bytes, packet has {n}")
+            raise MalformedPacket(f"{plan.name} needs {hlen} header bytes, packet has {n}")
         if n & 3:
             raise MalformedPacket(f"packet length {n} is not a multiple of 4")
         vals = plan.struct.unpack_from(mv)
@@ -277,13 +304,14 @@ class Packet:
             raise MalformedPacket(f"PadCnt {pad} exceeds the {n - hlen}-byte payload")
         if end != hlen and not plan.has_payload:
             raise MalformedPacket(
-                f"{plan.info.name} carries no payload, got {n - hlen} bytes after the headers"
+                f"{plan.name} carries no payload, got {n - hlen} bytes after the headers"
             )
-        # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot path).
+        # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot path);
+        # this is Bth.from_wire with its TVer check done above.
         bth = _tuple_new(
             Bth,
             (
-                plan.info.opcode,
+                plan.opcode,
                 w4 & 0xFFFFFF,
                 w8 & 0xFFFFFF,
                 vals[2],
@@ -297,8 +325,11 @@ class Packet:
             ),
         )
         pkt = cls(bth, mv[hlen:end])
-        for slot, from_wire, i, j in plan.decoders:
-            setattr(pkt, slot, from_wire(*vals[i:j]))
+        for slot, hcls, verbatim, i, j in plan.decoders:
+            if verbatim:  # the values are the fields: no from_wire call needed
+                setattr(pkt, slot, _tuple_new(hcls, vals[i:j]))
+            else:
+                setattr(pkt, slot, hcls.from_wire(*vals[i:j]))
         return pkt
 
 

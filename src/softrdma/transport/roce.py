@@ -16,6 +16,7 @@ an address vector, :func:`rdma_get_udp_sport` after).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import struct
 import sys
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
 
 from softrdma.transport.headers import BTH_SIZE, BytesLike, HeaderFieldError, MalformedPacket
-from softrdma.transport.icrc import ICRC_SIZE, IcrcError, icrc_hdr
+from softrdma.transport.icrc import ICRC_SIZE, IcrcError, icrc_headers
 from softrdma.transport.packet import Packet
 
 __all__ = [
@@ -67,9 +68,25 @@ _IPV6 = struct.Struct(">IHBB16s16s")
 _UDP = struct.Struct(">HHHH")
 _H = struct.Struct(">H")
 _I = struct.Struct("<I")
-_10H = struct.Struct(">10H")
+# The pad bytes (0-3) and the ICRC behind the payload, in one pack.
+_TAILS = tuple(struct.Struct(f"<{pad}xI") for pad in range(4))
 _ZERO_MAC = bytes(6)
 _LITTLE = sys.byteorder == "little"
+
+
+@functools.cache
+def _frame_layout(vlan: bool, ipv6: bool, transport: struct.Struct) -> struct.Struct:
+    """Ethernet II (with one 802.1Q tag if ``vlan``), IPv4 or IPv6, UDP and the
+    transport headers of one opcode (``transport``, from
+    :meth:`Packet.wire_values`) as one Struct, so the encoder packs all of a
+    frame's headers in a single call. Built on first use; there are at most
+    four per distinct transport header layout."""
+    return struct.Struct(
+        (_ETH.format + _VLAN.format[1:] if vlan else _ETH.format)
+        + (_IPV6 if ipv6 else _IPV4).format[1:]
+        + _UDP.format[1:]
+        + transport.format[1:]
+    )
 
 
 # --- UDP source port (flow entropy) -------------------------------------------------
@@ -183,11 +200,20 @@ def _ones_sum(data: BytesLike) -> int:
     return s
 
 
+def _csum_fold(s: int) -> int:
+    """RFC 1071 one's-complement sum of the 16-bit words in ``s``, folded to 16
+    bits. ``s`` may be a big-endian byte string read as one integer, a sum of
+    words, or a sum of both. Why one ``%`` suffices: 2**16 is 1 modulo 0xFFFF,
+    so ``s`` is congruent to the sum of its 16-bit words, and end-around-carry
+    addition is addition modulo 0xFFFF in which a non-zero multiple of 0xFFFF
+    reads 0xFFFF. It replaces a word loop and the carry folds."""
+    return s % 0xFFFF or (0xFFFF if s else 0)
+
+
 def _ipv4_csum(hdr: BytesLike) -> int:
-    s: int = sum(_10H.unpack_from(hdr))
-    s = (s & 0xFFFF) + (s >> 16)
-    s = (s & 0xFFFF) + (s >> 16)
-    return ~s & 0xFFFF
+    """Checksum of the 20-byte IPv4 header at the start of ``hdr``: the value
+    to store with the checksum field zero, 0 when checking a received header."""
+    return ~_csum_fold(int.from_bytes(hdr[:20], "big")) & 0xFFFF
 
 
 def _udp_csum(saddr: bytes, daddr: bytes, udp: BytesLike) -> int:
@@ -248,7 +274,9 @@ class RoceFrame:
         """A frame from addresses given as strings, :mod:`ipaddress` objects,
         packed bytes or 16-byte GIDs (IPv4-mapped GIDs select IPv4, as rxe's
         ``rxe_init_av`` network type does)."""
-        s, d = _addr_bytes(src), _addr_bytes(dst)
+        # Packed IPv4 addresses (the devices' transmit path) need no conversion.
+        s = src if type(src) is bytes and len(src) == 4 else _addr_bytes(src)
+        d = dst if type(dst) is bytes and len(dst) == 4 else _addr_bytes(dst)
         if len(s) != len(d):
             raise ValueError("source and destination must both be IPv4 or both IPv6")
         return cls(packet, s, d, sport, **kwargs)  # type: ignore[arg-type]
@@ -283,65 +311,77 @@ class RoceFrame:
         return encode_roce_v2(self)
 
 
+def _frame_error(frame: RoceFrame, problem: str) -> HeaderFieldError:
+    """The error for a frame that cannot be encoded. The packet's own error,
+    if it has one, comes first (as when it was encoded before the frame)."""
+    frame.packet.encode_parts()
+    return HeaderFieldError(problem)
+
+
 def encode_roce_v2(frame: RoceFrame) -> bytes:
     """Build Ethernet / IP / UDP / transport / ICRC (rxe_net.c ``rxe_prepare``
     → ``prepare4``/``prepare6``, rxe_icrc.c ``rxe_icrc_generate``). Sets
-    ``frame.icrc``. Bad field values raise :class:`HeaderFieldError`."""
-    hdr, payload, pad = frame.packet.encode_parts()
-    ib_len = len(hdr) + (payload.nbytes if isinstance(payload, memoryview) else len(payload))
-    ib_len += len(pad)
-    udp_len = 8 + ib_len + ICRC_SIZE
+    ``frame.icrc``. Bad field values raise :class:`HeaderFieldError`.
+
+    All headers, Ethernet to the last transport header, are packed in one call
+    (:func:`_frame_layout`); the ICRC runs over them, the payload and the pad
+    without joining them first; the payload is copied once, by the final join.
+    """
+    transport, vals, payload, pad = frame.packet.wire_values()
+    n = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    udp_len = 8 + transport.size + n + pad + ICRC_SIZE
     saddr, daddr = frame.saddr, frame.daddr
-    if udp_len + (20 if len(saddr) == 4 else 0) > 0xFFFF:
-        raise HeaderFieldError(f"UDP datagram of {udp_len} bytes is too long for IP")
-    try:
-        if frame.vlan_tci is None:
-            eth = _ETH.pack(
-                frame.eth_dst, frame.eth_src, ETH_P_IP if len(saddr) == 4 else ETH_P_IPV6
-            )
-        else:
-            eth = _ETH.pack(frame.eth_dst, frame.eth_src, ETH_P_8021Q) + _VLAN.pack(
-                frame.vlan_tci, ETH_P_IP if len(saddr) == 4 else ETH_P_IPV6
-            )
-        if len(frame.eth_dst) != 6 or len(frame.eth_src) != 6:
-            raise HeaderFieldError("MAC addresses are 6 bytes")
-        if len(saddr) == 4 and len(daddr) == 4:
-            ip = bytearray(
-                _IPV4.pack(
-                    0x45,
-                    frame.tos,
-                    20 + udp_len,
-                    frame.ip_id,
-                    IP_DF if frame.df else 0,
-                    frame.ttl,
-                    IPPROTO_UDP,
-                    0,
-                    saddr,
-                    daddr,
-                )
-            )
-            _H.pack_into(ip, 10, _ipv4_csum(ip))
+    ipv6 = len(saddr) != 4
+    if udp_len + (0 if ipv6 else 20) > 0xFFFF:
+        raise _frame_error(frame, f"UDP datagram of {udp_len} bytes is too long for IP")
+    eth_dst, eth_src, vlan = frame.eth_dst, frame.eth_src, frame.vlan_tci
+    tos, ttl = frame.tos, frame.ttl
+    try:  # struct.error / TypeError: a field out of range or of the wrong type
+        if len(eth_dst) != 6 or len(eth_src) != 6:
+            raise _frame_error(frame, "MAC addresses are 6 bytes")
+        if not ipv6 and len(daddr) == 4:
+            tot_len = 20 + udp_len
+            frag = IP_DF if frame.df else 0
+            ip_id = frame.ip_id
+            # The header checksum from the field values (the words with the
+            # checksum zero), so that the header is packed once, complete.
+            words = (0x4500 | tos) + tot_len + ip_id + frag + (ttl << 8 | IPPROTO_UDP)
+            csum = ~_csum_fold(words + int.from_bytes(saddr + daddr, "big")) & 0xFFFF
+            ip: tuple[object, ...] = (
+                0x45, tos, tot_len, ip_id, frag, ttl, IPPROTO_UDP, csum, saddr, daddr
+            )  # fmt: skip
         elif len(saddr) == 16 and len(daddr) == 16:
-            if frame.tos >> 8 or frame.flow_label >> 20:
-                raise HeaderFieldError("IPv6 traffic class is 8 bits, flow label 20 bits")
-            vtf = 6 << 28 | frame.tos << 20 | frame.flow_label
-            ip = bytearray(_IPV6.pack(vtf, udp_len, IPPROTO_UDP, frame.ttl, saddr, daddr))
+            if tos >> 8 or frame.flow_label >> 20:
+                raise _frame_error(frame, "IPv6 traffic class is 8 bits, flow label 20 bits")
+            vtf = 6 << 28 | tos << 20 | frame.flow_label
+            ip = (vtf, udp_len, IPPROTO_UDP, ttl, saddr, daddr)
         else:
-            raise HeaderFieldError("saddr/daddr must both be 4 (IPv4) or 16 (IPv6) bytes")
-        udp = _UDP.pack(frame.sport, frame.dport, udp_len, 0)
-    except struct.error as e:
-        raise HeaderFieldError(f"cannot encode RoCEv2 frame: {e}") from None
-    # ICRC: masked IP+UDP+BTH, then the rest without copying the payload.
-    crc = icrc_hdr(bytes(ip) + udp + hdr[:BTH_SIZE])
-    crc = zlib.crc32(memoryview(hdr)[BTH_SIZE:], crc)
+            raise _frame_error(frame, "saddr/daddr must both be 4 (IPv4) or 16 (IPv6) bytes")
+        ethertype = ETH_P_IPV6 if ipv6 else ETH_P_IP
+        eth: tuple[object, ...] = (
+            (eth_dst, eth_src, ethertype)
+            if vlan is None
+            else (eth_dst, eth_src, ETH_P_8021Q, vlan, ethertype)
+        )
+        headers = _frame_layout(vlan is not None, ipv6, transport).pack(
+            *eth, *ip, frame.sport, frame.dport, udp_len, 0, *vals
+        )
+    except (struct.error, TypeError) as e:
+        raise _frame_error(frame, f"cannot encode RoCEv2 frame: {e}") from None
+    # ICRC: masked IP + UDP + BTH and the extension headers, then the rest
+    # without copying the payload.
+    l3 = 14 if vlan is None else 18
+    crc = icrc_headers(headers[l3:], ipv6)
     crc = zlib.crc32(payload, crc)
-    crc = zlib.crc32(pad, crc)
+    if pad:
+        crc = zlib.crc32(bytes(pad), crc)
     frame.icrc = crc
-    icrc = _I.pack(crc)
+    tail = _TAILS[pad].pack(crc)
     if frame.udp_checksum:
-        csum = _udp_csum(saddr, daddr, b"".join((udp, hdr, payload, pad, icrc)))
-        udp = udp[:6] + _H.pack(csum)
-    return b"".join((eth, ip, udp, hdr, payload, pad, icrc, frame.trailer))
+        l4 = l3 + (40 if ipv6 else 20)
+        csum = _udp_csum(saddr, daddr, b"".join((headers[l4:], payload, tail)))
+        headers = b"".join((headers[: l4 + 6], _H.pack(csum), headers[l4 + 8 :]))
+    return b"".join((headers, payload, tail, frame.trailer))
 
 
 def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceFrame:
@@ -355,6 +395,10 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
     mv = frame_bytes if type(frame_bytes) is memoryview else memoryview(frame_bytes)
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
+    # Small header pieces are read from ``hdr``: slicing bytes copies a few
+    # bytes but costs less than a memoryview slice, and int.from_bytes reads
+    # bytes faster. A memoryview input is read through ``mv`` throughout.
+    hdr = frame_bytes if type(frame_bytes) is bytes else mv
     n = len(mv)
     if n < 14:
         raise MalformedPacket(f"{n} bytes is shorter than an Ethernet header")
@@ -381,7 +425,8 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
             raise MalformedPacket(f"IPv4 fragment or reserved flag (frag_off {frag:#06x})")
         if proto != IPPROTO_UDP:
             raise MalformedPacket(f"IP protocol {proto} is not UDP")
-        if _ipv4_csum(mv[off : off + 20]) != 0:
+        # A correct header sums to 0xFFFF with its checksum in (RFC 1071).
+        if _csum_fold(int.from_bytes(hdr[off : off + 20])) != 0xFFFF:
             raise MalformedPacket("bad IPv4 header checksum")
         df = frag == IP_DF
         end = off + tot_len
@@ -418,7 +463,8 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
         raise MalformedPacket("bad UDP checksum")
     (found,) = _I.unpack_from(mv, end - ICRC_SIZE)
     if verify_icrc:
-        crc = zlib.crc32(mv[ib + BTH_SIZE : end - ICRC_SIZE], icrc_hdr(mv[off : ib + BTH_SIZE]))
+        crc = icrc_headers(hdr[off : ib + BTH_SIZE], ethertype == ETH_P_IPV6)
+        crc = zlib.crc32(mv[ib + BTH_SIZE : end - ICRC_SIZE], crc)
         if crc != found:
             raise IcrcError(crc, found)
     packet = Packet.decode(mv[ib : end - ICRC_SIZE])
@@ -437,6 +483,6 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
         df,
         flow_label,
         ucsum != 0,
-        bytes(mv[end:]),
+        bytes(mv[end:]) if end != n else b"",
         found,
     )
