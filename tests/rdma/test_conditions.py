@@ -198,8 +198,14 @@ def test_completion_notification_and_solicited_events() -> None:
     a.qp.post_send(SendWR(1, IbWrOpcode.SEND, (src.sge(la, 0, 8),)))
     fabric.loop.run()
     assert calls == [], "an unsolicited completion does not fire a solicited-only arm"
-    a.qp.post_send(SendWR(2, IbWrOpcode.SEND, (src.sge(la, 0, 8),),
-                          send_flags=IbSendFlags.SIGNALED | IbSendFlags.SOLICITED))
+    a.qp.post_send(
+        SendWR(
+            2,
+            IbWrOpcode.SEND,
+            (src.sge(la, 0, 8),),
+            send_flags=IbSendFlags.SIGNALED | IbSendFlags.SOLICITED,
+        )
+    )
     fabric.loop.run()
     assert calls == [2]
     a.qp.post_send(SendWR(3, IbWrOpcode.SEND, (src.sge(la, 0, 8),)))

@@ -21,8 +21,13 @@ def test_direct_mapped_hca_exposes_all_host_memory() -> None:
     b.host.cpu_write(secret, SECRET)
     bus_address = b.host.virt_to_phys(secret) + b.dev.dma_device.bus_offset
     loot = Buffer(a.dev, 64)
-    read = RdmaWR(1, IbWrOpcode.RDMA_READ, (loot.sge(a.pd.local_dma_lkey, 0, len(SECRET)),),
-                  remote_addr=bus_address, rkey=rkey)
+    read = RdmaWR(
+        1,
+        IbWrOpcode.RDMA_READ,
+        (loot.sge(a.pd.local_dma_lkey, 0, len(SECRET)),),
+        remote_addr=bus_address,
+        rkey=rkey,
+    )
     with b.dev.dma_device.platform.dma_debug.capture() as reports:
         a.qp.post_send(read)
         a.wait_ok()

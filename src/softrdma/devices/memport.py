@@ -36,6 +36,9 @@ if TYPE_CHECKING:
 _U64 = struct.Struct("<Q")  # atomics act on a host-order (little-endian) u64
 _MASK64 = (1 << 64) - 1
 _T = TypeVar("_T")
+# Plain ints for the per-packet checks (IntFlag arithmetic is slow).
+_LOCAL_WRITE = int(IbAccess.LOCAL_WRITE)
+_REMOTE_MODIFY = int(IbAccess.REMOTE_WRITE | IbAccess.REMOTE_ATOMIC)
 
 
 class QpMemory:
@@ -63,7 +66,7 @@ class QpMemory:
             raise LocalAccessError(
                 IbWcStatus.LOC_LEN_ERR, f"{offset + length} bytes into SGEs holding {total}"
             )
-        access = IbAccess.LOCAL_WRITE if write else IbAccess(0)
+        access = _LOCAL_WRITE if write else 0
         out: list[tuple[int, int]] = []
         pos = 0
         for sge in sges:
@@ -164,9 +167,7 @@ class QpMemory:
         if length == 0:
             return
         segments = self._remote_segments(rkey, va, length, access)
-        self._probe(
-            segments, bool(access & (IbAccess.REMOTE_WRITE | IbAccess.REMOTE_ATOMIC)), local=False
-        )
+        self._probe(segments, bool(int(access) & _REMOTE_MODIFY), local=False)
 
     def remote_read(self, rkey: int, va: int, length: int) -> BytesLike:
         if length == 0:

@@ -99,6 +99,7 @@ class RdmaDevice(IbDevice):
         self._ip_ident = IpIdentGenerator()
         self._saddr = addr.packed
         self._routes: dict[bytes, tuple[bytes, bytes]] = {}
+        self._sports: dict[int, int] = {}
         self.stats: Counter[str] = Counter()
         """Frames sent / received / dropped, by reason (``rx_bad_icrc``, ...)."""
 
@@ -137,6 +138,7 @@ class RdmaDevice(IbDevice):
         if qp.state == IbQpState.RESET:
             self._cancel_timer(qp.qp_num)
             self._engines[qp.qp_num] = self._new_engine(qp, self._memports[qp.qp_num])
+        self._sports.pop(qp.qp_num, None)  # the path may have changed
         engine = self._engines[qp.qp_num]
         engine.modify(params, qp.state)
         if qp.state == IbQpState.ERR:
@@ -248,7 +250,7 @@ class RdmaDevice(IbDevice):
             ah = qp.attr.ah_attr
             assert ah is not None
             dgid = ah.dgid
-            sport = rdma_get_udp_sport(ah.flow_label, qp.qp_num, qp.attr.dest_qp_num)
+            sport = self._sports.get(qp.qp_num) or self._rc_sport(qp)
         else:
             assert op.dest.wr.ah is not None
             dgid = op.dest.wr.ah.attr.dgid
@@ -265,6 +267,15 @@ class RdmaDevice(IbDevice):
         )
         self.stats["tx_frames"] += 1
         self._port.transmit(encode_roce_v2(frame))
+
+    def _rc_sport(self, qp: QueuePair) -> int:
+        """An RC QP's UDP source port, fixed once it is connected (rxe sets
+        it in ``rxe_modify_qp`` from the flow label or the two QPNs)."""
+        ah = qp.attr.ah_attr
+        assert ah is not None
+        sport = rdma_get_udp_sport(ah.flow_label, qp.qp_num, qp.attr.dest_qp_num)
+        self._sports[qp.qp_num] = sport
+        return sport
 
     def _route(self, dgid: bytes) -> tuple[bytes, bytes]:
         """Destination address and MAC for a GID (rxe's ``rxe_find_route``

@@ -221,10 +221,11 @@ class MrTable:
         kind = "rkey" if remote else "lkey"
         if mr is None or (mr.rkey if remote else mr.lkey) != key:
             raise KeyError_(f"{kind} {key:#x} names no MR")
+        # Plain ints here: IntFlag arithmetic costs on every packet.
         if mr.pd is not pd:
             raise KeyError_(f"{kind} {key:#x} belongs to another PD")
-        if access & ~mr.access:
-            missing = IbAccess(access & ~mr.access)
+        if int(access) & ~int(mr.access):
+            missing = IbAccess(int(access) & ~int(mr.access))
             raise KeyError_(f"{kind} {key:#x} lacks {missing!r}")
         if mr.state != MrState.VALID:
             raise KeyError_(f"{kind} {key:#x} is {mr.state.value}")
