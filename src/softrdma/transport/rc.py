@@ -210,12 +210,7 @@ class RcTransport:
             if req.state is ReqState.DRAIN and req.drained():
                 req.set_state(ReqState.DRAINED)
                 self._out.events.append(SqDrained())
-        out = self._out
-        result = Output(out.packets, out.completions, out.events)
-        out.packets = []
-        out.completions = []
-        out.events = []
-        return result
+        return self._out.take()
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`poll` has timer work to do, or ``None``."""

@@ -297,12 +297,7 @@ class UdTransport:
         if self._drain_pending and self.qp_state is IbQpState.SQD:
             self._drain_pending = False
             self._out.events.append(SqDrained())
-        out = self._out
-        result = Output(out.packets, out.completions, out.events)
-        out.packets = []
-        out.completions = []
-        out.events = []
-        return result
+        return self._out.take()
 
     def next_deadline(self) -> float | None:
         """UD has no timers."""

@@ -315,3 +315,10 @@ class Output:
 
     def __bool__(self) -> bool:
         return bool(self.packets or self.completions or self.events)
+
+    def take(self) -> Output:
+        """Hand over everything gathered so far and start empty again (the
+        engines keep one :class:`Output` and fill it as they run)."""
+        result = Output(self.packets, self.completions, self.events)
+        self.packets, self.completions, self.events = [], [], []
+        return result
