@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,6 +11,7 @@ from softrdma.fabric.inproc import Fabric, Faults
 from softrdma.fabric.pcap import LINKTYPE_ETHERNET, PcapReader, PcapWriter, read_pcap
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.roce import decode_roce_v2
+from tests.tshark import bth_fields, needs_tshark
 
 from .ports import make_frame, make_port
 
@@ -94,10 +93,7 @@ def test_tap_to_a_caller_writer_is_only_flushed(tmp_path: Path) -> None:
     assert len(list(read_pcap(tmp_path / "a.pcap"))) == 1
 
 
-@pytest.mark.skipif(
-    shutil.which("tshark") is None,
-    reason="tshark is not installed (apt-get install -y tshark); it checks the pcap tap's frames",
-)
+@needs_tshark
 def test_tshark_decodes_tapped_frames_as_infiniband(tmp_path: Path) -> None:
     path = tmp_path / "roce.pcap"
     fabric = Fabric(seed=1, faults=Faults(duplicate=0.5))
@@ -125,26 +121,5 @@ def test_tshark_decodes_tapped_frames_as_infiniband(tmp_path: Path) -> None:
         fabric.transmit(a, make_frame(a, b, 9, b"", dest_qp=0x42, vlan=100))
         expect.append((int(Opcode.RC_SEND_ONLY), 0x42, 9))
         fabric.loop.run()
-    out = subprocess.run(
-        [
-            "tshark",
-            "-r",
-            str(path),
-            "--disable-protocol",
-            "rpcordma",
-            "-T",
-            "fields",
-            "-e",
-            "infiniband.bth.opcode",
-            "-e",
-            "infiniband.bth.destqp",
-            "-e",
-            "infiniband.bth.psn",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    ).stdout
-    got = [tuple(int(x, 0) for x in line.split("\t")) for line in out.splitlines() if line]
+    got = bth_fields(path, "opcode", "destqp", "psn")
     assert got == expect

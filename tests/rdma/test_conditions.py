@@ -3,8 +3,6 @@ tap on real device traffic."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +24,8 @@ from softrdma.verbs.enums import (
 )
 from softrdma.verbs.qp import QpAttr, QpInitAttr
 from softrdma.verbs.wr import RecvWR, SendWR, UdWR
-from tests.rdma.nodes import Buffer, Node, make_device, make_node, pair
+from tests.rdma.nodes import Buffer, Node, connect, make_device, make_node, pair
+from tests.tshark import bth_fields, needs_tshark
 
 M = IbQpAttrMask
 
@@ -71,8 +70,6 @@ def test_cq_overflow_raises_an_async_event() -> None:
     fabric = Fabric()
     a = make_node(make_device("cpu", fabric, "10.0.0.1"), cqe=2)
     b = make_node(make_device("cpu", fabric, "10.0.0.2"))
-    from tests.rdma.nodes import connect
-
     connect(a, b)
     events = []
     a.dev.register_event_handler(lambda e: events.append(e.event))
@@ -150,10 +147,8 @@ def test_ud_send_with_qkey_and_grh(kinds: tuple[str, str]) -> None:
     assert grh[40:] == b"datagram"
 
 
+@needs_tshark
 def test_pcap_tap_of_device_traffic_decodes_in_tshark(tmp_path: Path) -> None:
-    tshark = shutil.which("tshark")
-    if tshark is None:
-        pytest.skip("tshark is not installed (apt-get install -y tshark)")
     fabric, a, b = pair("cpu", "hw-iommu", mtu=IbMtu.MTU_1024)
     path = tmp_path / "rdma.pcap"
     with fabric.tap(path):
@@ -162,29 +157,11 @@ def test_pcap_tap_of_device_traffic_decodes_in_tshark(tmp_path: Path) -> None:
         a.qp.post_send(SendWR(1, IbWrOpcode.SEND, (src.sge(a.pd.local_dma_lkey),)))
         a.wait_ok()
         b.wait_ok()
-    out = subprocess.run(
-        [
-            tshark,
-            "-r",
-            str(path),
-            "--disable-protocol",
-            "rpcordma",
-            "-T",
-            "fields",
-            "-e",
-            "infiniband.bth.opcode",
-            "-e",
-            "infiniband.bth.destqp",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split("\n")
-    rows = [line.split("\t") for line in out if line]
-    opcodes = [int(r[0], 0) for r in rows]
+    rows = bth_fields(path, "opcode", "destqp")
+    opcodes = [r[0] for r in rows]
     assert opcodes[:3] == [0, 1, 2], opcodes  # SEND_FIRST, SEND_MIDDLE, SEND_LAST
     assert 17 in opcodes  # the ACKNOWLEDGE
-    assert int(rows[0][1], 0) == b.qp.qp_num
+    assert rows[0][1] == b.qp.qp_num
 
 
 def test_completion_notification_and_solicited_events() -> None:
