@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
-from softrdma.devices.eventloop import EventLoop
 from softrdma.fabric.inproc import Fabric
+from softrdma.time.sim import SimLoop
 from softrdma.transport.headers import Aeth, Deth
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
@@ -17,7 +17,7 @@ from softrdma.transport.roce import RoceFrame, decode_roce_v2, encode_roce_v2, r
 class FakePort:
     """A port that records what it receives: (simulated time, frame)."""
 
-    loop: EventLoop
+    loop: SimLoop
     ip: IPv4Address | IPv6Address
     mac: bytes
     received: list[tuple[float, bytes]] = field(default_factory=list)

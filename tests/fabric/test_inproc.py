@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from softrdma.devices.eventloop import EventLoop
 from softrdma.fabric.inproc import (
     DEFAULT_LATENCY,
     DEFAULT_LINK_RATE,
@@ -16,7 +15,8 @@ from softrdma.fabric.inproc import (
     FabricError,
     Faults,
 )
-from softrdma.transport.headers import MalformedPacket
+from softrdma.time.sim import SimLoop
+from softrdma.transport.errors import RejectedPacket
 from softrdma.transport.icrc import IcrcError
 from softrdma.transport.roce import RoceFrame, decode_roce_v2
 
@@ -298,7 +298,7 @@ def test_each_fault_at_rate_one(kind: str) -> None:
     else:
         assert s.corrupted == n and s.delivered == n
         for f in b.frames:
-            with pytest.raises(MalformedPacket):
+            with pytest.raises(RejectedPacket):
                 decode_roce_v2(f)
 
 
@@ -327,7 +327,7 @@ def test_each_fault_at_rate_point_three(kind: str) -> None:
         for f in b.frames:
             try:
                 decode_roce_v2(f)
-            except MalformedPacket:
+            except RejectedPacket:
                 bad += 1
         assert bad == hits
 
@@ -373,7 +373,7 @@ def test_corruption_flips_exactly_one_checked_bit() -> None:
             decode_roce_v2(f)
         except IcrcError:
             icrc_errors += 1
-        except MalformedPacket:
+        except RejectedPacket:
             pass
         else:
             pytest.fail(f"corrupted frame decoded: byte {diff[0][0]} mask {diff[0][1]:#x}")
@@ -412,7 +412,7 @@ def test_property_corrupted_frames_never_decode(frame: RoceFrame, seed: int) -> 
     fabric.loop.run()
     ((_, bad),) = b.received
     assert bad != raw and len(bad) == len(raw)
-    with pytest.raises(MalformedPacket):
+    with pytest.raises(RejectedPacket):
         decode_roce_v2(bad)
 
 
@@ -524,6 +524,6 @@ def test_reseed() -> None:
 
 
 def test_fabric_shares_a_given_loop() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     fabric = Fabric(loop)
     assert fabric.loop is loop and "Fabric" in repr(fabric)

@@ -12,6 +12,7 @@ from softrdma.devices.rxe import SoftRoce
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend, DmaDirection
 from softrdma.fabric.inproc import Fabric
+from softrdma.fabric.link import Network
 from softrdma.memory.host import Host, MiB
 from softrdma.verbs.cq import CompletionQueue
 from softrdma.verbs.dma import (
@@ -40,12 +41,12 @@ PAIRINGS = (
 
 def make_device(
     kind: str,
-    fabric: Fabric,
+    fabric: Network,
     ip: str,
     *,
     debug: bool = True,
     mem: int = 64 * MiB,
-    netdev_mtu: int = 4200,
+    netdev_mtu: int | None = 4200,
 ) -> RdmaDevice:
     host = Host(mem, dma32_limit=16 * MiB, lowmem_limit=mem * 3 // 4, name=f"host-{ip}")
     if kind == "cpu":
@@ -125,6 +126,8 @@ class Node:
             got += cq.poll(n - len(got))
             if len(got) >= n:
                 return got
+            if not self.dev.scheduler.simulated:
+                cq.wait(1.0)  # real time: sleep until the progress thread delivers
         raise AssertionError(f"{self.dev.name}: {len(got)} of {n} completions: {got}")
 
     def wait_ok(self, n: int = 1) -> list[WorkCompletion]:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scapy.layers.inet import UDP
 from scapy.layers.l2 import Ether
 
+from softrdma.transport.errors import NotRoceV2, RejectedPacket
 from softrdma.transport.headers import Deth, HeaderFieldError, MalformedPacket
 from softrdma.transport.icrc import IcrcError
 from softrdma.transport.opcodes import Opcode, UnknownOpcode
@@ -111,35 +112,63 @@ def _set(raw: bytes, off: int, val: bytes, fix_ip_csum: bool = True) -> bytes:
     return bytes(b)
 
 
-@pytest.mark.parametrize(
-    ("mutate", "match"),
-    [
-        (lambda r: r[:13], "shorter than an Ethernet"),
-        (lambda r: _set(r, 12, b"\x08\x06"), "ethertype"),
-        (lambda r: _set(r, 12, b"\x81\x00")[:16], "802.1Q"),
-        (lambda r: r[:30], "truncated IPv4"),
-        (lambda r: _set(r, 14, b"\x46"), "options"),
-        (lambda r: _set(r, 14, b"\x55"), "version"),
-        (lambda r: _set(r, 20, b"\x20\x00"), "fragment"),
-        (lambda r: _set(r, 20, b"\x40\x01"), "fragment"),
-        (lambda r: _set(r, 20, b"\x80\x00"), "reserved flag"),
-        (lambda r: _set(r, 23, b"\x06"), "not UDP"),
-        (lambda r: _set(r, 24, b"\x12\x34", fix_ip_csum=False), "checksum"),
-        (lambda r: _set(r, 16, b"\x10\x00"), "claims"),
-        (lambda r: _set(r, 16, b"\x00\x14"), "no room"),
-        (lambda r: _set(_set(r, 16, b"\x00\x1c"), 38, b"\x00\x08"), "cannot hold"),
-        (lambda r: _set(r, 36, b"\x12\xb8"), "4791"),
-        (lambda r: _set(r, 38, b"\x00\x09"), "UDP length"),
-        (lambda r: _set(r, 40, b"\x12\x34"), "UDP checksum"),
-        (lambda r: _set(r, 42, b"\x15"), "bad ICRC"),  # integrity is checked first
-        (lambda r: _set(r, r.__len__() - 1, b"\x00"), "bad ICRC"),
-    ],
-)
-def test_malformed_frames(mutate: Any, match: str) -> None:
+def _with_ip_options(raw: bytes) -> bytes:
+    """``raw`` (IPv4, no VLAN) with 4 bytes of IP options (NOPs) inserted and
+    the lengths and header checksum fixed: the UDP header is where IHL says."""
+    b = bytearray(raw[:34] + b"\x01" * 4 + raw[34:])
+    b[14] = 0x46
+    b[16:18] = (int.from_bytes(b[16:18], "big") + 4).to_bytes(2, "big")
+    b[24:26] = b"\0\0"
+    b[24:26] = _ipv4_csum_n(bytes(b[14:38])).to_bytes(2, "big")
+    return bytes(b)
+
+
+def _ipv4_csum_n(hdr: bytes) -> int:
+    """RFC 1071 checksum of a header of any length (options included)."""
+    s = _ones_sum_reference(hdr)
+    return ~s & 0xFFFF
+
+
+# (mutation, error type, reason, message fragment)
+FRAME_ERRORS: list[tuple[Any, type[RejectedPacket], str, str]] = [
+    (lambda r: r[:13], MalformedPacket, "truncated", "shorter than an Ethernet"),
+    (lambda r: _set(r, 12, b"\x81\x00")[:16], MalformedPacket, "truncated", "802.1Q"),
+    (lambda r: r[:30], MalformedPacket, "truncated", "truncated IPv4"),
+    (lambda r: _set(r, 14, b"\x46")[:36], MalformedPacket, "truncated", "options"),
+    # IHL 6 on a header without options: the checksum (over 24 bytes) fails.
+    (lambda r: _set(r, 14, b"\x46"), MalformedPacket, "bad_checksum", "checksum"),
+    (lambda r: _set(r, 14, b"\x44"), MalformedPacket, "bad_header", "IHL"),
+    (_with_ip_options, MalformedPacket, "bad_header", "options"),
+    (lambda r: _set(r, 14, b"\x55"), MalformedPacket, "bad_version", "version"),
+    (lambda r: _set(r, 20, b"\x20\x00"), MalformedPacket, "bad_header", "fragment"),
+    (lambda r: _set(r, 20, b"\x80\x00"), MalformedPacket, "bad_header", "reserved flag"),
+    (lambda r: _set(r, 24, b"\x12\x34", fix_ip_csum=False), MalformedPacket, "bad_checksum", "checksum"),
+    (lambda r: _set(r, 16, b"\x10\x00"), MalformedPacket, "truncated", "claims"),
+    (lambda r: _set(r, 16, b"\x00\x14"), MalformedPacket, "bad_length", "no room"),
+    (lambda r: _set(_set(r, 16, b"\x00\x1c"), 38, b"\x00\x08"), MalformedPacket, "truncated", "cannot hold"),
+    (lambda r: _set(r, 38, b"\x00\x09"), MalformedPacket, "bad_length", "UDP length"),
+    (lambda r: _set(r, 40, b"\x12\x34"), MalformedPacket, "bad_checksum", "UDP checksum"),
+    (lambda r: _set(r, 42, b"\x15"), IcrcError, "bad_icrc", "bad ICRC"),  # integrity first
+    (lambda r: _set(r, r.__len__() - 1, b"\x00"), IcrcError, "bad_icrc", "bad ICRC"),
+    # Not RoCEv2 at all: ARP, TCP, another UDP port, a non-first fragment.
+    (lambda r: _set(r, 12, b"\x08\x06"), NotRoceV2, "not_roce", "ethertype"),
+    (lambda r: _set(r, 23, b"\x06"), NotRoceV2, "not_roce", "not UDP"),
+    (lambda r: _set(r, 36, b"\x12\xb8"), NotRoceV2, "not_roce", "4791"),
+    (lambda r: _set(r, 20, b"\x40\x01"), NotRoceV2, "not_roce", "fragment"),
+    # A corrupted protocol byte fails the IPv4 checksum before it can say "TCP".
+    (lambda r: _set(r, 23, b"\x06", fix_ip_csum=False), MalformedPacket, "bad_checksum", "checksum"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("mutate", "exc", "reason", "match"), FRAME_ERRORS)
+def test_malformed_frames(mutate: Any, exc: type[RejectedPacket], reason: str, match: str) -> None:
     raw = _rxe_like_frame()
     decode_roce_v2(raw)
-    with pytest.raises(MalformedPacket, match=match):
+    with pytest.raises(exc, match=match) as ei:
         decode_roce_v2(mutate(raw))
+    assert type(ei.value) is exc and ei.value.reason == reason
+    # The two kinds never overlap: "except MalformedPacket" does not see NotRoceV2.
+    assert isinstance(ei.value, MalformedPacket) != isinstance(ei.value, NotRoceV2)
 
 
 def test_ipv6_malformed() -> None:
@@ -148,14 +177,20 @@ def test_ipv6_malformed() -> None:
     )
     raw = RoceFrame(pkt, bytes(16), bytes(15) + b"\x01", 0xD872).encode()
     assert decode_roce_v2(raw).packet == pkt
-    with pytest.raises(MalformedPacket, match="truncated IPv6"):
-        decode_roce_v2(raw[:50])
-    with pytest.raises(MalformedPacket, match="version"):
-        decode_roce_v2(_set(raw, 14, b"\x40"))
-    with pytest.raises(MalformedPacket, match="next header"):
-        decode_roce_v2(_set(raw, 20, b"\x00"))
-    with pytest.raises(MalformedPacket, match="claims"):
-        decode_roce_v2(_set(raw, 18, b"\x10\x00"))
+    cases: list[tuple[bytes, type[RejectedPacket], str, str]] = [
+        (raw[:50], MalformedPacket, "truncated", "truncated IPv6"),
+        (_set(raw, 14, b"\x40"), MalformedPacket, "bad_version", "version"),
+        (_set(raw, 18, b"\x10\x00"), MalformedPacket, "truncated", "claims"),
+        (_set(raw, 18, b"\x00\x04"), MalformedPacket, "bad_length", "below a UDP header"),
+        (raw[:60], MalformedPacket, "truncated", "UDP header"),
+        (_set(raw, 20, b"\x00"), NotRoceV2, "not_roce", "next header"),  # hop-by-hop
+        (_set(raw, 20, b"\x06"), NotRoceV2, "not_roce", "next header"),  # TCP
+        (_set(raw, 56, b"\x00\x35"), NotRoceV2, "not_roce", "port 53"),
+    ]
+    for bad, exc, reason, match in cases:
+        with pytest.raises(exc, match=match) as ei:
+            decode_roce_v2(bad)
+        assert ei.value.reason == reason
 
 
 def test_trailing_ethernet_padding_is_kept() -> None:
@@ -183,8 +218,10 @@ def test_transport_errors_after_icrc() -> None:
 def test_exception_hierarchy() -> None:
     from softrdma.errors import SoftRdmaError
 
-    for exc in (MalformedPacket, HeaderFieldError, IcrcError, UnknownOpcode):
+    for exc in (MalformedPacket, HeaderFieldError, IcrcError, UnknownOpcode, NotRoceV2):
         assert issubclass(exc, SoftRdmaError) and issubclass(exc, ValueError)
+    assert not issubclass(NotRoceV2, MalformedPacket)
+    assert not issubclass(MalformedPacket, NotRoceV2)
 
 
 def test_icrc_error_is_malformed() -> None:
@@ -199,7 +236,7 @@ def test_icrc_error_is_malformed() -> None:
 @settings(max_examples=500, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_fuzz_random_frames(raw: bytes) -> None:
-    with contextlib.suppress(MalformedPacket):
+    with contextlib.suppress(MalformedPacket, NotRoceV2):
         decode_roce_v2(raw)
 
 
@@ -211,7 +248,7 @@ def test_fuzz_truncated_and_flipped_frames(frame: RoceFrame, data: st.DataObject
     else:
         i = data.draw(st.integers(0, len(raw) - 1))
         raw[i] ^= data.draw(st.integers(1, 255))
-    with contextlib.suppress(MalformedPacket):
+    with contextlib.suppress(MalformedPacket, NotRoceV2):
         decode_roce_v2(bytes(raw))
 
 

@@ -70,6 +70,12 @@ class FakeDevice(IbDevice):
     def ops_progress(self, until: Callable[[], bool]) -> None:
         pass
 
+    def ops_wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        return until()
+
+    def ops_unregister(self) -> None:
+        pass
+
 
 def rc_qp(dev: FakeDevice, **cap: int) -> QueuePair:
     pd = dev.alloc_pd()

@@ -24,14 +24,27 @@ def build_parser() -> argparse.ArgumentParser:
     rdma.add_argument(
         "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
     )
+    from softrdma.cli import devinfo, rc_pingpong
+
+    tools = {
+        "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
+        "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
+    }
+    for name, (module, text) in tools.items():
+        module.build_parser(sub.add_parser(name, help=text, description=text))
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
-    args = build_parser().parse_args(argv)
-    from softrdma.cli import demo_dma, demo_rdma
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong
 
+    if args.command == "rc-pingpong":
+        return rc_pingpong.run(args, parser)
+    if args.command == "devinfo":
+        return devinfo.run(args, parser)
     if args.command != "demo":
         return 2
     status = 0

@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 from softrdma.devices.rdma_device import RdmaDevice
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIT_MASK, DmaBackend
-from softrdma.fabric.inproc import Fabric
+from softrdma.fabric.link import Network
 from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IBK_LOCAL_DMA_LKEY, DeviceAttr
 
 #: The reserved lkey, as firmware hands one to mlx5 (index 1, key byte 0).
@@ -32,7 +32,7 @@ class HwHca(RdmaDevice):
     def __init__(
         self,
         platform: Platform,
-        fabric: Fabric,
+        network: Network,
         ip: str | IPv4Address,
         *,
         name: str = "mlx0",
@@ -40,7 +40,7 @@ class HwHca(RdmaDevice):
         dma_mask: int = DMA_BIT_MASK(64),
         coherent: bool = True,
         debug: bool | None = None,
-        netdev_mtu: int = 1500,
+        netdev_mtu: int | None = None,
     ) -> None:
         dma_device = platform.add_device(
             name,
@@ -60,7 +60,7 @@ class HwHca(RdmaDevice):
             name,
             dma_device,
             attrs,
-            fabric,
+            network,
             ip,
             netdev_mtu=netdev_mtu,
             local_dma_lkey=HCA_RESERVED_LKEY,

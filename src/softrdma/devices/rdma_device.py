@@ -1,20 +1,21 @@
 """The driver shared by every simulated RDMA device: it hosts one transport
-engine per QP, puts their packets on the fabric as RoCEv2 frames, feeds
-them received frames and timer ticks, and turns their completions and
-events into CQ entries and asynchronous events.
+engine per QP, hands their packets to its network link, feeds them
+received packets and timer ticks, and turns their completions and events
+into CQ entries and asynchronous events.
 
 Kernel counterparts: ``rxe_verbs.c`` (the ``ib_device_ops``), ``rxe_net.c``
-(``rxe_send``, ``rxe_udp_encap_recv``, ``prepare4``), ``rxe_recv.c``
-(``rxe_rcv``: header checks and dispatch to the QP), ``rxe_task.c``
-(when the engines run).
+(``rxe_send`` → the link), ``rxe_recv.c`` (``rxe_rcv``: header checks and
+dispatch to the QP), ``rxe_task.c`` (when the engines run),
+``rxe_hw_counters.c`` (:attr:`RdmaDevice.stats`).
 
 How the engines run (the progress model): posting a work request rings a
-doorbell, which schedules the QP's engines on the fabric's event loop; the
-engines run when the loop does — inside ``poll_cq`` (which lets the loop
-run until a completion arrives or nothing is left to do), or when the
-caller runs ``fabric.loop`` itself. A received frame runs the addressed
-QP's engines in its delivery event, and each engine's next deadline
-(retransmit, RNR wait) is a timer on the loop.
+doorbell, which schedules the QP's engines on the link's scheduler
+(``call_soon``); a received packet runs the addressed QP's engines at
+once; each engine's next deadline (retransmit, RNR wait) is a timer. On
+simulated time (the in-process fabric) all of that runs when the
+application polls a CQ or runs the loop; on real time (UDP) it runs on the
+scheduler's progress thread whether or not anybody polls. Either way every
+engine runs holding the scheduler's lock, which the verbs take too.
 """
 
 from __future__ import annotations
@@ -24,19 +25,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
-from softrdma.devices.eventloop import TimerHandle
 from softrdma.devices.memport import QpMemory
 from softrdma.dma.device import Device
-from softrdma.fabric.inproc import Fabric
-from softrdma.transport.headers import MalformedPacket
-from softrdma.transport.icrc import IcrcError
+from softrdma.fabric.link import Link, Network
+from softrdma.time.base import Handle, Scheduler
 from softrdma.transport.params import QpParams
 from softrdma.transport.rc import RcTransport
 from softrdma.transport.roce import (
-    IpIdentGenerator,
     RoceFrame,
-    decode_roce_v2,
-    encode_roce_v2,
     rdma_get_udp_sport,
     rdma_gid2ip,
     rxe_qp_src_port,
@@ -51,57 +47,50 @@ from softrdma.verbs.wr import RecvWR, SendWR
 log = logging.getLogger("softrdma.devices")
 
 Engine = RcTransport | UdTransport
-_BROADCAST = b"\xff" * 6
-#: How long one ``poll_cq`` lets the hardware run when nothing completes:
-#: events, and seconds of simulated time (a QP retrying forever must not
-#: hang the caller; like polling hardware, poll then returns empty).
-PROGRESS_MAX_EVENTS = 200_000
-PROGRESS_MAX_TIME = 1.0
-
-
-def mac_for_ip(ip: IPv4Address) -> bytes:
-    """A locally administered MAC derived from the port's IPv4 address."""
-    return b"\x02\x00" + ip.packed
 
 
 class RdmaDevice(IbDevice):
-    """A RoCEv2 RDMA device on a :class:`~softrdma.fabric.inproc.Fabric`.
-    Subclasses decide how it reaches memory (its ``dma_device``)."""
+    """A RoCEv2 RDMA device with address ``ip`` on ``network`` (the
+    in-process :class:`~softrdma.fabric.inproc.Fabric` or a
+    :class:`~softrdma.fabric.udp.UdpNetwork`). ``netdev_mtu`` overrides the
+    link's MTU. Subclasses decide how it reaches memory (its
+    ``dma_device``)."""
 
     def __init__(
         self,
         name: str,
         dma_device: Device,
         attrs: DeviceAttr,
-        fabric: Fabric,
+        network: Network,
         ip: str | IPv4Address,
         *,
-        netdev_mtu: int = 1500,
+        netdev_mtu: int | None = None,
         local_dma_lkey: int = 0,
     ) -> None:
-        addr = IPv4Address(ip)
+        self.stats: Counter[str] = Counter()
+        """Packets sent and received, and dropped by reason (``rx_bad_icrc``,
+        ``rx_no_qp``, ...), plus the transport's counters (rxe's
+        ``hw_counters``: ``completer_retry_err``, ``rcvd_seq_err``, ...)."""
+        link: Link = network.open_link(ip, self, mtu=netdev_mtu)
         super().__init__(
             name,
             dma_device,
             attrs,
-            ip=addr,
-            mac=mac_for_ip(addr),
-            netdev_mtu=netdev_mtu,
+            ip=link.address,
+            mac=link.mac,
+            netdev_mtu=link.mtu,
             local_dma_lkey=local_dma_lkey,
+            lock=link.scheduler.lock,
         )
-        self.fabric = fabric
-        self.loop = fabric.loop
-        self._port = fabric.attach(self)
+        self.link = link
+        self.scheduler: Scheduler = link.scheduler
         self._engines: dict[int, Engine] = {}
         self._memports: dict[int, QpMemory] = {}
-        self._timers: dict[int, TimerHandle] = {}
+        self._timers: dict[int, Handle] = {}
         self._kicked: set[int] = set()
-        self._ip_ident = IpIdentGenerator()
-        self._saddr = addr.packed
-        self._routes: dict[bytes, tuple[bytes, bytes]] = {}
+        self._saddr = link.address.packed
+        self._routes: dict[bytes, bytes] = {}
         self._sports: dict[int, int] = {}
-        self.stats: Counter[str] = Counter()
-        """Frames sent / received / dropped, by reason (``rx_bad_icrc``, ...)."""
 
     # -- QP lifecycle (ib_device_ops) --------------------------------------------
 
@@ -110,11 +99,10 @@ class RdmaDevice(IbDevice):
         self._memports[qp.qp_num] = mem
         self._engines[qp.qp_num] = self._new_engine(qp, mem)
 
-    @staticmethod
-    def _new_engine(qp: QueuePair, mem: QpMemory) -> Engine:
+    def _new_engine(self, qp: QueuePair, mem: QpMemory) -> Engine:
         if qp.qp_type == IbQpType.RC:
-            return RcTransport(qp.qp_num, mem)
-        return UdTransport(qp.qp_num, mem)
+            return RcTransport(qp.qp_num, mem, self.stats)
+        return UdTransport(qp.qp_num, mem, self.stats)
 
     def ops_modify_qp(self, qp: QueuePair, attr: QpAttr, mask: int) -> None:
         a = qp.attr
@@ -178,12 +166,21 @@ class RdmaDevice(IbDevice):
         self._kicked.discard(qp.qp_num)
 
     def ops_progress(self, until: Callable[[], bool]) -> None:
-        """Run the event loop until ``until()`` holds, nothing is pending,
-        or a generous budget of events / simulated time is spent."""
-        loop = self.loop
-        if loop.running:
-            return  # called from inside an event: the loop is already running
-        loop.run_until(until, timeout=PROGRESS_MAX_TIME, max_events=PROGRESS_MAX_EVENTS)
+        """Let the hardware run for a poller that found nothing
+        (:meth:`Scheduler.progress <softrdma.time.base.Scheduler.progress>`)."""
+        self.scheduler.progress(until)
+
+    def ops_wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``until()`` holds or ``timeout`` seconds pass
+        (:meth:`Scheduler.wait <softrdma.time.base.Scheduler.wait>`)."""
+        return self.scheduler.wait(until, timeout)
+
+    def ops_unregister(self) -> None:
+        """Detach from the network (``rxe_net_del``): cancel the timers and
+        close the link."""
+        for qpn in list(self._timers):
+            self._cancel_timer(qpn)
+        self.link.close()
 
     # -- running the engines ----------------------------------------------------
 
@@ -191,7 +188,7 @@ class RdmaDevice(IbDevice):
         """Ring the doorbell: run the QP's engines soon (``rxe_sched_task``)."""
         if qpn not in self._kicked:
             self._kicked.add(qpn)
-            self.loop.call_soon(self._run, qpn)
+            self.scheduler.call_soon(self._run, qpn)
 
     def _run(self, qpn: int) -> None:
         self._kicked.discard(qpn)
@@ -199,7 +196,7 @@ class RdmaDevice(IbDevice):
         qp = self.qp_by_num(qpn)
         if engine is None or qp is None:
             return
-        out = engine.poll(self.loop.now)
+        out = engine.poll(self.scheduler.time())
         if out:
             self._handle(qp, engine, out)
         self._arm_timer(qpn, engine)
@@ -207,14 +204,15 @@ class RdmaDevice(IbDevice):
     def _arm_timer(self, qpn: int, engine: Engine) -> None:
         deadline = engine.next_deadline()
         timer = self._timers.get(qpn)
-        if timer is not None and not timer.cancelled and not timer.done:
+        if timer is not None and not timer.done:
             if deadline is not None and timer.when == deadline:
                 return
             timer.cancel()
         if deadline is None:
             self._timers.pop(qpn, None)
         else:
-            self._timers[qpn] = self.loop.call_at(max(deadline, self.loop.now), self._run, qpn)
+            now = self.scheduler.time()
+            self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
 
     def _cancel_timer(self, qpn: int) -> None:
         timer = self._timers.pop(qpn, None)
@@ -255,18 +253,8 @@ class RdmaDevice(IbDevice):
             assert op.dest.wr.ah is not None
             dgid = op.dest.wr.ah.attr.dgid
             sport = rxe_qp_src_port(qp.qp_num)
-        daddr, dmac = self._route(dgid)
-        frame = RoceFrame.build(
-            op.pkt,
-            self._saddr,
-            daddr,
-            sport,
-            eth_dst=dmac,
-            eth_src=self.mac,
-            ip_id=self._ip_ident(self._saddr, daddr),
-        )
-        self.stats["tx_frames"] += 1
-        self._port.transmit(encode_roce_v2(frame))
+        self.stats["sent_pkts"] += 1
+        self.link.transmit(op.pkt, self._route(dgid), sport)
 
     def _rc_sport(self, qp: QueuePair) -> int:
         """An RC QP's UDP source port, fixed once it is connected (rxe sets
@@ -277,30 +265,18 @@ class RdmaDevice(IbDevice):
         self._sports[qp.qp_num] = sport
         return sport
 
-    def _route(self, dgid: bytes) -> tuple[bytes, bytes]:
-        """Destination address and MAC for a GID (rxe's ``rxe_find_route``
-        and neighbour lookup), cached once the neighbour is known."""
-        route = self._routes.get(dgid)
-        if route is None:
-            dst = rdma_gid2ip(dgid)
-            mac = self.fabric.lookup_mac(dst)
-            route = (dst.packed, mac or _BROADCAST)
-            if mac is not None:
-                self._routes[dgid] = route
-        return route
+    def _route(self, dgid: bytes) -> bytes:
+        """The packed destination address of a GID (rxe's ``rxe_find_route``
+        with the RoCEv2 ``rdma_gid2ip``), cached."""
+        daddr = self._routes.get(dgid)
+        if daddr is None:
+            daddr = self._routes[dgid] = rdma_gid2ip(dgid).packed
+        return daddr
 
-    def receive_frame(self, frame: bytes) -> None:
-        """A frame from the fabric (``rxe_udp_encap_recv`` → ``rxe_rcv``):
-        bad ICRC or headers, another destination, an unknown QP, or RC
-        from an address that is not the QP's peer — dropped silently."""
-        try:
-            rf = decode_roce_v2(frame)
-        except IcrcError:
-            self.stats["rx_bad_icrc"] += 1
-            return
-        except MalformedPacket:
-            self.stats["rx_bad_frame"] += 1
-            return
+    def receive_roce(self, rf: RoceFrame) -> None:
+        """A packet from the link (``rxe_rcv``): another destination, a bad
+        P_Key, an unknown QP, or RC from an address that is not the QP's
+        peer — counted and dropped silently, as rxe does."""
         if rf.daddr != self._saddr:
             self.stats["rx_wrong_address"] += 1
             return
@@ -314,16 +290,22 @@ class RdmaDevice(IbDevice):
         if engine is None or qp is None:
             self.stats["rx_no_qp"] += 1
             return
-        self.stats["rx_frames"] += 1
         if isinstance(engine, UdTransport):
-            engine.receive(pkt, self.loop.now, sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
+            self.stats["rcvd_pkts"] += 1
+            engine.receive(pkt, self.scheduler.time(), sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
         else:
             ah = qp.attr.ah_attr
-            if ah is None or rf.saddr != self._route(ah.dgid)[0]:
+            if ah is None or rf.saddr != self._route(ah.dgid):
                 self.stats["rx_wrong_peer"] += 1
                 return
-            engine.receive(pkt, self.loop.now)
+            self.stats["rcvd_pkts"] += 1
+            engine.receive(pkt, self.scheduler.time())
         self._run(qpn)
+
+    def receive_error(self, reason: str) -> None:
+        """A datagram the link dropped before the transport (bad ICRC,
+        truncated, ...): counted as ``rx_<reason>``."""
+        self.stats["rx_" + reason] += 1
 
 
 def _gid(addr: bytes) -> bytes:

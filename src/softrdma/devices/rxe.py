@@ -18,7 +18,7 @@ from ipaddress import IPv4Address
 from softrdma.devices.rdma_device import RdmaDevice
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DmaBackend
-from softrdma.fabric.inproc import Fabric
+from softrdma.fabric.link import Network
 from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, DeviceAttr
 
 
@@ -28,12 +28,12 @@ class SoftRoce(RdmaDevice):
     def __init__(
         self,
         platform: Platform,
-        fabric: Fabric,
+        network: Network,
         ip: str | IPv4Address,
         *,
         name: str = "rxe0",
         debug: bool | None = None,
-        netdev_mtu: int = 1500,
+        netdev_mtu: int | None = None,
     ) -> None:
         dma_device = platform.add_device(
             name,
@@ -43,4 +43,4 @@ class SoftRoce(RdmaDevice):
             driver="softrdma_rxe",
         )
         attrs = DeviceAttr(vendor_id=0xFFFFFF, device_cap_flags=IB_DEVICE_MEM_MGT_EXTENSIONS)
-        super().__init__(name, dma_device, attrs, fabric, ip, netdev_mtu=netdev_mtu)
+        super().__init__(name, dma_device, attrs, network, ip, netdev_mtu=netdev_mtu)

@@ -12,7 +12,7 @@ table.
 Timing
 ------
 Everything happens in the simulated time of an
-:class:`~softrdma.devices.eventloop.EventLoop`. A frame handed over at
+:class:`~softrdma.time.sim.SimLoop`. A frame handed over at
 ``now`` occupies the sender's link for ``len * 8 / link_rate`` seconds after
 the link's previous frame (serialization; ``link_rate=0`` means infinitely
 fast), and arrives ``latency`` seconds after its last bit left: its delivery
@@ -47,11 +47,15 @@ import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv6Address
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from softrdma.devices.eventloop import EventLoop
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.pcap import Closing, PathOrFile, PcapWriter
+from softrdma.time.sim import SimLoop
+
+if TYPE_CHECKING:
+    from softrdma.fabric.inproc_link import FabricLink
+    from softrdma.fabric.link import LinkReceiver
 
 __all__ = [
     "DEFAULT_LATENCY",
@@ -151,7 +155,9 @@ class Faults:
     the fields masked out of the ICRC (IPv6 traffic class / flow label / hop
     limit, the UDP checksum, BTH FECN/BECN/reserved bits) nor Ethernet
     padding: on a real link the Ethernet FCS would catch those, and there is
-    none here. So a corrupted RoCEv2 frame always fails ``decode_roce_v2``.
+    none here. So a corrupted RoCEv2 frame always fails ``decode_roce_v2``
+    (a flip in the UDP destination port makes it ``NotRoceV2``, any other
+    one ``MalformedPacket``).
     """
 
     drop: float = 0.0
@@ -379,7 +385,7 @@ class Fabric(Closing):
     """One Ethernet segment joining any number of ports in one process
     (the wire and the switch).
 
-    ``loop`` is the :class:`~softrdma.devices.eventloop.EventLoop` that
+    ``loop`` is the :class:`~softrdma.time.sim.SimLoop` that
     delivers frames (a new one if omitted); ``latency`` in seconds and
     ``link_rate`` in bits per second (0 = infinite) set the timing (see the
     module docstring); ``seed`` makes fault injection reproducible;
@@ -388,14 +394,14 @@ class Fabric(Closing):
 
     def __init__(
         self,
-        loop: EventLoop | None = None,
+        loop: SimLoop | None = None,
         *,
         latency: float = DEFAULT_LATENCY,
         link_rate: float = DEFAULT_LINK_RATE,
         seed: int = 0,
         faults: Faults | None = None,
     ) -> None:
-        self._loop = loop if loop is not None else EventLoop()
+        self._loop = loop if loop is not None else SimLoop()
         self._post = self._loop.post_at  # bound once: the per-frame path
         self._deliver_cb = self._deliver
         self.stats = FabricStats()
@@ -419,9 +425,25 @@ class Fabric(Closing):
     # --- configuration ------------------------------------------------------------------
 
     @property
-    def loop(self) -> EventLoop:
+    def loop(self) -> SimLoop:
         """The event loop delivering frames (shared with the devices' timers)."""
         return self._loop
+
+    @property
+    def scheduler(self) -> SimLoop:
+        """:attr:`loop`, as the :class:`~softrdma.fabric.link.Network` API
+        names it."""
+        return self._loop
+
+    def open_link(
+        self, ip: str | IPv4Address, receiver: LinkReceiver, *, mtu: int | None = None
+    ) -> FabricLink:
+        """A RoCEv2 port with address ``ip`` on this segment, delivering to
+        ``receiver`` (a device); ``mtu`` is its netdev MTU (default 1500).
+        See :class:`~softrdma.fabric.inproc_link.FabricLink`."""
+        from softrdma.fabric.inproc_link import FabricLink
+
+        return FabricLink(self, IPv4Address(ip), receiver, 1500 if mtu is None else mtu)
 
     @property
     def latency(self) -> float:

@@ -352,6 +352,7 @@ class Completer:
             if kind == AethType.NAK:
                 code = aeth.syndrome & 0x1F
                 if code == NakCode.PSN_SEQ_ERR:
+                    self.req.out.counters["rcvd_seq_err"] += 1
                     # A sequence NAK acknowledges every PSN before it. That is
                     # progress, so the retry count starts over (rxe only
                     # resets it on an ACK; under steady loss a long message
@@ -463,13 +464,16 @@ class Completer:
             if _psn_diff(req.psn, self.psn) > 0:
                 req.need_retry = True
                 self.started_retry = True
+                req.out.counters["completer_retry_err"] += 1
             return _C_DONE
         wqe.status = IbWcStatus.RETRY_EXC_ERR
+        self.req.out.counters["retry_exceeded_err"] += 1
         return _C_ERROR
 
     def _rnr_retry(self, pkt: Packet, wqe: SendWqe, now: float) -> CompState:
         """rxe_comp.c ``COMPST_RNR_RETRY``: wait the advertised RNR time,
         then go back N (``rnr_nak_timer``)."""
+        self.req.out.counters["rcvd_rnr_err"] += 1
         if self.rnr_retry > 0:
             if self.rnr_retry != RNR_RETRY_INFINITE:
                 self.rnr_retry -= 1
@@ -481,6 +485,7 @@ class Completer:
             req.retrans_deadline = None
             return _C_EXIT
         wqe.status = IbWcStatus.RNR_RETRY_EXC_ERR
+        self.req.out.counters["retry_rnr_exceeded_err"] += 1
         return _C_ERROR
 
 

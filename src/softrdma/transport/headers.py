@@ -13,6 +13,7 @@ ranges and raise :class:`HeaderFieldError`, and an ``unpack_from``
 classmethod that raises :class:`MalformedPacket` on short or invalid input.
 
 Reserved bits are written as zero and ignored on receive, as rxe does.
+The two errors live in :mod:`.errors` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import struct
 from enum import IntEnum
 from typing import Any, ClassVar, NamedTuple, Self, TypeAlias, cast
 
-from softrdma.errors import SoftRdmaError
+# Re-exported: the codecs here raise them, and callers import them from here.
+from softrdma.transport.errors import HeaderFieldError, MalformedPacket
 
 BytesLike: TypeAlias = bytes | bytearray | memoryview
 """Input accepted by the decoders (``collections.abc.Buffer`` is 3.12+)."""
@@ -63,19 +65,6 @@ __all__ = [
     "rnr_timer_decode",
     "rnr_timer_encode",
 ]
-
-
-class MalformedPacket(SoftRdmaError, ValueError):
-    """A received packet (or frame) that cannot be parsed or violates the wire
-    format. rxe drops such packets (``rxe_recv.c`` ``hdr_check`` and friends);
-    softrdma raises this so the caller decides (drop, count, NAK).
-    """
-
-
-class HeaderFieldError(SoftRdmaError, ValueError):
-    """A header field given for encoding is out of its wire range (for example a
-    PSN that does not fit 24 bits). This is a caller bug, not bad wire input.
-    """
 
 
 # enum rxe_hdr_length / ib_pack.h IB_*_BYTES
@@ -167,7 +156,8 @@ class _WireHeader(tuple[Any, ...]):
         except struct.error:
             n = len(memoryview(buf))
             raise MalformedPacket(
-                f"{cls.NAME} needs {st.size} bytes at offset {offset}, buffer has {n}"
+                f"{cls.NAME} needs {st.size} bytes at offset {offset}, buffer has {n}",
+                reason="truncated",
             ) from None
         return cls.from_wire(*values)
 
@@ -237,7 +227,7 @@ class Bth(_BthFields, _WireHeader):
         """Build from the :attr:`STRUCT` values; checks TVer (rxe_recv.c
         ``hdr_check``: ``bth_tver(pkt) != BTH_TVER`` drops)."""
         if b1 & 0x0F:
-            raise MalformedPacket(f"BTH TVer {b1 & 0x0F} is not 0")
+            raise MalformedPacket(f"BTH TVer {b1 & 0x0F} is not 0", reason="bad_version")
         return cls(
             opcode,
             w4 & 0xFFFFFF,
@@ -327,9 +317,13 @@ def aeth_syndrome_parse(syndrome: int) -> tuple[AethType, int]:
         return AethType.RNR_NAK, v
     if t == 3:
         if v > NakCode.INVALID_RD_REQUEST:
-            raise MalformedPacket(f"AETH NAK code {v} is reserved (syndrome {syndrome:#04x})")
+            raise MalformedPacket(
+                f"AETH NAK code {v} is reserved (syndrome {syndrome:#04x})", reason="bad_header"
+            )
         return AethType.NAK, NakCode(v)
-    raise MalformedPacket(f"AETH syndrome {syndrome:#04x} has a reserved type {t:#05b}")
+    raise MalformedPacket(
+        f"AETH syndrome {syndrome:#04x} has a reserved type {t:#05b}", reason="bad_header"
+    )
 
 
 class _AethFields(NamedTuple):

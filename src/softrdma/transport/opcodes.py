@@ -39,10 +39,10 @@ __all__ = [
 
 class UnknownOpcode(MalformedPacket):
     """The BTH opcode is not one softrdma (or rxe) knows: reserved values and the
-    RD / XRC transports. rxe_recv.c drops such packets."""
+    RD / XRC transports. rxe_recv.c drops such packets. Reason ``bad_opcode``."""
 
     def __init__(self, opcode: int) -> None:
-        super().__init__(f"unknown BTH opcode {opcode:#04x}")
+        super().__init__(f"unknown BTH opcode {opcode:#04x}", reason="bad_opcode")
         self.opcode = opcode
 
 

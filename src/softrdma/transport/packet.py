@@ -285,26 +285,33 @@ class Packet:
             mv = mv.cast("B")
         n = len(mv)
         if n < BTH_SIZE:
-            raise MalformedPacket(f"{n} bytes is shorter than a BTH ({BTH_SIZE})")
+            raise MalformedPacket(
+                f"{n} bytes is shorter than a BTH ({BTH_SIZE})", reason="truncated"
+            )
         plan = _PLANS[mv[0]]
         if plan is None:
             raise UnknownOpcode(mv[0])
         hlen = plan.length
         if n < hlen:
-            raise MalformedPacket(f"{plan.name} needs {hlen} header bytes, packet has {n}")
+            raise MalformedPacket(
+                f"{plan.name} needs {hlen} header bytes, packet has {n}", reason="truncated"
+            )
         if n & 3:
-            raise MalformedPacket(f"packet length {n} is not a multiple of 4")
+            raise MalformedPacket(f"packet length {n} is not a multiple of 4", reason="bad_length")
         vals = plan.struct.unpack_from(mv)
         b1, w4, w8 = vals[1], vals[3], vals[4]
         if b1 & 0x0F:
-            raise MalformedPacket(f"BTH TVer {b1 & 0x0F} is not 0")
+            raise MalformedPacket(f"BTH TVer {b1 & 0x0F} is not 0", reason="bad_version")
         pad = (b1 >> 4) & 3
         end = n - pad
         if end < hlen:
-            raise MalformedPacket(f"PadCnt {pad} exceeds the {n - hlen}-byte payload")
+            raise MalformedPacket(
+                f"PadCnt {pad} exceeds the {n - hlen}-byte payload", reason="bad_pad"
+            )
         if end != hlen and not plan.has_payload:
             raise MalformedPacket(
-                f"{plan.name} carries no payload, got {n - hlen} bytes after the headers"
+                f"{plan.name} carries no payload, got {n - hlen} bytes after the headers",
+                reason="bad_length",
             )
         # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot path);
         # this is Bth.from_wire with its TVer check done above.

@@ -36,6 +36,8 @@ How verbs QP states map to the engines' states::
 
 from __future__ import annotations
 
+from collections import Counter
+
 from softrdma.transport.completer import Completer, send_wc
 from softrdma.transport.memport import MemoryPort
 from softrdma.transport.opcodes import OPCODE_TABLE, Transport
@@ -56,13 +58,13 @@ _RC = Transport.RC
 class RcTransport:
     """The transport of one RC QP (rxe ``struct rxe_qp`` for ``IB_QPT_RC``)."""
 
-    def __init__(self, qpn: int, mem: MemoryPort) -> None:
+    def __init__(self, qpn: int, mem: MemoryPort, counters: Counter[str] | None = None) -> None:
         self.qpn = qpn
         self.mem = mem
         self.params = QpParams(qpn)
         self.qp_state = IbQpState.RESET
         self._now = 0.0  # time of the last poll
-        self._out = Output()
+        self._out = Output(counters=Counter() if counters is None else counters)
         self.req = Requester(qpn, mem, self._out)
         self.comp = Completer(self.req, self._req_fatal)
         self.req.comp = self.comp

@@ -386,6 +386,7 @@ class Responder:
             return _S.CLEANUP
         if state is _S.ERR_RNR:
             # Class B: RNR NAK with our minimum RNR timer, for this PSN.
+            self.out.counters["send_rnr_err"] += 1
             self._send_ack(aeth_syndrome(AethType.RNR_NAK, self.params.min_rnr_timer), pkt.bth.psn)
             return _S.CLEANUP
         if state is _S.ERR_RKEY_VIOLATION:
@@ -427,8 +428,10 @@ class Responder:
             if self.sent_psn_nak:
                 return _S.CLEANUP
             self.sent_psn_nak = True
+            self.out.counters["out_of_seq_request"] += 1  # once per NAK, as rxe
             return _S.ERR_PSN_OUT_OF_SEQ
         if diff < 0:
+            self.out.counters["duplicate_request"] += 1
             return _S.DUPLICATE_REQUEST
         self.sent_psn_nak = False
         return _S.CHK_OP_SEQ

@@ -12,6 +12,9 @@ an IP ID from the kernel's per-destination counter (so it increments across
 all QPs and the CM traffic to one peer); UDP checksum 0; destination port
 4791; source port fixed per QP (:func:`rxe_qp_src_port` before the QP gets
 an address vector, :func:`rdma_get_udp_sport` after).
+
+The UDP payload alone (BTH to ICRC, for a device behind an ordinary UDP
+socket) is :mod:`.roce_udp`'s.
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ import zlib
 from array import array
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address
+from typing import TypeAlias
 
-from softrdma.transport.headers import BTH_SIZE, BytesLike, HeaderFieldError, MalformedPacket
+from softrdma.transport.errors import HeaderFieldError, MalformedPacket, NotRoceV2
+from softrdma.transport.headers import BTH_SIZE, BytesLike
 from softrdma.transport.icrc import ICRC_SIZE, IcrcError, icrc_headers
 from softrdma.transport.packet import Packet
 
@@ -33,15 +38,20 @@ __all__ = [
     "ETH_P_8021Q",
     "ETH_P_IP",
     "ETH_P_IPV6",
+    "IPPROTO_UDP",
+    "IP_DF",
     "ROCE_V2_UDP_DPORT",
     "RXE_ROCE_V2_SPORT",
+    "Address",
     "IcrcError",
     "IpIdentGenerator",
     "MalformedPacket",
+    "NotRoceV2",
     "RoceFrame",
     "decode_roce_v2",
     "encode_roce_v2",
     "hash_32",
+    "packed_addrs",
     "rdma_calc_flow_label",
     "rdma_flow_label_to_udp_sport",
     "rdma_get_udp_sport",
@@ -60,6 +70,7 @@ ETH_P_IPV6 = 0x86DD
 ETH_P_8021Q = 0x8100
 IPPROTO_UDP = 17
 IP_DF = 0x4000
+IP_OFFSET = 0x1FFF
 
 _ETH = struct.Struct(">6s6sH")
 _VLAN = struct.Struct(">HH")
@@ -171,7 +182,12 @@ def rdma_gid2ip(gid: BytesLike) -> IPv4Address | IPv6Address:
     return ip6.ipv4_mapped or ip6
 
 
-def _addr_bytes(addr: str | IPv4Address | IPv6Address | bytes) -> bytes:
+Address: TypeAlias = str | IPv4Address | IPv6Address | bytes
+"""An IP address as the framing functions take it: a string, an
+:mod:`ipaddress` object, packed bytes or a 16-byte GID."""
+
+
+def _addr_bytes(addr: Address) -> bytes:
     if isinstance(addr, bytes):
         if len(addr) == 16 and addr[:12] == b"\0" * 10 + b"\xff\xff":
             return addr[12:]  # an IPv4-mapped GID means RoCEv2 over IPv4
@@ -182,6 +198,19 @@ def _addr_bytes(addr: str | IPv4Address | IPv6Address | bytes) -> bytes:
     if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.packed
     return ip.packed
+
+
+def packed_addrs(src: Address, dst: Address) -> tuple[bytes, bytes]:
+    """Source and destination as :class:`RoceFrame` carries them: 4 packed
+    bytes for IPv4 (IPv4-mapped GIDs and ``::ffff:a.b.c.d`` included, as rxe's
+    ``rxe_init_av`` picks the network type), 16 for IPv6. Both must be of one
+    family (:class:`ValueError`)."""
+    # Packed IPv4 addresses (the devices' data path) need no conversion.
+    s = src if type(src) is bytes and len(src) == 4 else _addr_bytes(src)
+    d = dst if type(dst) is bytes and len(dst) == 4 else _addr_bytes(dst)
+    if len(s) != len(d):
+        raise ValueError("source and destination must both be IPv4 or both IPv6")
+    return s, d
 
 
 # --- checksums -------------------------------------------------------------------------
@@ -208,6 +237,20 @@ def _csum_fold(s: int) -> int:
     addition is addition modulo 0xFFFF in which a non-zero multiple of 0xFFFF
     reads 0xFFFF. It replaces a word loop and the carry folds."""
     return s % 0xFFFF or (0xFFFF if s else 0)
+
+
+def _ipv4_header_end(hdr: BytesLike, off: int, ver_ihl: int) -> int:
+    """The UDP offset of an IPv4 header at ``off`` whose version/IHL byte is not
+    0x45: checks the version and that the options are there (``ip_rcv_core``
+    order), so that the header can still be checksummed and demultiplexed."""
+    if ver_ihl >> 4 != 4:
+        raise MalformedPacket(f"IPv4 header has version {ver_ihl >> 4}", reason="bad_version")
+    ihl = (ver_ihl & 0x0F) * 4
+    if ihl < 20:
+        raise MalformedPacket(f"IPv4 IHL {ihl // 4} is below 5", reason="bad_header")
+    if len(hdr) < off + ihl:
+        raise MalformedPacket("truncated IPv4 options", reason="truncated")
+    return off + ihl
 
 
 def _ipv4_csum(hdr: BytesLike) -> int:
@@ -266,19 +309,15 @@ class RoceFrame:
     def build(
         cls,
         packet: Packet,
-        src: str | IPv4Address | IPv6Address | bytes,
-        dst: str | IPv4Address | IPv6Address | bytes,
+        src: Address,
+        dst: Address,
         sport: int,
         **kwargs: object,
     ) -> RoceFrame:
         """A frame from addresses given as strings, :mod:`ipaddress` objects,
         packed bytes or 16-byte GIDs (IPv4-mapped GIDs select IPv4, as rxe's
         ``rxe_init_av`` network type does)."""
-        # Packed IPv4 addresses (the devices' transmit path) need no conversion.
-        s = src if type(src) is bytes and len(src) == 4 else _addr_bytes(src)
-        d = dst if type(dst) is bytes and len(dst) == 4 else _addr_bytes(dst)
-        if len(s) != len(d):
-            raise ValueError("source and destination must both be IPv4 or both IPv6")
+        s, d = packed_addrs(src, dst)
         return cls(packet, s, d, sport, **kwargs)  # type: ignore[arg-type]
 
     @property
@@ -390,8 +429,20 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
     without options or fragments (header checksum checked) or IPv6 with UDP as
     next header, UDP to port 4791 (checksum checked when non-zero), the
     transport packet and the ICRC (checked unless ``verify_icrc`` is false;
-    :class:`IcrcError`). Anything else raises :class:`MalformedPacket`. The
-    packet's payload is a memoryview into ``frame_bytes``."""
+    :class:`IcrcError`). The packet's payload is a memoryview into
+    ``frame_bytes``.
+
+    Errors (see :mod:`.errors`): :class:`NotRoceV2` when the frame is intact
+    as far as it identifies itself and is something else — ethertype not IPv4
+    or IPv6 (ARP), IP protocol / IPv6 next header not UDP (TCP; IPv6
+    extension headers are not walked), a non-first IPv4 fragment, UDP
+    destination port not 4791. The checks run in the order Linux's receive
+    path runs them (``ip_rcv_core``, ``udp_rcv``, the tunnel socket): an IPv4
+    header is only trusted to say "not UDP" once its checksum holds, so a
+    corrupted RoCEv2 header reads as broken, not as foreign. Everything else
+    — truncation, bad lengths, versions, checksums, options, fragmentation
+    of a RoCEv2 datagram, the transport checks, the ICRC — is a
+    :class:`MalformedPacket` with its ``reason``."""
     mv = frame_bytes if type(frame_bytes) is memoryview else memoryview(frame_bytes)
     if mv.format != "B" or mv.ndim != 1:
         mv = mv.cast("B")
@@ -401,13 +452,13 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
     hdr = frame_bytes if type(frame_bytes) is bytes else mv
     n = len(mv)
     if n < 14:
-        raise MalformedPacket(f"{n} bytes is shorter than an Ethernet header")
+        raise MalformedPacket(f"{n} bytes is shorter than an Ethernet header", reason="truncated")
     eth_dst, eth_src, ethertype = _ETH.unpack_from(mv)
     off = 14
     vlan: int | None = None
     if ethertype == ETH_P_8021Q:
         if n < 18:
-            raise MalformedPacket("truncated 802.1Q tag")
+            raise MalformedPacket("truncated 802.1Q tag", reason="truncated")
         vlan, ethertype = _VLAN.unpack_from(mv, 14)
         off = 18
     ip_id = 0
@@ -415,52 +466,73 @@ def decode_roce_v2(frame_bytes: BytesLike, *, verify_icrc: bool = True) -> RoceF
     flow_label = 0
     if ethertype == ETH_P_IP:
         if n < off + 20:
-            raise MalformedPacket("truncated IPv4 header")
+            raise MalformedPacket("truncated IPv4 header", reason="truncated")
         ver_ihl, tos, tot_len, ip_id, frag, ttl, proto, _, saddr, daddr = _IPV4.unpack_from(mv, off)
-        if ver_ihl != 0x45:
-            raise MalformedPacket(
-                f"IPv4 version/IHL byte {ver_ihl:#04x}: need version 4 without options"
-            )
-        if frag & ~IP_DF:
-            raise MalformedPacket(f"IPv4 fragment or reserved flag (frag_off {frag:#06x})")
-        if proto != IPPROTO_UDP:
-            raise MalformedPacket(f"IP protocol {proto} is not UDP")
-        # A correct header sums to 0xFFFF with its checksum in (RFC 1071).
-        if _csum_fold(int.from_bytes(hdr[off : off + 20])) != 0xFFFF:
-            raise MalformedPacket("bad IPv4 header checksum")
-        df = frag == IP_DF
-        end = off + tot_len
         l4 = off + 20
-        if tot_len < 28:
-            raise MalformedPacket(f"IPv4 total length {tot_len} leaves no room for UDP")
+        if ver_ihl != 0x45:
+            l4 = _ipv4_header_end(hdr, off, ver_ihl)
+        # A correct header sums to 0xFFFF with its checksum in (RFC 1071).
+        if _csum_fold(int.from_bytes(hdr[off:l4])) != 0xFFFF:
+            raise MalformedPacket("bad IPv4 header checksum", reason="bad_checksum")
+        if proto != IPPROTO_UDP:
+            raise NotRoceV2(f"IP protocol {proto} is not UDP")
+        if frag & IP_OFFSET:
+            raise NotRoceV2(f"IPv4 fragment at offset {(frag & IP_OFFSET) * 8}: no UDP header")
+        end = off + tot_len
+        if end < l4 + 8:
+            raise MalformedPacket(
+                f"IPv4 total length {tot_len} leaves no room for UDP", reason="bad_length"
+            )
     elif ethertype == ETH_P_IPV6:
         if n < off + 40:
-            raise MalformedPacket("truncated IPv6 header")
+            raise MalformedPacket("truncated IPv6 header", reason="truncated")
         vtf, plen, nh, ttl, saddr, daddr = _IPV6.unpack_from(mv, off)
         if vtf >> 28 != 6:
-            raise MalformedPacket(f"IPv6 header has version {vtf >> 28}")
+            raise MalformedPacket(f"IPv6 header has version {vtf >> 28}", reason="bad_version")
         if nh != IPPROTO_UDP:
-            raise MalformedPacket(f"IPv6 next header {nh} is not UDP")
+            raise NotRoceV2(f"IPv6 next header {nh} is not UDP")
         tos = (vtf >> 20) & 0xFF
         flow_label = vtf & 0xFFFFF
         l4 = off + 40
         end = l4 + plen
+        if plen < 8:
+            raise MalformedPacket(
+                f"IPv6 payload length {plen} is below a UDP header", reason="bad_length"
+            )
     else:
-        raise MalformedPacket(f"ethertype {ethertype:#06x} is not IPv4 or IPv6")
-    if end > n:
-        raise MalformedPacket(f"IP datagram claims {end - off} bytes, frame has {n - off}")
-    if end < l4 + 8:
-        raise MalformedPacket("IP datagram too short for a UDP header")
+        raise NotRoceV2(f"ethertype {ethertype:#06x} is not IPv4 or IPv6")
+    if n < l4 + 8:
+        raise MalformedPacket("truncated UDP header", reason="truncated")
     sport, dport, ulen, ucsum = _UDP.unpack_from(mv, l4)
     if dport != ROCE_V2_UDP_DPORT:
-        raise MalformedPacket(f"UDP destination port {dport} is not RoCEv2 ({ROCE_V2_UDP_DPORT})")
+        raise NotRoceV2(f"UDP destination port {dport} is not RoCEv2 ({ROCE_V2_UDP_DPORT})")
+    # Identified as RoCEv2: from here on every problem is a malformation.
+    if ethertype == ETH_P_IP:
+        if l4 != off + 20:
+            raise MalformedPacket(
+                f"IPv4 header with {l4 - off - 20} bytes of options: RoCEv2 ICRC covers 20",
+                reason="bad_header",
+            )
+        if frag & ~IP_DF:
+            raise MalformedPacket(
+                f"IPv4 fragment or reserved flag (frag_off {frag:#06x})", reason="bad_header"
+            )
+        df = frag == IP_DF
+    if end > n:
+        raise MalformedPacket(
+            f"IP datagram claims {end - off} bytes, frame has {n - off}", reason="truncated"
+        )
     if ulen != end - l4:
-        raise MalformedPacket(f"UDP length {ulen} disagrees with the IP length ({end - l4})")
+        raise MalformedPacket(
+            f"UDP length {ulen} disagrees with the IP length ({end - l4})", reason="bad_length"
+        )
     ib = l4 + 8
     if end - ib < BTH_SIZE + ICRC_SIZE:
-        raise MalformedPacket(f"{end - ib} bytes of UDP payload cannot hold a BTH and an ICRC")
+        raise MalformedPacket(
+            f"{end - ib} bytes of UDP payload cannot hold a BTH and an ICRC", reason="truncated"
+        )
     if ucsum and _udp_csum(saddr, daddr, mv[l4:end]) not in (0, 0xFFFF):
-        raise MalformedPacket("bad UDP checksum")
+        raise MalformedPacket("bad UDP checksum", reason="bad_checksum")
     (found,) = _I.unpack_from(mv, end - ICRC_SIZE)
     if verify_icrc:
         crc = icrc_headers(hdr[off : ib + BTH_SIZE], ethertype == ETH_P_IPV6)

@@ -31,7 +31,7 @@ the spec allows) — a silent loss is the harder bug to find.
 from __future__ import annotations
 
 import struct
-from collections import deque
+from collections import Counter, deque
 
 from softrdma.transport.headers import GSI_QKEY, Deth, ImmDt
 from softrdma.transport.memport import LocalAccessError, MemoryPort
@@ -100,7 +100,7 @@ def make_grh(sgid: bytes, dgid: bytes, ib_len: int, hop_limit: int = 64) -> byte
 class UdTransport:
     """The transport of one UD (or GSI) QP."""
 
-    def __init__(self, qpn: int, mem: MemoryPort) -> None:
+    def __init__(self, qpn: int, mem: MemoryPort, counters: Counter[str] | None = None) -> None:
         self.qpn = qpn
         self.mem = mem
         self.params = QpParams(qpn, IbQpType.UD)
@@ -108,7 +108,7 @@ class UdTransport:
         self.sq: deque[SendWqe] = deque()
         self.rq: deque[RecvWR] = deque()
         self.psn = 0
-        self._out = Output()
+        self._out = Output(counters=Counter() if counters is None else counters)
         self._drain_pending = False
 
     @property

@@ -15,6 +15,7 @@ time, and takes back an :class:`Output` — packets to put on the wire
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -312,6 +313,10 @@ class Output:
     packets: list[OutPacket] = field(default_factory=list)
     completions: list[Completion] = field(default_factory=list)
     events: list[QpEvent] = field(default_factory=list)
+    counters: Counter[str] = field(default_factory=Counter)
+    """rxe's ``hw_counters`` the engines bump (``completer_retry_err``,
+    ``rcvd_seq_err``, ``duplicate_request``, ...); usually the device's own
+    counter, shared by all its QPs, and never reset by :meth:`take`."""
 
     def __bool__(self) -> bool:
         return bool(self.packets or self.completions or self.events)
@@ -319,6 +324,6 @@ class Output:
     def take(self) -> Output:
         """Hand over everything gathered so far and start empty again (the
         engines keep one :class:`Output` and fill it as they run)."""
-        result = Output(self.packets, self.completions, self.events)
+        result = Output(self.packets, self.completions, self.events, self.counters)
         self.packets, self.completions, self.events = [], [], []
         return result

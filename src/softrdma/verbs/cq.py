@@ -1,11 +1,18 @@
 """Completion queues (``struct ib_cq``; ``ib_poll_cq``,
 ``ib_req_notify_cq``, ``ib_destroy_cq``).
 
-``poll`` first lets the simulated hardware make progress until a
-completion is there or nothing more can happen (see the README's progress
-model), so ``post_send`` followed by a ``poll`` loop works as it does
-against hardware. A completion arriving at a full CQ overflows it: the
-completion is lost and ``IB_EVENT_CQ_ERR`` is raised, as rxe does.
+On an empty CQ, ``poll`` first lets hardware that runs only when driven
+(simulated time) make progress until a completion is there or nothing more
+can happen; hardware on its own progress thread (real time) is not waited
+for: ``poll`` returns what is there, and :meth:`CompletionQueue.wait`
+blocks (with a timeout) until something is. So ``post_send`` followed by a
+``poll`` loop works as it does against hardware. A completion arriving at
+a full CQ overflows it: the completion is lost and ``IB_EVENT_CQ_ERR`` is
+raised, as rxe does.
+
+:class:`CompChannel` is the completion channel (``ibv_comp_channel``): a
+CQ created with it as ``comp_handler`` queues an event each time it fires,
+and a thread sleeps in :meth:`CompChannel.get_cq_event` until one comes.
 """
 
 from __future__ import annotations
@@ -54,12 +61,23 @@ class CompletionQueue:
         """``ib_poll_cq``: up to ``num_entries`` completions, oldest first."""
         if num_entries <= 0:
             raise VerbsError(errno.EINVAL, "num_entries must be positive")
-        if not self._entries:
-            self.device.ops_progress(lambda: bool(self._entries))
-        out: list[WorkCompletion] = []
-        while self._entries and len(out) < num_entries:
-            out.append(self._entries.popleft())
+        entries = self._entries
+        with self.device.lock:
+            if not entries:
+                self.device.ops_progress(lambda: bool(entries))
+            out: list[WorkCompletion] = []
+            while entries and len(out) < num_entries:
+                out.append(entries.popleft())
         return out
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the CQ holds a completion or ``timeout`` seconds pass
+        (simulated seconds on simulated time; None: no limit on real time,
+        the progress budget on simulated time). Returns whether one is
+        there; :meth:`poll` then takes it."""
+        entries = self._entries
+        with self.device.lock:
+            return bool(entries) or self.device.ops_wait(lambda: bool(entries), timeout)
 
     def req_notify(self, solicited_only: bool = False) -> None:
         """``ib_req_notify_cq``: call ``comp_handler`` at the next completion
@@ -68,7 +86,11 @@ class CompletionQueue:
         self._solicited_only = solicited_only
 
     def push(self, wc: WorkCompletion, solicited: bool = False) -> None:
-        """The driver posts a completion (``rxe_cq_post``)."""
+        """The driver posts a completion (``rxe_cq_post``), holding the
+        device lock; threads in :meth:`wait` wake up."""
+        lock = self.device.lock
+        with lock:
+            lock.notify_all()
         if len(self._entries) >= self.cqe:
             self.overflowed = True
             from softrdma.verbs.device import IbEvent
@@ -90,8 +112,41 @@ class CompletionQueue:
 
     def destroy(self) -> None:
         """``ib_destroy_cq``: no QP may still use it."""
-        if self.usecnt:
-            raise VerbsError(errno.EBUSY, f"CQ still used by {self.usecnt} QPs")
-        if not self.destroyed:
-            self.destroyed = True
-            self.device._forget_cq(self)
+        with self.device.lock:
+            if self.usecnt:
+                raise VerbsError(errno.EBUSY, f"CQ still used by {self.usecnt} QPs")
+            if not self.destroyed:
+                self.destroyed = True
+                self.device._forget_cq(self)
+
+
+class CompChannel:
+    """A completion channel (``ibv_create_comp_channel``,
+    ``ibv_get_cq_event``, ``ibv_ack_cq_events``): pass it as a CQ's
+    ``comp_handler``; each notification of an armed CQ
+    (:meth:`CompletionQueue.req_notify`) queues one event."""
+
+    def __init__(self) -> None:
+        self._events: deque[CompletionQueue] = deque()
+        self.unacked = 0
+        """Events taken and not yet acknowledged."""
+
+    def __call__(self, cq: CompletionQueue) -> None:
+        self._events.append(cq)
+
+    def get_cq_event(self, device: IbDevice, timeout: float | None = None) -> CompletionQueue:
+        """``ibv_get_cq_event``: the CQ of the next event, waiting up to
+        ``timeout`` seconds on ``device``'s hardware. Raises
+        :class:`VerbsError` (``ETIMEDOUT``) when none came."""
+        events = self._events
+        with device.lock:
+            if not events and not device.ops_wait(lambda: bool(events), timeout):
+                raise VerbsError(errno.ETIMEDOUT, "no completion event")
+            self.unacked += 1
+            return events.popleft()
+
+    def ack_cq_events(self, n: int) -> None:
+        """``ibv_ack_cq_events``."""
+        if not 0 <= n <= self.unacked:
+            raise VerbsError(errno.EINVAL, f"acking {n} events, {self.unacked} unacked")
+        self.unacked -= n

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 IB_DEVICE_MEM_MGT_EXTENSIONS = 1 << 21
 #: ``IBK_LOCAL_DMA_LKEY``: one device-wide lkey for DMA addresses.
 IBK_LOCAL_DMA_LKEY = 1 << 0
+#: rxe.h ``RXE_MAX_HDR_LENGTH``: the headers a RoCEv2 packet may carry.
+RXE_MAX_HDR_LENGTH = 80
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,12 @@ class _Tables:
 class IbDevice(abc.ABC):
     """``struct ib_device``. ``dma_device`` is the bus device whose DMA API
     the ``ib_dma_*`` wrappers use (a virtual-backend device for CPU-copy
-    drivers, see :mod:`softrdma.verbs.dma`)."""
+    drivers, see :mod:`softrdma.verbs.dma`).
+
+    ``lock`` serialises the verbs with the driver: every verb that touches
+    state the hardware also touches (posting, modifying, polling, freeing)
+    holds it, and the driver runs its engines holding it. A driver passes
+    its scheduler's lock; the default is a lock of the device's own."""
 
     def __init__(
         self,
@@ -110,7 +118,9 @@ class IbDevice(abc.ABC):
         mac: bytes,
         netdev_mtu: int = 1500,
         local_dma_lkey: int = 0,
+        lock: threading.Condition | None = None,
     ) -> None:
+        self.lock = threading.Condition(threading.RLock()) if lock is None else lock
         self.name = name
         self.dma_device = dma_device
         self.host: Host = dma_device.host
@@ -137,10 +147,11 @@ class IbDevice(abc.ABC):
         return self.attrs
 
     def query_port(self, port_num: int = 1) -> PortAttr:
-        """``ib_query_port``: RoCE's active MTU is the largest IB MTU below
-        the netdev MTU minus the RoCEv2 headers, as rxe computes it."""
+        """``ib_query_port``: RoCE's active MTU is the largest IB MTU not
+        above the netdev MTU minus ``RXE_MAX_HDR_LENGTH`` (80 bytes), as rxe's
+        ``rxe_set_mtu`` computes it (1500 → 1024, 4200 → 4096)."""
         self._check_port(port_num)
-        active = IbMtu.from_size(self.netdev_mtu - 20 - 8 - 12 - 16 - 4)
+        active = IbMtu.from_size(self.netdev_mtu - RXE_MAX_HDR_LENGTH)
         return PortAttr(max_mtu=IbMtu.MTU_4096, active_mtu=active, gid_tbl_len=2)
 
     def query_gid(self, port_num: int = 1, index: int = 1) -> bytes:
@@ -217,9 +228,10 @@ class IbDevice(abc.ABC):
         else:
             qpn = self._next_qpn
             self._next_qpn += 1
-        qp = QueuePair(pd, init_attr, qpn)
-        self._tables.qps[qpn] = qp
-        self.ops_create_qp(qp)
+        with self.lock:
+            qp = QueuePair(pd, init_attr, qpn)
+            self._tables.qps[qpn] = qp
+            self.ops_create_qp(qp)
         return qp
 
     def qp_by_num(self, qpn: int) -> QueuePair | None:
@@ -237,26 +249,38 @@ class IbDevice(abc.ABC):
                 errno.EINVAL,
                 f"max_num_sg {max_num_sg} outside 1..{self.attrs.max_fast_reg_page_list_len}",
             )
-        if len(self.mr_table) >= self.attrs.max_mr:
-            raise VerbsError(errno.ENOMEM, "max_mr reached")
-        mr = self.mr_table.add(pd, IbMrType.MEM_REG, IbAccess(0), max_num_sg)
-        pd.usecnt += 1
+        with self.lock:
+            if len(self.mr_table) >= self.attrs.max_mr:
+                raise VerbsError(errno.ENOMEM, "max_mr reached")
+            mr = self.mr_table.add(pd, IbMrType.MEM_REG, IbAccess(0), max_num_sg)
+            pd.usecnt += 1
         return mr
 
     def get_dma_mr(self, pd: ProtectionDomain, access: IbAccess) -> MemoryRegion:
         """``ops.get_dma_mr``: an MR covering every DMA address of the device."""
         ib_check_mr_access(access)
-        return self.mr_table.add(pd, IbMrType.DMA, access)
+        with self.lock:
+            return self.mr_table.add(pd, IbMrType.DMA, access)
 
     def dereg_mr(self, mr: MemoryRegion) -> None:
         """``ib_dereg_mr``."""
-        if mr.deregistered:
-            raise VerbsError(errno.EINVAL, f"MR {mr.lkey:#x} already deregistered")
-        mr.deregistered = True
-        mr.state = MrState.INVALID
-        self.mr_table.remove(mr)
-        if mr is not mr.pd.internal_mr:
-            mr.pd.usecnt -= 1
+        with self.lock:
+            if mr.deregistered:
+                raise VerbsError(errno.EINVAL, f"MR {mr.lkey:#x} already deregistered")
+            mr.deregistered = True
+            mr.state = MrState.INVALID
+            self.mr_table.remove(mr)
+            if mr is not mr.pd.internal_mr:
+                mr.pd.usecnt -= 1
+
+    def unregister(self) -> None:
+        """``ib_unregister_device``: the driver lets go of its hardware (for a
+        RoCE device, its network link). Idempotent."""
+        with self.lock:
+            if self.unregistered:
+                return
+            self.unregistered = True
+            self.ops_unregister()
 
     def _forget_qp(self, qp: QueuePair) -> None:
         self._tables.qps.pop(qp.qp_num, None)
@@ -291,5 +315,15 @@ class IbDevice(abc.ABC):
 
     @abc.abstractmethod
     def ops_progress(self, until: Callable[[], bool]) -> None:
-        """Let the simulated hardware run until ``until()`` holds or it has
-        nothing left to do (see the README's progress model)."""
+        """A poller found nothing: let the hardware run until ``until()``
+        holds if it only runs when driven (simulated time); return at once
+        if it runs on its own (see the README's progress model)."""
+
+    @abc.abstractmethod
+    def ops_wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``until()`` holds or ``timeout`` seconds pass; return
+        ``until()``. Called holding :attr:`lock`."""
+
+    @abc.abstractmethod
+    def ops_unregister(self) -> None:
+        """Release the driver's resources at :meth:`unregister`."""

@@ -227,25 +227,27 @@ class QueuePair:
     def modify(self, attr: QpAttr, mask: int) -> None:
         """``ib_modify_qp``: validate the transition and the values, then
         apply them."""
-        self._alive()
-        mask = M(mask)
-        new = attr.qp_state if mask & M.STATE else self.state
-        if mask & M.CUR_STATE and attr.cur_qp_state != self.state:
-            raise VerbsError(
-                errno.EINVAL, f"cur_qp_state {attr.cur_qp_state.name} but QP is {self.state.name}"
-            )
-        why = ib_modify_qp_is_ok(self.state, new, self.qp_type, mask)
-        if why is not None:
-            raise VerbsError(errno.EINVAL, why)
-        self._check_values(attr, mask)
-        for m, name in _FIELDS:
-            if mask & m:
-                setattr(self.attr, name, copy.copy(getattr(attr, name)))
-        self.state = new
-        self.attr.qp_state = new
-        if new == S.RESET:
-            self.sq_outstanding = self.rq_outstanding = 0
-        self.device.ops_modify_qp(self, attr, mask)
+        with self.device.lock:
+            self._alive()
+            mask = M(mask)
+            new = attr.qp_state if mask & M.STATE else self.state
+            if mask & M.CUR_STATE and attr.cur_qp_state != self.state:
+                raise VerbsError(
+                    errno.EINVAL,
+                    f"cur_qp_state {attr.cur_qp_state.name} but QP is {self.state.name}",
+                )
+            why = ib_modify_qp_is_ok(self.state, new, self.qp_type, mask)
+            if why is not None:
+                raise VerbsError(errno.EINVAL, why)
+            self._check_values(attr, mask)
+            for m, name in _FIELDS:
+                if mask & m:
+                    setattr(self.attr, name, copy.copy(getattr(attr, name)))
+            self.state = new
+            self.attr.qp_state = new
+            if new == S.RESET:
+                self.sq_outstanding = self.rq_outstanding = 0
+            self.device.ops_modify_qp(self, attr, mask)
 
     def _check_values(self, attr: QpAttr, mask: int) -> None:
         dev = self.device
@@ -301,21 +303,24 @@ class QueuePair:
     def post_send(self, wrs: SendWR | Sequence[SendWR]) -> None:
         """``ib_post_send``: the work requests before the first bad one are
         posted; the bad one is in :class:`PostError`'s ``bad_wr``."""
-        batch = _as_list(wrs)
-        self._alive()
-        if self.state in (S.RESET, S.INIT, S.RTR):
-            raise PostError(
-                errno.EINVAL, f"post_send on a QP in {self.state.name}", batch[0] if batch else None
-            )
-        good: list[SendWR] = []
-        try:
-            for wr in batch:
-                self._check_send(wr, self.sq_outstanding + len(good))
-                good.append(wr)
-        finally:
-            if good:
-                self.sq_outstanding += len(good)
-                self.device.ops_post_send(self, good)
+        with self.device.lock:
+            batch = _as_list(wrs)
+            self._alive()
+            if self.state in (S.RESET, S.INIT, S.RTR):
+                raise PostError(
+                    errno.EINVAL,
+                    f"post_send on a QP in {self.state.name}",
+                    batch[0] if batch else None,
+                )
+            good: list[SendWR] = []
+            try:
+                for wr in batch:
+                    self._check_send(wr, self.sq_outstanding + len(good))
+                    good.append(wr)
+            finally:
+                if good:
+                    self.sq_outstanding += len(good)
+                    self.device.ops_post_send(self, good)
 
     def _check_send(self, wr: SendWR, queued: int) -> None:
         def bad(err: int, why: str) -> PostError:
@@ -356,24 +361,27 @@ class QueuePair:
 
     def post_recv(self, wrs: RecvWR | Sequence[RecvWR]) -> None:
         """``ib_post_recv``."""
-        batch = _as_list(wrs)
-        self._alive()
-        if self.state == S.RESET:
-            raise PostError(errno.EINVAL, "post_recv on a QP in RESET", batch[0] if batch else None)
-        good: list[RecvWR] = []
-        try:
-            for wr in batch:
-                if self.rq_outstanding + len(good) >= self.cap.max_recv_wr:
-                    raise PostError(
-                        errno.ENOMEM, f"receive queue full ({self.cap.max_recv_wr} WRs)", wr
-                    )
-                if len(wr.sg_list) > self.cap.max_recv_sge:
-                    raise PostError(errno.EINVAL, f"{len(wr.sg_list)} SGEs > max_recv_sge", wr)
-                good.append(wr)
-        finally:
-            if good:
-                self.rq_outstanding += len(good)
-                self.device.ops_post_recv(self, good)
+        with self.device.lock:
+            batch = _as_list(wrs)
+            self._alive()
+            if self.state == S.RESET:
+                raise PostError(
+                    errno.EINVAL, "post_recv on a QP in RESET", batch[0] if batch else None
+                )
+            good: list[RecvWR] = []
+            try:
+                for wr in batch:
+                    if self.rq_outstanding + len(good) >= self.cap.max_recv_wr:
+                        raise PostError(
+                            errno.ENOMEM, f"receive queue full ({self.cap.max_recv_wr} WRs)", wr
+                        )
+                    if len(wr.sg_list) > self.cap.max_recv_sge:
+                        raise PostError(errno.EINVAL, f"{len(wr.sg_list)} SGEs > max_recv_sge", wr)
+                    good.append(wr)
+            finally:
+                if good:
+                    self.rq_outstanding += len(good)
+                    self.device.ops_post_recv(self, good)
 
     def to_error(self, reason: str = "") -> None:
         """Move to ERR from inside the driver (a fatal error); flushes."""
@@ -382,14 +390,15 @@ class QueuePair:
 
     def destroy(self) -> None:
         """``ib_destroy_qp``."""
-        if self.destroyed:
-            return
-        self.device.ops_destroy_qp(self)
-        self.destroyed = True
-        self.device._forget_qp(self)
-        self.pd.usecnt -= 1
-        self.send_cq.usecnt -= 1
-        self.recv_cq.usecnt -= 1
+        with self.device.lock:
+            if self.destroyed:
+                return
+            self.device.ops_destroy_qp(self)
+            self.destroyed = True
+            self.device._forget_qp(self)
+            self.pd.usecnt -= 1
+            self.send_cq.usecnt -= 1
+            self.recv_cq.usecnt -= 1
 
     def _alive(self) -> None:
         if self.destroyed:

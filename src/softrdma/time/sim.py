@@ -1,11 +1,10 @@
-"""A deterministic discrete-event scheduler in simulated time.
+"""Simulated time: a deterministic discrete-event scheduler.
 
 Kernel counterparts: the timer wheel (``mod_timer`` / ``del_timer`` /
 ``timer_setup`` in ``kernel/time/timer.c``) that rxe arms for its
 retransmit and RNR-NAK timers (``rxe_qp.c``, ``rxe_comp.c``), the
 softirq/workqueue context its packet tasks run in (``rxe_task.c``), and
-``jiffies``. The API follows :mod:`asyncio`'s event loop (``call_at``,
-``call_later``, ``call_soon``, cancelable handles) without coroutines.
+``jiffies``. It implements :class:`~softrdma.time.base.Scheduler`.
 
 How time advances (the progress model)
 --------------------------------------
@@ -21,21 +20,28 @@ Cancelled events stay in the heap and are skipped when they reach the top
 (lazy deletion, as in :mod:`asyncio`); the heap is compacted when more than
 half of it is cancelled, so cancelling costs O(1) amortised.
 
-An exception raised by a callback propagates out of :meth:`EventLoop.step`
-/ :meth:`~EventLoop.run` (the event is already consumed, so the loop can be
+An exception raised by a callback propagates out of :meth:`SimLoop.step`
+/ :meth:`~SimLoop.run` (the event is already consumed, so the loop can be
 resumed); a simulation should fail loudly rather than log and go on.
+
+Who drives it: the application, from ``ib_poll_cq`` (:meth:`SimLoop.progress`
+runs events until a completion arrives, nothing is left to do, or a budget
+of :data:`PROGRESS_MAX_EVENTS` events / :data:`PROGRESS_MAX_TIME` simulated
+seconds is spent, so a QP retrying forever cannot hang the caller), or a
+test calling :meth:`~SimLoop.run` itself. Nothing runs on another thread.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Callable
 from heapq import heapify, heappop, heappush
 from typing import Any, TypeVarTuple, Unpack
 
-from softrdma.errors import SoftRdmaError
+from softrdma.time.base import EventLoopError
 
-__all__ = ["EventLoop", "EventLoopError", "TimerHandle"]
+__all__ = ["PROGRESS_MAX_EVENTS", "PROGRESS_MAX_TIME", "SimLoop", "TimerHandle"]
 
 _Ts = TypeVarTuple("_Ts")
 _INF = float("inf")
@@ -50,9 +56,11 @@ _COMPACT_MIN = 256
 """Do not bother compacting heaps with fewer cancelled entries than this."""
 
 
-class EventLoopError(SoftRdmaError, RuntimeError):
-    """Misuse of the event loop: scheduling in the past or at a non-finite
-    time, or running the loop from inside one of its own callbacks."""
+#: How long one :meth:`SimLoop.progress` lets the hardware run when nothing
+#: completes: events, and seconds of simulated time (like polling hardware,
+#: poll then returns empty).
+PROGRESS_MAX_EVENTS = 200_000
+PROGRESS_MAX_TIME = 1.0
 
 
 class TimerHandle:
@@ -62,7 +70,7 @@ class TimerHandle:
 
     __slots__ = ("_cancelled", "_entry", "_loop")
 
-    def __init__(self, loop: EventLoop, entry: _Entry) -> None:
+    def __init__(self, loop: SimLoop, entry: _Entry) -> None:
         self._loop = loop
         self._entry = entry
         self._cancelled = False
@@ -99,7 +107,7 @@ class TimerHandle:
         return f"<TimerHandle when={self.when!r} {state}>"
 
 
-class EventLoop:
+class SimLoop:
     """Discrete-event scheduler in simulated time (float seconds); see the
     module docstring for the progress model. ``start`` is the initial
     :attr:`now`.
@@ -108,11 +116,12 @@ class EventLoop:
     must not call :meth:`step`, :meth:`run` or :meth:`run_until` themselves.
     """
 
-    __slots__ = ("_heap", "_ncancelled", "_now", "_running", "_seq", "events_run")
+    __slots__ = ("_heap", "_lock", "_ncancelled", "_now", "_running", "_seq", "events_run")
 
     def __init__(self, start: float = 0.0) -> None:
         if not -_INF < start < _INF:
             raise EventLoopError(f"start time {start!r} is not finite")
+        self._lock = threading.Condition(threading.RLock())
         self._now = float(start)
         self._heap: list[_Entry] = []
         self._seq = 0
@@ -131,6 +140,18 @@ class EventLoop:
     def time(self) -> float:
         """:attr:`now`, under :mod:`asyncio`'s name (``loop.time()``)."""
         return self._now
+
+    @property
+    def simulated(self) -> bool:
+        """Always True: time moves only when the loop runs."""
+        return True
+
+    @property
+    def lock(self) -> threading.Condition:
+        """The scheduler lock (see :mod:`softrdma.time.base`). Everything
+        runs on the caller's thread here, so it is only ever contended by
+        applications that share a simulation between threads."""
+        return self._lock
 
     # --- scheduling -----------------------------------------------------------------
 
@@ -221,7 +242,12 @@ class EventLoop:
             raise EventLoopError(
                 "the event loop is already running: a callback cannot run the loop itself"
             )
+        self._lock.acquire()  # callbacks run holding the scheduler lock
         self._running = True
+
+    def _leave(self) -> None:
+        self._running = False
+        self._lock.release()
 
     def _drain(
         self, limit: float, budget: int, predicate: Callable[[], object] | None
@@ -258,7 +284,7 @@ class EventLoop:
         try:
             return self._drain(_INF, 1, None)[0] == 1
         finally:
-            self._running = False
+            self._leave()
 
     def run(self, until: float | None = None, max_events: int | None = None) -> int:
         """Run events in time order and return how many ran.
@@ -279,7 +305,7 @@ class EventLoop:
                 self._now = until
             return n
         finally:
-            self._running = False
+            self._leave()
 
     def run_until(
         self,
@@ -312,7 +338,31 @@ class EventLoop:
                 self._now = deadline
             return False
         finally:
-            self._running = False
+            self._leave()
+
+    # --- the Scheduler API for pollers ------------------------------------------------
+
+    def progress(self, until: Callable[[], bool]) -> None:
+        """Run events until ``until()`` holds, nothing is pending, or the
+        budget (:data:`PROGRESS_MAX_EVENTS`, :data:`PROGRESS_MAX_TIME`) is
+        spent. Does nothing when called from inside a callback (the loop is
+        already running)."""
+        if not self._running:
+            self.run_until(until, timeout=PROGRESS_MAX_TIME, max_events=PROGRESS_MAX_EVENTS)
+
+    def wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        """Run events until ``until()`` holds, for at most ``timeout``
+        simulated seconds (:data:`PROGRESS_MAX_TIME` if None) and
+        :data:`PROGRESS_MAX_EVENTS` events; return ``until()``."""
+        if self._running:
+            return bool(until())
+        limit = PROGRESS_MAX_TIME if timeout is None else timeout
+        return self.run_until(until, timeout=limit, max_events=PROGRESS_MAX_EVENTS)
+
+    def close(self) -> None:
+        """Drop every pending event."""
+        self._heap.clear()
+        self._ncancelled = 0
 
     def __repr__(self) -> str:
-        return f"<EventLoop now={self._now!r} pending={self.pending}>"
+        return f"<SimLoop now={self._now!r} pending={self.pending}>"

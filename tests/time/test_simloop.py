@@ -1,4 +1,4 @@
-"""softrdma.devices.eventloop: the discrete-event scheduler in simulated time."""
+"""softrdma.time.sim: the discrete-event scheduler in simulated time."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from softrdma.devices.eventloop import EventLoop, EventLoopError, TimerHandle
+from softrdma.time import EventLoopError, SimLoop, TimerHandle
 
 
 def test_events_run_in_time_order_and_advance_now() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     seen: list[tuple[str, float]] = []
 
     def record(name: str) -> None:
@@ -27,7 +27,7 @@ def test_events_run_in_time_order_and_advance_now() -> None:
 
 
 def test_equal_times_run_fifo_and_call_soon_goes_last() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     seen: list[int] = []
 
     def first() -> None:
@@ -43,7 +43,7 @@ def test_equal_times_run_fifo_and_call_soon_goes_last() -> None:
 
 
 def test_call_later_is_relative_to_now() -> None:
-    loop = EventLoop(start=10.0)
+    loop = SimLoop(start=10.0)
     times: list[float] = []
     loop.call_later(0.5, lambda: loop.call_later(0.25, lambda: times.append(loop.now)))
     loop.run()
@@ -52,7 +52,7 @@ def test_call_later_is_relative_to_now() -> None:
 
 
 def test_cancel() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     seen: list[str] = []
     h1 = loop.call_at(1.0, seen.append, "a")
     h2 = loop.call_at(2.0, seen.append, "b")
@@ -74,7 +74,7 @@ def test_cancel() -> None:
 
 def test_cancel_from_a_callback_and_rearm() -> None:
     """A retransmit timer re-armed on every ACK (``mod_timer``) fires once."""
-    loop = EventLoop()
+    loop = SimLoop()
     fired: list[float] = []
     timer: list[TimerHandle] = []
 
@@ -90,7 +90,7 @@ def test_cancel_from_a_callback_and_rearm() -> None:
 
 
 def test_cancelled_entries_are_compacted_lazily() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     handles = [loop.call_at(float(i), lambda: None) for i in range(10_000)]
     for h in handles[:9_000]:
         h.cancel()
@@ -104,7 +104,7 @@ def test_cancelled_entries_are_compacted_lazily() -> None:
 
 def test_time_jumps_to_the_next_timer() -> None:
     """Nothing pending but a 67 ms retransmit timer: it runs next, at once."""
-    loop = EventLoop()
+    loop = SimLoop()
     fired: list[float] = []
     loop.call_later(0.067, lambda: fired.append(loop.now))
     for i in range(3):
@@ -114,7 +114,7 @@ def test_time_jumps_to_the_next_timer() -> None:
 
 
 def test_step() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     assert not loop.step()
     loop.call_at(2.0, lambda: None)
     loop.call_at(1.0, lambda: None)
@@ -125,7 +125,7 @@ def test_step() -> None:
 
 
 def test_run_until_time() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     seen: list[float] = []
     for t in (1.0, 2.0, 2.0, 3.0):
         loop.call_at(t, lambda: seen.append(loop.now))
@@ -138,7 +138,7 @@ def test_run_until_time() -> None:
 
 
 def test_run_max_events() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     for t in range(10):
         loop.call_at(float(t), lambda: None)
     assert loop.run(max_events=4) == 4 and loop.now == 3.0
@@ -147,7 +147,7 @@ def test_run_max_events() -> None:
 
 
 def test_run_until_predicate() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     box: list[int] = []
     for i in range(10):
         loop.call_at(float(i), box.append, i)
@@ -166,7 +166,7 @@ def test_run_until_predicate() -> None:
 
 
 def test_run_until_timeout_includes_events_at_the_deadline() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     done: list[bool] = []
     loop.call_at(1.0, done.append, True)
     assert loop.run_until(lambda: bool(done), timeout=1.0)
@@ -174,7 +174,7 @@ def test_run_until_timeout_includes_events_at_the_deadline() -> None:
 
 
 def test_bad_times_are_rejected() -> None:
-    loop = EventLoop(start=5.0)
+    loop = SimLoop(start=5.0)
     for when in (4.999, math.nan, math.inf, -math.inf):
         with pytest.raises(EventLoopError):
             loop.call_at(when, lambda: None)
@@ -186,12 +186,12 @@ def test_bad_times_are_rejected() -> None:
     with pytest.raises(EventLoopError):
         loop.run_until(lambda: True, timeout=-1.0)
     with pytest.raises(EventLoopError):
-        EventLoop(start=math.nan)
+        SimLoop(start=math.nan)
     assert loop.idle
 
 
 def test_not_reentrant() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     errors: list[Exception] = []
 
     def nested() -> None:
@@ -209,7 +209,7 @@ def test_not_reentrant() -> None:
 
 
 def test_callback_exception_propagates_and_loop_resumes() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     seen: list[int] = []
 
     def boom() -> None:
@@ -225,7 +225,7 @@ def test_callback_exception_propagates_and_loop_resumes() -> None:
 
 
 def test_post_at_has_no_handle_but_runs_in_order() -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     seen: list[int] = []
     loop.post_at(1.0, seen.append, 2)
     loop.call_at(0.5, seen.append, 1)
@@ -251,7 +251,7 @@ _action: st.SearchStrategy[Spec] = st.recursive(
 
 @given(st.lists(_action, max_size=30), st.sampled_from(["run", "step", "until"]))
 def test_property_order(actions: list[Spec], how: str) -> None:
-    loop = EventLoop()
+    loop = SimLoop()
     scheduled: list[tuple[float, int, bool]] = []  # (when, seq, cancelled) in scheduling order
     ran: list[tuple[float, int]] = []
 
