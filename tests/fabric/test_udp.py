@@ -339,3 +339,25 @@ def test_icrc_modes_interoperate(raw: bool) -> None:
         assert a.dev.link.icrc_mode == "raw" and b.dev.link.icrc_mode == "solve"  # type: ignore[attr-defined]
         a.dev.unregister()
         b.dev.unregister()
+
+
+def test_completion_channel_sleeps_until_an_event(udp_pair: UdpPair) -> None:
+    """``ibv_get_cq_event`` on a CompChannel: a thread sleeps until the armed
+    CQ gets a completion from the progress thread, and times out otherwise."""
+    from softrdma.verbs.cq import CompChannel
+    from softrdma.verbs.errors import VerbsError
+
+    a, b = udp_pair.a, udp_pair.b
+    channel = CompChannel()
+    b.cq.comp_handler = channel
+    b.cq.req_notify()
+    with pytest.raises(VerbsError, match="no completion event"):
+        channel.get_cq_event(b.dev, timeout=0.1)
+    src, dst = Buffer(a.dev, 64), Buffer(b.dev, 64)
+    b.qp.post_recv(RecvWR(7, (dst.sge(b.pd.local_dma_lkey),)))
+    a.qp.post_send(SendWR(8, IbWrOpcode.SEND, (src.sge(a.pd.local_dma_lkey),)))
+    assert channel.get_cq_event(b.dev, timeout=10.0) is b.cq
+    channel.ack_cq_events(1)
+    assert channel.unacked == 0
+    (wc,) = b.cq.poll(1)
+    assert wc.wr_id == 7 and wc.status == IbWcStatus.SUCCESS
