@@ -27,9 +27,9 @@ import socket
 import time
 from multiprocessing.connection import Connection
 
-from softrdma.devices.rxe import SoftRoce
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL
+from softrdma.drivers.rxe import SoftRoce
 from softrdma.fabric.udp import UdpNetwork
 from softrdma.memory.host import Host, MiB
 from softrdma.verbs.dma import ib_dma_map_single

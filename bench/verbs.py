@@ -19,11 +19,11 @@ import socket
 import time
 from dataclasses import dataclass
 
-from softrdma.devices.hca import HwHca
-from softrdma.devices.rdma_device import RdmaDevice
-from softrdma.devices.rxe import SoftRoce
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL
+from softrdma.drivers.hca import HwHca
+from softrdma.drivers.roce import RoceDevice
+from softrdma.drivers.rxe import SoftRoce
 from softrdma.fabric.inproc import Fabric
 from softrdma.memory.host import Host, MiB
 from softrdma.verbs.cq import CompletionQueue
@@ -39,7 +39,7 @@ DEPTH = 128
 
 @dataclass
 class End:
-    dev: RdmaDevice
+    dev: RoceDevice
     qp: QueuePair
     cq: CompletionQueue
     lkey: int
@@ -50,7 +50,7 @@ class End:
 def make_end(kind: str, fabric: Fabric, ip: str) -> End:
     host = Host(256 * MiB, name=ip)
     if kind == "cpu":
-        dev: RdmaDevice = SoftRoce(Platform(host, swiotlb_size=None), fabric, ip, netdev_mtu=9000)
+        dev: RoceDevice = SoftRoce(Platform(host, swiotlb_size=None), fabric, ip, netdev_mtu=9000)
     else:
         dev = HwHca(Platform(host, iommu=True), fabric, ip, netdev_mtu=9000)
     pd = dev.alloc_pd(IbPdFlags.UNSAFE_GLOBAL_RKEY)

@@ -3,7 +3,7 @@ RDMA verbs, the InfiniBand transport and RoCEv2 — as ordinary Python objects.
 
 Layers are sub-packages; each imports only the ones below it::
 
-    memory -> dma -> verbs -> transport -> devices -> fabric -> ulp -> cli
+    memory, time -> dma -> verbs -> transport -> fabric -> drivers -> ulp -> cli
 """
 
 __version__ = "0.1.0"

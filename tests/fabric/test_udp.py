@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from softrdma.devices.rdma_device import RdmaDevice
+from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.pcap import read_pcap
 from softrdma.fabric.udp import LinkError, UdpNetwork, have_cap_net_raw
 from softrdma.transport.headers import Reth
@@ -259,7 +259,7 @@ def test_port_already_taken_names_the_owner() -> None:
 
 
 def test_gid_and_mtu_follow_the_interface(udp_pair: UdpPair) -> None:
-    dev: RdmaDevice = udp_pair.a.dev
+    dev: RoceDevice = udp_pair.a.dev
     assert dev.query_gid(1, 1) == bytes(10) + b"\xff\xff" + socket.inet_aton(udp_pair.ips[0])
     assert dev.link.mtu == 65536  # lo
     assert dev.query_port().active_mtu.size == 4096

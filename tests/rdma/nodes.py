@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from softrdma.devices.hca import HwHca
-from softrdma.devices.rdma_device import RdmaDevice
-from softrdma.devices.rxe import SoftRoce
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend, DmaDirection
+from softrdma.drivers.hca import HwHca
+from softrdma.drivers.roce import RoceDevice
+from softrdma.drivers.rxe import SoftRoce
 from softrdma.fabric.inproc import Fabric
 from softrdma.fabric.link import Network
 from softrdma.memory.host import Host, MiB
@@ -47,7 +47,7 @@ def make_device(
     debug: bool = True,
     mem: int = 64 * MiB,
     netdev_mtu: int | None = 4200,
-) -> RdmaDevice:
+) -> RoceDevice:
     host = Host(mem, dma32_limit=16 * MiB, lowmem_limit=mem * 3 // 4, name=f"host-{ip}")
     if kind == "cpu":
         return SoftRoce(Platform(host, dma_debug=debug), fabric, ip, netdev_mtu=netdev_mtu)
@@ -71,7 +71,7 @@ class Buffer:
     — the way kernel consumers hand memory to RDMA (one code path for
     every device kind)."""
 
-    dev: RdmaDevice
+    dev: RoceDevice
     size: int
     direction: DmaDirection = DMA_BIDIRECTIONAL
     kva: int = field(init=False)
@@ -108,7 +108,7 @@ class Buffer:
 
 @dataclass
 class Node:
-    dev: RdmaDevice
+    dev: RoceDevice
     pd: ProtectionDomain
     cq: CompletionQueue
     qp: QueuePair
@@ -138,7 +138,7 @@ class Node:
 
 
 def make_node(
-    dev: RdmaDevice, *, cqe: int = 256, cap: QpCap | None = None, pd_flags: int = 0
+    dev: RoceDevice, *, cqe: int = 256, cap: QpCap | None = None, pd_flags: int = 0
 ) -> Node:
     pd = dev.alloc_pd(pd_flags)
     cq = dev.create_cq(cqe)

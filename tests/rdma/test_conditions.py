@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from softrdma.devices.rdma_device import RdmaDevice
+from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.inproc import Fabric
 from softrdma.verbs.ah import AhAttr, create_ah
 from softrdma.verbs.enums import (
@@ -98,7 +98,7 @@ def test_sqd_drains_and_notifies() -> None:
     a.wait_ok()
 
 
-def ud_node(dev: RdmaDevice, qkey: int) -> Node:
+def ud_node(dev: RoceDevice, qkey: int) -> Node:
     pd = dev.alloc_pd()
     cq = dev.create_cq(16)
     qp = dev.create_qp(pd, QpInitAttr(IbQpType.UD, cq, cq))

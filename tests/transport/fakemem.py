@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from softrdma.memory.layout import BytesLike
 from softrdma.transport.headers import NakCode
-from softrdma.transport.memport import LocalAccessError, RemoteAccessError
+from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.verbs.enums import IbAccess, IbWcStatus
 from softrdma.verbs.wr import RegWR, Sge
 

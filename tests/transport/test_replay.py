@@ -84,7 +84,7 @@ from pathlib import Path
 
 import pytest
 
-from softrdma.devices.rdma_device import RdmaDevice
+from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.pcap import LINKTYPE_ETHERNET, PcapReader
 from softrdma.transport.opcodes import Opcode, opcode_info
 from softrdma.transport.packet import Packet
@@ -480,7 +480,7 @@ class Replay:
     recv_wcs: list[WorkCompletion]
 
     @property
-    def dev(self) -> RdmaDevice:
+    def dev(self) -> RoceDevice:
         return self.node.dev
 
     @property

@@ -27,7 +27,7 @@ from softrdma.verbs.enums import (
     IbWrOpcode,
 )
 from softrdma.verbs.errors import PostError, VerbsError
-from softrdma.verbs.mr import KeyError_, MrState, ib_inc_rkey
+from softrdma.verbs.mr import MrKeyError, MrState, ib_inc_rkey
 from softrdma.verbs.qp import QpAttr, QpCap, QpInitAttr, QueuePair, connect_qp, ib_modify_qp_is_ok
 from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, RegWR, SendWR, Sge, UdWR
 from tests.conftest import make_host
@@ -138,9 +138,9 @@ def test_fast_registration_rules() -> None:
     mr = dev.alloc_mr(pd, 4)
     table = dev.mr_table
     assert mr.state == MrState.FREE
-    with pytest.raises(KeyError_, match="more than the key byte"):
+    with pytest.raises(MrKeyError, match="more than the key byte"):
         table.reg_fast_mr(pd, mr, mr.lkey + 0x100, IbAccess.LOCAL_WRITE)
-    with pytest.raises(KeyError_, match="another PD"):
+    with pytest.raises(MrKeyError, match="another PD"):
         table.reg_fast_mr(other, mr, mr.lkey, IbAccess.LOCAL_WRITE)
     with pytest.raises(VerbsError, match="need LOCAL_WRITE"):
         table.reg_fast_mr(pd, mr, mr.lkey, IbAccess.REMOTE_WRITE)
@@ -153,12 +153,12 @@ def test_fast_registration_rules() -> None:
         (key, other, 0, "another PD"),
         (key, pd, IbAccess.REMOTE_WRITE, "lacks"),
     ):
-        with pytest.raises(KeyError_, match=msg):
+        with pytest.raises(MrKeyError, match=msg):
             table.lookup(bad_key, bad_pd, access, remote=True)
-    with pytest.raises(KeyError_, match="state valid"):
+    with pytest.raises(MrKeyError, match="state valid"):
         table.reg_fast_mr(pd, mr, key, IbAccess.LOCAL_WRITE)
     table.invalidate(pd, key, remote=True)
-    with pytest.raises(KeyError_, match="free"):
+    with pytest.raises(MrKeyError, match="free"):
         table.lookup(key, pd, IbAccess.REMOTE_READ, remote=True)
 
 

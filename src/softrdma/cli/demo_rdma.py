@@ -15,11 +15,11 @@ import struct
 from dataclasses import dataclass
 from typing import TextIO
 
-from softrdma.devices.hca import HwHca
-from softrdma.devices.rdma_device import RdmaDevice
-from softrdma.devices.rxe import SoftRoce
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend
+from softrdma.drivers.hca import HwHca
+from softrdma.drivers.roce import RoceDevice
+from softrdma.drivers.rxe import SoftRoce
 from softrdma.fabric.inproc import Fabric
 from softrdma.memory.host import Host, MiB
 from softrdma.verbs.cq import CompletionQueue
@@ -39,7 +39,7 @@ DESC = struct.Struct(">QII")  # va, rkey, length — the shape of srp_direct_buf
 
 @dataclass
 class End:
-    dev: RdmaDevice
+    dev: RoceDevice
     pd: ProtectionDomain
     cq: CompletionQueue
     qp: QueuePair
@@ -61,7 +61,7 @@ class End:
                 return wcs[0]
 
 
-def end(dev: RdmaDevice) -> End:
+def end(dev: RoceDevice) -> End:
     pd = dev.alloc_pd(IbPdFlags.UNSAFE_GLOBAL_RKEY)
     cq = dev.create_cq(64)
     return End(dev, pd, cq, dev.create_qp(pd, QpInitAttr(IbQpType.RC, cq, cq)))
@@ -72,7 +72,7 @@ def link(a: End, b: End) -> None:
     connect_qp(b.qp, dest_qp_num=a.qp.qp_num, dgid=a.dev.query_gid(), timeout=8)
 
 
-def _describe(dev: RdmaDevice, kva: int, dma: int) -> str:
+def _describe(dev: RoceDevice, kva: int, dma: int) -> str:
     if ib_uses_virt_dma(dev):
         return f"dma {dma:#x} = the kernel virtual address (virtual DMA)"
     backend = dev.dma_device.backend

@@ -9,7 +9,7 @@ import sys
 from typing import TextIO
 
 from softrdma.cli.netdev import DEVICES, add_device_options, local_address, open_device, parse_int
-from softrdma.devices.rdma_device import RdmaDevice
+from softrdma.drivers.roce import RoceDevice
 from softrdma.errors import SoftRdmaError
 from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IbDevice
 
@@ -38,7 +38,7 @@ def _guid(dev: IbDevice) -> str:
     return ":".join(eui[i : i + 2].hex() for i in range(0, 8, 2))
 
 
-def print_device(dev: RdmaDevice, out: TextIO, *, verbose: bool = False, port: int = 0) -> None:
+def print_device(dev: RoceDevice, out: TextIO, *, verbose: bool = False, port: int = 0) -> None:
     """Print ``dev`` as ``ibv_devinfo`` does (``print_hca_cap``)."""
     a = dev.query_device()
     w = out.write

@@ -19,10 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 
-from softrdma.devices.hca import HwHca
-from softrdma.devices.rdma_device import RdmaDevice
-from softrdma.devices.rxe import SoftRoce
 from softrdma.dma.platform import Platform
+from softrdma.drivers.hca import HwHca
+from softrdma.drivers.roce import RoceDevice
+from softrdma.drivers.rxe import SoftRoce
 from softrdma.fabric.netif import route_source
 from softrdma.fabric.udp import UdpNetwork
 from softrdma.memory.host import Host, MiB
@@ -76,7 +76,7 @@ def add_device_options(parser: argparse.ArgumentParser) -> None:
 class OpenDevice:
     """A device and the network it is on; :meth:`close` releases both."""
 
-    device: RdmaDevice
+    device: RoceDevice
     network: UdpNetwork
 
     def close(self) -> None:
@@ -101,16 +101,16 @@ def open_device(
     """Open the device named by ``-d`` on ``ip``. Raises
     :class:`~softrdma.fabric.udp.LinkError` (address not on this host,
     port taken) or :class:`KeyError` (no such device)."""
-    make: Callable[[UdpNetwork], RdmaDevice]
+    make: Callable[[UdpNetwork], RoceDevice]
     host = Host(HOST_MEMORY, name=f"host-{ip}")
     if args.ib_dev == "rxe0":
 
-        def make(net: UdpNetwork) -> RdmaDevice:
+        def make(net: UdpNetwork) -> RoceDevice:
             return SoftRoce(Platform(host), net, ip, name="rxe0", netdev_mtu=netdev_mtu)
 
     elif args.ib_dev == "hca0":
 
-        def make(net: UdpNetwork) -> RdmaDevice:
+        def make(net: UdpNetwork) -> RoceDevice:
             return HwHca(Platform(host, iommu=True), net, ip, name="hca0", netdev_mtu=netdev_mtu)
 
     else:

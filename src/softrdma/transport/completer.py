@@ -55,7 +55,7 @@ import enum
 from typing import TYPE_CHECKING, Final
 
 from softrdma.transport.headers import RNR_NAK_USEC, AethType, NakCode
-from softrdma.transport.memport import LocalAccessError
+from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode as _Op
 from softrdma.transport.opcodes import OpcodeInfo
 from softrdma.transport.packet import Packet

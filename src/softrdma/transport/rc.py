@@ -20,7 +20,7 @@ A device drives one :class:`RcTransport` per RC QP::
     rc.flush()                         # on ERR: everything left, WR_FLUSH_ERR
 
 Nothing here sleeps, reads a clock or touches memory other than through
-the :class:`~softrdma.transport.memport.MemoryPort`: the same inputs give
+the :class:`~softrdma.transport.memory_port.MemoryPort`: the same inputs give
 the same outputs.
 
 How verbs QP states map to the engines' states::
@@ -39,7 +39,7 @@ from __future__ import annotations
 from collections import Counter
 
 from softrdma.transport.completer import Completer, send_wc
-from softrdma.transport.memport import MemoryPort
+from softrdma.transport.memory_port import MemoryPort
 from softrdma.transport.opcodes import OPCODE_TABLE, Transport
 from softrdma.transport.packet import Packet
 from softrdma.transport.params import QpParams

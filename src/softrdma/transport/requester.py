@@ -43,7 +43,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from softrdma.transport.headers import AtomicEth, Ieth, ImmDt, Reth
-from softrdma.transport.memport import LocalAccessError, MemoryPort
+from softrdma.transport.memory_port import LocalAccessError, MemoryPort
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
 from softrdma.transport.params import QpParams

@@ -69,7 +69,7 @@ from softrdma.transport.headers import (
     NakCode,
     aeth_syndrome,
 )
-from softrdma.transport.memport import LocalAccessError, MemoryPort, RemoteAccessError
+from softrdma.transport.memory_port import LocalAccessError, MemoryPort, RemoteAccessError
 from softrdma.transport.opcodes import Opcode as _Op
 from softrdma.transport.opcodes import OpcodeInfo
 from softrdma.transport.packet import Packet

@@ -34,7 +34,7 @@ import struct
 from collections import Counter, deque
 
 from softrdma.transport.headers import GSI_QKEY, Deth, ImmDt
-from softrdma.transport.memport import LocalAccessError, MemoryPort
+from softrdma.transport.memory_port import LocalAccessError, MemoryPort
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
 from softrdma.transport.params import QpParams

@@ -3,7 +3,7 @@
 ``ib_create_cq``, ``ib_create_qp``, ``ib_alloc_mr``, ``ib_query_*``,
 ``ib_register_event_handler``).
 
-Device drivers (``softrdma.devices``) subclass :class:`IbDevice` and
+Device drivers (``softrdma.drivers``) subclass :class:`IbDevice` and
 implement its ``ops_*`` hooks (the ``ib_device_ops`` of a driver); the
 verbs objects validate their arguments and call them.
 """

@@ -42,7 +42,7 @@ class MrState(enum.Enum):
     VALID = "valid"
 
 
-class KeyError_(VerbsError):
+class MrKeyError(VerbsError):
     """A key lookup or check failed (the reason is in the message)."""
 
     def __init__(self, why: str) -> None:
@@ -220,15 +220,15 @@ class MrTable:
         mr = self._mrs.get(key >> 8)
         kind = "rkey" if remote else "lkey"
         if mr is None or (mr.rkey if remote else mr.lkey) != key:
-            raise KeyError_(f"{kind} {key:#x} names no MR")
+            raise MrKeyError(f"{kind} {key:#x} names no MR")
         # Plain ints here: IntFlag arithmetic costs on every packet.
         if mr.pd is not pd:
-            raise KeyError_(f"{kind} {key:#x} belongs to another PD")
+            raise MrKeyError(f"{kind} {key:#x} belongs to another PD")
         if int(access) & ~int(mr.access):
             missing = IbAccess(int(access) & ~int(mr.access))
-            raise KeyError_(f"{kind} {key:#x} lacks {missing!r}")
+            raise MrKeyError(f"{kind} {key:#x} lacks {missing!r}")
         if mr.state != MrState.VALID:
-            raise KeyError_(f"{kind} {key:#x} is {mr.state.value}")
+            raise MrKeyError(f"{kind} {key:#x} is {mr.state.value}")
         return mr
 
     def reg_fast_mr(
@@ -236,15 +236,15 @@ class MrTable:
     ) -> None:
         """``rxe_reg_fast_mr`` (IB_WR_REG_MR)."""
         if mr is None or mr.deregistered or self._mrs.get(mr.index) is not mr:
-            raise KeyError_("REG_MR of an MR that does not exist")
+            raise MrKeyError("REG_MR of an MR that does not exist")
         if mr.type != IbMrType.MEM_REG:
-            raise KeyError_("REG_MR needs a fast-registration MR")
+            raise MrKeyError("REG_MR needs a fast-registration MR")
         if mr.state != MrState.FREE:
-            raise KeyError_(f"REG_MR of MR {mr.rkey:#x} in state {mr.state.value}")
+            raise MrKeyError(f"REG_MR of MR {mr.rkey:#x} in state {mr.state.value}")
         if mr.pd is not pd:
-            raise KeyError_("REG_MR of an MR of another PD")
+            raise MrKeyError("REG_MR of an MR of another PD")
         if (key ^ mr.lkey) & ~0xFF:
-            raise KeyError_(f"REG_MR key {key:#x} changes more than the key byte of {mr.lkey:#x}")
+            raise MrKeyError(f"REG_MR key {key:#x} changes more than the key byte of {mr.lkey:#x}")
         ib_check_mr_access(access)
         mr.access = access
         mr.lkey = mr.rkey = key
@@ -254,12 +254,12 @@ class MrTable:
         """``rxe_invalidate_mr``: LOCAL_INV or SEND_WITH_INVALIDATE."""
         mr = self._mrs.get(key >> 8)
         if mr is None or key not in (mr.rkey, mr.lkey):
-            raise KeyError_(f"invalidate of key {key:#x}, which names no MR")
+            raise MrKeyError(f"invalidate of key {key:#x}, which names no MR")
         if remote and mr.rkey != key:
-            raise KeyError_(f"remote invalidate with lkey {key:#x}")
+            raise MrKeyError(f"remote invalidate with lkey {key:#x}")
         if mr.pd is not pd:
-            raise KeyError_(f"invalidate of key {key:#x} from another PD")
+            raise MrKeyError(f"invalidate of key {key:#x} from another PD")
         if mr.type != IbMrType.MEM_REG:
-            raise KeyError_(f"key {key:#x} is not a fast-registration MR")
+            raise MrKeyError(f"key {key:#x} is not a fast-registration MR")
         mr.state = MrState.FREE
         return mr

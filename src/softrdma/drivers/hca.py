@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from softrdma.devices.rdma_device import RdmaDevice
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIT_MASK, DmaBackend
+from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.link import Network
 from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IBK_LOCAL_DMA_LKEY, DeviceAttr
 
@@ -25,7 +25,7 @@ from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IBK_LOCAL_DMA_LK
 HCA_RESERVED_LKEY = 0x100
 
 
-class HwHca(RdmaDevice):
+class HwHca(RoceDevice):
     """A hardware HCA on ``platform``: its DMA backend is the platform's
     default (IOMMU if it has one) unless ``backend`` says otherwise."""
 

@@ -1,4 +1,4 @@
-"""A QP's path to memory: :class:`~softrdma.transport.memport.MemoryPort`
+"""A QP's path to memory: :class:`~softrdma.transport.memory_port.MemoryPort`
 implemented with the device's MR table and its bus device's DMA.
 
 Every byte the transport moves goes through ``dma_device.dma_read`` /
@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, TypeVar
 from softrdma.dma.errors import DmaAccessError
 from softrdma.memory.layout import BytesLike
 from softrdma.transport.headers import NakCode
-from softrdma.transport.memport import LocalAccessError, RemoteAccessError
+from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.verbs.device import IBK_LOCAL_DMA_LKEY
 from softrdma.verbs.enums import IbAccess, IbWcStatus
-from softrdma.verbs.mr import KeyError_
+from softrdma.verbs.mr import MrKeyError
 from softrdma.verbs.wr import RegWR, Sge
 
 if TYPE_CHECKING:
@@ -83,7 +83,7 @@ class QpMemory:
             else:
                 try:
                     mr = self.mrs.lookup(sge.lkey, self.pd, access, remote=False)
-                except KeyError_ as e:
+                except MrKeyError as e:
                     raise LocalAccessError(IbWcStatus.LOC_PROT_ERR, str(e)) from e
                 if not mr.check_range(addr, take):
                     raise LocalAccessError(
@@ -101,7 +101,7 @@ class QpMemory:
     ) -> list[tuple[int, int]]:
         try:
             mr = self.mrs.lookup(rkey, self.pd, access, remote=True)
-        except KeyError_ as e:
+        except MrKeyError as e:
             raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, str(e)) from e
         if not mr.check_range(va, length):
             raise RemoteAccessError(
@@ -149,14 +149,14 @@ class QpMemory:
         """``rxe_reg_fast_mr``."""
         try:
             self.mrs.reg_fast_mr(self.pd, wr.mr, wr.key, wr.access)
-        except KeyError_ as e:
+        except MrKeyError as e:
             raise LocalAccessError(IbWcStatus.LOC_QP_OP_ERR, str(e)) from e
 
     def local_invalidate(self, key: int) -> None:
         """``rxe_invalidate_mr`` for IB_WR_LOCAL_INV."""
         try:
             self.mrs.invalidate(self.pd, key, remote=False)
-        except KeyError_ as e:
+        except MrKeyError as e:
             raise LocalAccessError(IbWcStatus.LOC_QP_OP_ERR, str(e)) from e
 
     # -- MemoryPort: remote -------------------------------------------------------------
@@ -204,7 +204,7 @@ class QpMemory:
         """``invalidate_rkey`` for SEND_WITH_INVALIDATE."""
         try:
             self.mrs.invalidate(self.pd, rkey, remote=True)
-        except KeyError_ as e:
+        except MrKeyError as e:
             raise RemoteAccessError(NakCode.REMOTE_OP_ERR, str(e)) from e
 
     @staticmethod

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 from ipaddress import IPv4Address
 
-from softrdma.devices.rdma_device import RdmaDevice
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DmaBackend
+from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.link import Network
 from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, DeviceAttr
 
 
-class SoftRoce(RdmaDevice):
+class SoftRoce(RoceDevice):
     """An rxe-like device on ``platform``'s host."""
 
     def __init__(

@@ -6,7 +6,7 @@ into CQ entries and asynchronous events.
 Kernel counterparts: ``rxe_verbs.c`` (the ``ib_device_ops``), ``rxe_net.c``
 (``rxe_send`` → the link), ``rxe_recv.c`` (``rxe_rcv``: header checks and
 dispatch to the QP), ``rxe_task.c`` (when the engines run),
-``rxe_hw_counters.c`` (:attr:`RdmaDevice.stats`).
+``rxe_hw_counters.c`` (:attr:`RoceDevice.stats`).
 
 How the engines run (the progress model): posting a work request rings a
 doorbell, which schedules the QP's engines on the link's scheduler
@@ -25,8 +25,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
-from softrdma.devices.memport import QpMemory
 from softrdma.dma.device import Device
+from softrdma.drivers.qp_memory import QpMemory
 from softrdma.fabric.link import Link, Network
 from softrdma.time.base import Handle, Scheduler
 from softrdma.transport.params import QpParams
@@ -44,12 +44,12 @@ from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbSendFlags
 from softrdma.verbs.qp import QpAttr, QueuePair
 from softrdma.verbs.wr import RecvWR, SendWR
 
-log = logging.getLogger("softrdma.devices")
+log = logging.getLogger("softrdma.drivers")
 
 Engine = RcTransport | UdTransport
 
 
-class RdmaDevice(IbDevice):
+class RoceDevice(IbDevice):
     """A RoCEv2 RDMA device with address ``ip`` on ``network`` (the
     in-process :class:`~softrdma.fabric.inproc.Fabric` or a
     :class:`~softrdma.fabric.udp.UdpNetwork`). ``netdev_mtu`` overrides the

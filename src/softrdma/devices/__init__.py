@@ -1,1 +1,0 @@
-"""devices layer (see DESIGN.md)."""
