@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import TypedDict
 
 from softrdma.dma.device import Device
 from softrdma.dma.platform import Platform
@@ -25,7 +26,15 @@ from softrdma.memory.layout import PAGE_SIZE
 from softrdma.memory.page import Page
 from softrdma.memory.scatterlist import Scatterlist
 
-BACKENDS = {
+
+class PlatformOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Platform` that choose its DMA hardware."""
+
+    swiotlb_force: bool
+    iommu: bool
+
+
+BACKENDS: dict[str, tuple[PlatformOptions, DmaBackend]] = {
     "direct": ({}, DmaBackend.DIRECT),
     "swiotlb": ({"swiotlb_force": True}, DmaBackend.SWIOTLB),
     "iommu": ({"iommu": True}, DmaBackend.IOMMU),
@@ -45,7 +54,7 @@ def best_rate(fn: Callable[[], None], ops: int, repeat: int = 5) -> float:
 
 def device(kind: str, host: Host | None = None) -> Device:
     kw, backend = BACKENDS[kind]
-    platform = Platform(host or Host(512 * MiB), **kw)  # type: ignore[arg-type]
+    platform = Platform(host or Host(512 * MiB), **kw)
     return platform.add_device(kind, backend=backend)
 
 
@@ -68,7 +77,7 @@ def _page_cycles(dev: Device, page: Page, n: int) -> None:
         dev.unmap_page(dma, PAGE_SIZE, DMA_TO_DEVICE)
 
 
-def _reads(dev: Device, dmas: list[tuple[int, int]], dst: memoryview) -> None:
+def _reads(dev: Device, dmas: Sequence[tuple[int, int]], dst: memoryview) -> None:
     for dma, length in dmas:
         dst[:length] = dev.dma_read(dma, length)
 

@@ -29,7 +29,7 @@ from softrdma.memory.host import Host, MiB
 from softrdma.verbs.cq import CompletionQueue
 from softrdma.verbs.dma import ib_dma_map_single
 from softrdma.verbs.enums import IbMtu, IbPdFlags, IbQpType, IbSendFlags, IbWcStatus, IbWrOpcode
-from softrdma.verbs.qp import QpCap, QpInitAttr, QueuePair, connect_qp
+from softrdma.verbs.qp import IbSigType, QpCap, QpInitAttr, QueuePair, connect_qp
 from softrdma.verbs.wr import RdmaWR, RecvWR, SendWR, Sge
 
 MSG = 1 * MiB
@@ -56,7 +56,14 @@ def make_end(kind: str, fabric: Fabric, ip: str) -> End:
     pd = dev.alloc_pd(IbPdFlags.UNSAFE_GLOBAL_RKEY)
     cq = dev.create_cq(4 * DEPTH)
     qp = dev.create_qp(
-        pd, QpInitAttr(IbQpType.RC, cq, cq, QpCap(max_send_wr=DEPTH, max_recv_wr=DEPTH))
+        pd,
+        QpInitAttr(
+            IbQpType.RC,
+            cq,
+            cq,
+            QpCap(max_send_wr=DEPTH, max_recv_wr=DEPTH),
+            sq_sig_type=IbSigType.REQ_WR,  # unsignaled WRs complete silently
+        ),
     )
     kva = host.kmalloc(MSG)
     dma = ib_dma_map_single(dev, kva, MSG, DMA_BIDIRECTIONAL)
@@ -83,7 +90,14 @@ def drain(cq: CompletionQueue, n: int) -> None:
 def bandwidth(kind: str, opcode: IbWrOpcode, iters: int) -> float:
     """Bytes per second of 1 MiB RDMA WRITEs or READs, one at a time."""
     _fabric, a, b = make_pair(kind)
-    wr = RdmaWR(1, opcode, (Sge(a.buf, MSG, a.lkey),), remote_addr=b.buf, rkey=b.rkey)
+    wr = RdmaWR(
+        1,
+        opcode,
+        (Sge(a.buf, MSG, a.lkey),),
+        send_flags=IbSendFlags.SIGNALED,
+        remote_addr=b.buf,
+        rkey=b.rkey,
+    )
     a.qp.post_send(wr)
     drain(a.cq, 1)  # warm up
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypedDict, Unpack
 
 import pytest
 
@@ -12,7 +13,19 @@ from softrdma.dma.types import DMA_BIT_MASK, DmaBackend
 from softrdma.memory.host import Host, MiB
 
 #: The four backends, as (id, platform keyword arguments, device backend).
-BACKENDS: dict[str, tuple[dict[str, object], DmaBackend]] = {
+
+
+class PlatformOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`Platform` that choose its DMA hardware."""
+
+    swiotlb_size: int | None
+    swiotlb_force: bool
+    iommu: bool
+    iommu_strict: bool
+    clock: Callable[[], float]
+
+
+BACKENDS: dict[str, tuple[PlatformOptions, DmaBackend]] = {
     "direct": ({}, DmaBackend.DIRECT),
     "swiotlb": ({"swiotlb_force": True}, DmaBackend.SWIOTLB),
     "iommu": ({"iommu": True}, DmaBackend.IOMMU),
@@ -39,10 +52,11 @@ def make_device(
     coherent: bool = True,
     debug: bool = True,
     dma_mask: int = DMA_BIT_MASK(64),
-    **platform_kw: object,
+    **platform_kw: Unpack[PlatformOptions],
 ) -> Device:
     kw, backend = BACKENDS[kind]
-    platform = Platform(make_host(), dma_debug=debug, **{**kw, **platform_kw})  # type: ignore[arg-type]
+    options: PlatformOptions = {**kw, **platform_kw}
+    platform = Platform(make_host(), dma_debug=debug, **options)
     return platform.add_device(f"{kind}0", backend=backend, coherent=coherent, dma_mask=dma_mask)
 
 

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,9 +40,39 @@ def test_benchmark_smoke() -> None:
         check=True,
         timeout=300,
     )
+    # The benchmark owns its performance limits (machines are shared and
+    # noisy): here only the result's shape is checked, never a ratio's value.
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["iommu_cost_ratio_max_over_min_live"] < 2
-    assert set(result["read_1MiB_vs_memoryview_copy"]) == {"direct", "swiotlb", "iommu", "virtual"}
+    backends = {"direct", "swiotlb", "iommu", "virtual"}
+    assert set(result) == {
+        "map_unmap",
+        "iommu_map_unmap_by_live",
+        "iommu_cost_ratio_max_over_min_live",
+        "iommu_fresh_map_by_live",
+        "iommu_fresh_cost_ratio_max_over_min_live",
+        "read_1MiB",
+        "read_1MiB_vs_memoryview_copy",
+    }
+    assert set(result["map_unmap"]) == backends
+    for rates in result["map_unmap"].values():
+        assert set(rates) == {"single_4k_ops_per_s", "sg16_ops_per_s"}
+    live_counts = set(result["iommu_map_unmap_by_live"])
+    assert len(live_counts) >= 2 and set(result["iommu_fresh_map_by_live"]) == live_counts
+    assert set(result["read_1MiB"]) == {"memoryview_copy_bytes_per_s"} | {
+        f"{kind}_bytes_per_s" for kind in backends
+    }
+    assert set(result["read_1MiB_vs_memoryview_copy"]) == backends
+    numbers = list(_leaves(result))
+    assert all(isinstance(x, float) and math.isfinite(x) and x > 0 for x in numbers), numbers
+
+
+def _leaves(tree: object) -> Iterator[object]:
+    """The values at the leaves of nested dicts."""
+    if isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    else:
+        yield tree
 
 
 def test_demo_rdma_end_to_end(tmp_path: Path) -> None:

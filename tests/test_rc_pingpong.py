@@ -163,38 +163,35 @@ def _counters(out: str) -> dict[str, int]:
 
 
 def test_suspended_receiver_is_retransmitted_to() -> None:
-    """The server is stopped (SIGSTOP) twice, each time for about four
-    retransmit timeouts (timeout 14 → 67 ms; retry_cnt 7), in the middle of
-    a run of 256 KiB messages: whoever was sending into the stopped process
-    retransmits (or, if the server itself was sending, its overdue timer
-    fires on resume), the run completes with the data intact (``-c``), and
-    the retries show in the counters."""
+    """The server is stopped (SIGSTOP) while the client sends its first 1 MiB
+    message (1024 packets at MTU 1024, tens of milliseconds on the wire) and
+    stays stopped for about four retransmit timeouts (timeout 14 → 67 ms;
+    retry_cnt 7): nothing is ACKed meanwhile, so the client retransmits from
+    the oldest unacknowledged PSN; after SIGCONT the run completes with the
+    data intact (``-c``), and the client's counters show the retries."""
     ip_s, ip_c = loopback_addresses(2)
     port = free_tcp_port()
-    size, iters = 256 * 1024, 60
+    size, iters = 1 << 20, 4
     common = ("rc-pingpong", "-g", "1", "-p", str(port), "-s", str(size), "-n", str(iters), "-c")
-    with spawned(softrdma(*common, "--counters", "--ip", ip_s)) as srv:
+    with spawned(softrdma(*common, "--ip", ip_s)) as srv:
         wait_listening(srv, port)
         with spawned(softrdma(*common, "--ip", ip_c, "--counters", ip_s)) as cli:
             assert cli.stdout is not None
             lines = [cli.stdout.readline() for _ in range(2)]
             assert "remote address" in lines[1], lines
-            for _ in range(2):
-                time.sleep(0.3)
-                os.kill(srv.pid, signal.SIGSTOP)
-                time.sleep(0.25)
-                os.kill(srv.pid, signal.SIGCONT)
+            os.kill(srv.pid, signal.SIGSTOP)  # the client is sending now
+            time.sleep(0.25)
+            os.kill(srv.pid, signal.SIGCONT)
             c_out, c_err = cli.communicate(timeout=TIMEOUT)
         s_out, s_err = srv.communicate(timeout=TIMEOUT)
     assert srv.returncode == 0, s_err
     assert cli.returncode == 0, c_err
     check_run(subprocess.CompletedProcess([], 0, "".join(lines) + c_out, ""), size, iters)
-    client, server = _counters(c_out), _counters(s_out)
-    retries = client.get("completer_retry_err", 0) + server.get("completer_retry_err", 0)
-    assert retries >= 1, (client, server)
-    # every retransmitted request the peer saw again is counted as a duplicate
-    dups = client.get("duplicate_request", 0) + server.get("duplicate_request", 0)
-    assert dups >= 1, (client, server)
+    client = _counters(c_out)
+    assert client.get("completer_retry_err", 0) >= 1, client
+    # its own messages' packets and one ACK per 64 of the server's, plus resends
+    packets = size // 1024
+    assert client["sent_pkts"] > iters * (packets + packets // 64), client
     assert "invalid data" not in s_out + c_out
 
 

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from softrdma.dma.device import Device
 from softrdma.dma.errors import DmaAccessError, IommuFaultError
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import (
@@ -20,8 +21,9 @@ from softrdma.dma.types import (
     DmaBackend,
     DmaDirection,
 )
+from softrdma.memory.host import Host
 from softrdma.memory.layout import PAGE_OFFSET, PAGE_SIZE, PKMAP_BASE
-from softrdma.memory.page import GFP_HIGHUSER
+from softrdma.memory.page import GFP_HIGHUSER, GFP_KERNEL
 from softrdma.memory.scatterlist import Scatterlist
 from tests.conftest import BACKENDS, make_device, make_host
 
@@ -75,7 +77,9 @@ def test_map_sg_round_trip(kind: str, coherent: bool, chunks: list[tuple[int, in
     pages = []
     for offset, length, high in chunks:
         order = (offset + length - 1) // PAGE_SIZE
-        page = host.alloc_pages(order.bit_length(), GFP_HIGHUSER if high and not order else 0)
+        page = host.alloc_pages(
+            order.bit_length(), GFP_HIGHUSER if high and not order else GFP_KERNEL
+        )
         pages.append((page, offset, length))
     sgl = Scatterlist.from_pages(pages)
     pattern = bytes(range(7, 250)) * 100
@@ -99,7 +103,7 @@ def test_map_sg_round_trip(kind: str, coherent: bool, chunks: list[tuple[int, in
         assert bytes(host.cpu_read_phys(e.phys, e.length)) == b"\xee" * e.length
 
 
-def driver_routine(dev) -> bytes:  # type: ignore[no-untyped-def]
+def driver_routine(dev: Device) -> bytes:
     """One driver code path for every backend: a kmalloc buffer, an sg list
     of pages with a highmem page, a coherent buffer; device reads and
     writes; unmap. Returns everything the CPU sees afterwards."""
@@ -237,7 +241,7 @@ def test_swiotlb_to_device_sync_refreshes_bounce_buffer() -> None:
 # -- IOMMU ----------------------------------------------------------------------
 
 
-def whole_memory(host) -> str:  # type: ignore[no-untyped-def]
+def whole_memory(host: Host) -> str:
     return hashlib.sha256(host.ram).hexdigest()
 
 
@@ -326,7 +330,7 @@ def test_virtual_dma_address_is_the_kernel_address() -> None:
     dev = make_device("virtual")
     host = dev.host
     k = host.kmalloc(100)
-    assert dev.map_single(k, 100, DMA_TO_DEVICE) == k
+    assert int(dev.map_single(k, 100, DMA_TO_DEVICE)) == k
     assert dev.alloc_coherent(64) is not None
     high = host.alloc_pages(1, GFP_HIGHUSER)  # two frames: the mapping may not spill over
     dma = dev.map_page(high, 8, 100, DMA_FROM_DEVICE)

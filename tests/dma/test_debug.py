@@ -16,6 +16,7 @@ from softrdma.dma.types import (
     DMA_FROM_DEVICE,
     DMA_MAPPING_ERROR,
     DMA_TO_DEVICE,
+    DmaDirection,
 )
 from softrdma.memory.errors import BadFreeError
 from softrdma.memory.layout import PAGE_SIZE
@@ -40,7 +41,7 @@ def kinds(reports: list[DmaDebugReport]) -> list[DebugKind]:
     return [r.kind for r in reports]
 
 
-def mapped(dev: Device, size: int = 256, direction=DMA_BIDIRECTIONAL) -> int:  # type: ignore[no-untyped-def]
+def mapped(dev: Device, size: int = 256, direction: DmaDirection = DMA_BIDIRECTIONAL) -> int:
     dma = dev.map_single(dev.host.kmalloc(size), size, direction)
     assert not dev.mapping_error(dma)
     return dma

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv6Address, ip_address
 
@@ -15,15 +16,20 @@ from softrdma.transport.roce import RoceFrame, decode_roce_v2, encode_roce_v2, r
 
 @dataclass(eq=False)
 class FakePort:
-    """A port that records what it receives: (simulated time, frame)."""
+    """A port that records what it receives: (simulated time, frame), then
+    hands the frame to ``respond`` if set (a port that answers from inside
+    ``receive_frame``, as a responder does)."""
 
     loop: SimLoop
     ip: IPv4Address | IPv6Address
     mac: bytes
     received: list[tuple[float, bytes]] = field(default_factory=list)
+    respond: Callable[[bytes], None] | None = None
 
     def receive_frame(self, frame: bytes) -> None:
         self.received.append((self.loop.now, frame))
+        if self.respond is not None:
+            self.respond(frame)
 
     @property
     def frames(self) -> list[bytes]:

@@ -15,7 +15,7 @@ import pytest
 
 from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.pcap import read_pcap
-from softrdma.fabric.udp import LinkError, UdpNetwork, have_cap_net_raw
+from softrdma.fabric.udp import LinkError, UdpLink, UdpNetwork, have_cap_net_raw
 from softrdma.transport.headers import Reth
 from softrdma.transport.packet import Packet
 from softrdma.transport.roce import decode_roce_v2, encode_roce_v2
@@ -176,10 +176,10 @@ def _send_raw(make: Callable[[int], bytes], src: str, dst: str, port: int = 4791
         s.sendto(make(s.getsockname()[1]), (dst, port))
 
 
-def _wait_for(cond: object, timeout: float = 5.0) -> bool:
+def _wait_for(cond: Callable[[], object], timeout: float = 5.0) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if cond():  # type: ignore[operator]
+        if cond():
             return True
         time.sleep(0.01)
     return False
@@ -271,7 +271,9 @@ def test_pcap_has_both_directions_with_valid_icrc(udp_pair: UdpPair, tmp_path: o
 
     path = pathlib.Path(str(tmp_path)) / "udp.pcap"
     a, b = udp_pair.a, udp_pair.b
-    a.dev.link.capture(path)  # type: ignore[attr-defined]
+    link = a.dev.link
+    assert isinstance(link, UdpLink)
+    link.capture(path)
     src, dst = Buffer(a.dev, 10_000), Buffer(b.dev, 10_000)
     src.fill(os.urandom(10_000))
     a.qp.post_send(
@@ -336,7 +338,8 @@ def test_icrc_modes_interoperate(raw: bool) -> None:
         b.wait_ok(1)
         a.wait_ok(1)
         assert dst.read() == b"q" * 5000
-        assert a.dev.link.icrc_mode == "raw" and b.dev.link.icrc_mode == "solve"  # type: ignore[attr-defined]
+        assert isinstance(a.dev.link, UdpLink) and isinstance(b.dev.link, UdpLink)
+        assert a.dev.link.icrc_mode == "raw" and b.dev.link.icrc_mode == "solve"
         a.dev.unregister()
         b.dev.unregister()
 

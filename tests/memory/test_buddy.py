@@ -41,6 +41,7 @@ def test_top_down_and_lifo_reuse() -> None:
     first = b.alloc(0)
     second = b.alloc(0)
     assert (first, second) == (1023, 1022)
+    assert second is not None
     b.free(second, 0)
     assert b.alloc(0) == second
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import TypedDict, Unpack
 
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend, DmaDirection
@@ -22,7 +23,7 @@ from softrdma.verbs.dma import (
     ib_dma_sync_single_for_device,
     ib_dma_unmap_single,
 )
-from softrdma.verbs.enums import IbMtu, IbQpType, IbWcStatus
+from softrdma.verbs.enums import IbAccess, IbMtu, IbQpType, IbWcStatus
 from softrdma.verbs.pd import ProtectionDomain
 from softrdma.verbs.qp import QpCap, QpInitAttr, QueuePair, connect_qp
 from softrdma.verbs.wr import Sge, WorkCompletion
@@ -157,8 +158,33 @@ def make_node(
     return Node(dev, pd, cq, qp)
 
 
+class QpOptions(TypedDict, total=False):
+    """The RC attributes ``connect_qp`` takes beyond the addresses and PSNs."""
+
+    access: IbAccess
+    max_rd_atomic: int
+    timeout: int
+    retry_cnt: int
+    rnr_retry: int
+    min_rnr_timer: int
+
+
+class ConnectOptions(QpOptions, total=False):
+    """What :func:`pair` passes on to :func:`connect`."""
+
+    mtu: IbMtu | None
+    psn_a: int
+    psn_b: int
+
+
 def connect(
-    a: Node, b: Node, *, mtu: IbMtu | None = None, psn_a: int = 0, psn_b: int = 0, **kw: int
+    a: Node,
+    b: Node,
+    *,
+    mtu: IbMtu | None = None,
+    psn_a: int = 0,
+    psn_b: int = 0,
+    **kw: Unpack[QpOptions],
 ) -> None:
     connect_qp(
         a.qp,
@@ -168,7 +194,7 @@ def connect(
         sq_psn=psn_a,
         path_mtu=mtu,
         **kw,
-    )  # type: ignore[arg-type]
+    )
     connect_qp(
         b.qp,
         dest_qp_num=a.qp.qp_num,
@@ -177,11 +203,17 @@ def connect(
         sq_psn=psn_b,
         path_mtu=mtu,
         **kw,
-    )  # type: ignore[arg-type]
+    )
 
 
 def pair(
-    kind_a: str, kind_b: str, *, seed: int = 0, pd_flags: int = 0, debug: bool = True, **kw: int
+    kind_a: str,
+    kind_b: str,
+    *,
+    seed: int = 0,
+    pd_flags: int = 0,
+    debug: bool = True,
+    **kw: Unpack[ConnectOptions],
 ) -> tuple[Fabric, Node, Node]:
     fabric = Fabric(seed=seed)
     a = make_node(make_device(kind_a, fabric, "10.0.0.1", debug=debug), pd_flags=pd_flags)
@@ -204,7 +236,7 @@ class FrBuffer:
 
     node: Node
     size: int
-    access: int
+    access: IbAccess
     vmalloc: bool = True
 
     def __post_init__(self) -> None:
@@ -226,7 +258,7 @@ class FrBuffer:
         key = ib_inc_rkey(self.mr.rkey)
         self.node.qp.post_send(
             RegWR(0xFEE, IbWrOpcode.REG_MR, mr=self.mr, key=key, access=self.access)
-        )  # type: ignore[arg-type]
+        )
         (wc,) = self.node.wait(1)
         assert wc.status == IbWcStatus.SUCCESS, wc
 

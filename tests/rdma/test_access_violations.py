@@ -71,7 +71,12 @@ def test_remote_write_violation_changes_nothing(kind: str, violation: str) -> No
     src = Buffer(a.dev, 3000)
     src.fill(b"\xab" * 3000)
     frames: list[bytes] = []
-    fabric.drop_when(lambda f: frames.append(bytes(f)) and False)
+
+    def record(frame: bytes) -> bool:
+        frames.append(bytes(frame))
+        return False
+
+    fabric.drop_when(record)
     before = ram_digest(b.host)
     a.qp.post_send(
         RdmaWR(

@@ -7,9 +7,11 @@ from __future__ import annotations
 import os
 import random
 import struct
+from typing import TypedDict
 
 import pytest
 
+from softrdma.fabric.inproc import Fabric
 from softrdma.verbs.enums import IbAccess, IbMtu, IbWcOpcode, IbWcStatus, IbWrOpcode
 from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, SendWR
 from tests.rdma.nodes import Buffer, FrBuffer, pair
@@ -17,7 +19,18 @@ from tests.rdma.nodes import Buffer, FrBuffer, pair
 REMOTE = (
     IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE | IbAccess.REMOTE_READ | IbAccess.REMOTE_ATOMIC
 )
-FAULTS = [
+
+
+class FaultRates(TypedDict, total=False):
+    """The rates :meth:`Fabric.set_faults` takes."""
+
+    drop: float
+    duplicate: float
+    reorder: float
+    corrupt: float
+
+
+FAULTS: list[FaultRates] = [
     {"drop": 0.1},
     {"drop": 0.3},
     {"duplicate": 0.3},
@@ -30,9 +43,7 @@ ROUNDS = 40 if os.environ.get("SOFTRDMA_SOAK") else 8
 
 @pytest.mark.parametrize("faults", FAULTS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
 @pytest.mark.parametrize("kinds", [("cpu", "hw-iommu"), ("hw-direct", "cpu")], ids="-".join)
-def test_operations_survive_a_lossy_fabric(
-    faults: dict[str, float], kinds: tuple[str, str]
-) -> None:
+def test_operations_survive_a_lossy_fabric(faults: FaultRates, kinds: tuple[str, str]) -> None:
     fabric, a, b = pair(*kinds, seed=7, mtu=IbMtu.MTU_1024, timeout=8, retry_cnt=7, rnr_retry=7)
     fabric.set_faults(**faults)
     rng = random.Random(11)
@@ -120,9 +131,14 @@ def test_same_seed_same_packets() -> None:
         fabric, a, b = pair("cpu", "hw-iommu", seed=3)
         fabric.set_faults(drop=0.2, reorder=0.2, duplicate=0.1)
         frames: list[tuple[float, bytes]] = []
-        fabric.drop_when(
-            lambda f, fr=frames, fab=fabric: fr.append((fab.loop.now, bytes(f))) and False
-        )
+
+        def record(
+            frame: bytes, fr: list[tuple[float, bytes]] = frames, fab: Fabric = fabric
+        ) -> bool:
+            fr.append((fab.loop.now, bytes(frame)))
+            return False
+
+        fabric.drop_when(record)
         src = Buffer(a.dev, 20000)
         src.fill(bytes(range(256)) * 78)
         sink = Buffer(b.dev, 20000)

@@ -9,16 +9,28 @@ to the earliest ``next_deadline()`` when nothing else happens.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
+from softrdma.transport.headers import AethType
+from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
-from softrdma.transport.params import QpParams
-from softrdma.transport.rc import RcTransport
-from softrdma.transport.wqe import Completion, CqSide, QpEvent, SendWqe
-from softrdma.verbs.enums import IbAccess, IbQpState, IbWcOpcode, IbWcStatus
+from softrdma.transport.rc import RcQp
+from softrdma.transport.wqe import Completion, CqSide, QpEvent, QpFatal, SendWqe
+from softrdma.verbs.ah import AhAttr
+from softrdma.verbs.enums import (
+    IbAccess,
+    IbMtu,
+    IbQpAttrMask,
+    IbQpState,
+    IbSendFlags,
+    IbWcOpcode,
+    IbWcStatus,
+)
+from softrdma.verbs.qp import QpAttr
 from softrdma.verbs.wr import RecvWR, SendWR, WorkCompletion
 
 from .fakemem import FakeMemory
@@ -83,11 +95,17 @@ class DropWhen:
         return out
 
 
-def params_for(qpn: int, dest: int, **kw: Any) -> QpParams:
-    base = QpParams(
-        qpn,
-        dest_qpn=dest,
-        path_mtu=1024,
+ALL_ATTRS = IbQpAttrMask(sum(IbQpAttrMask))
+"""Every attribute: the engines take what the mask selects."""
+
+
+def attr_for(dest: int, *, path_mtu: int = 1024, **kw: Any) -> QpAttr:
+    """The attributes of an RC QP talking to QP ``dest``, as the verbs layer
+    would have validated them; ``path_mtu`` in bytes, the rest by name."""
+    attr = QpAttr(
+        dest_qp_num=dest,
+        path_mtu=IbMtu.from_size(path_mtu),
+        ah_attr=AhAttr(dgid=bytes(16)),
         timeout=14,
         retry_cnt=7,
         rnr_retry=7,
@@ -96,13 +114,22 @@ def params_for(qpn: int, dest: int, **kw: Any) -> QpParams:
         max_dest_rd_atomic=4,
         qp_access_flags=REMOTE_ALL,
     )
-    return replace(base, **kw)
+    for name, value in kw.items():
+        setattr(attr, name, value)
+    return attr
 
 
-def connect(rc: RcTransport, params: QpParams) -> None:
+def to_state(qp: Any, attr: QpAttr, state: IbQpState) -> None:
+    """``ib_modify_qp`` to ``state`` with every attribute of ``attr``."""
+    a = copy.copy(attr)
+    a.qp_state = state
+    qp.modify(a, ALL_ATTRS)
+
+
+def connect(qp: RcQp, attr: QpAttr) -> None:
     """RESET → INIT → RTR → RTS as ib_modify_qp would."""
     for st in (IbQpState.INIT, IbQpState.RTR, IbQpState.RTS):
-        rc.modify(params, st)
+        to_state(qp, attr, st)
 
 
 class Pair:
@@ -122,10 +149,12 @@ class Pair:
     ) -> None:
         self.mem_a = FakeMemory()
         self.mem_b = FakeMemory()
-        self.a = RcTransport(QPN_A, self.mem_a)
-        self.b = RcTransport(QPN_B, self.mem_b)
-        self.pa = params_for(QPN_A, QPN_B, path_mtu=mtu, sq_psn=psn_a, rq_psn=psn_b, **(a_kw or {}))
-        self.pb = params_for(QPN_B, QPN_A, path_mtu=mtu, sq_psn=psn_b, rq_psn=psn_a, **(b_kw or {}))
+        a_kw = dict(a_kw or {})
+        b_kw = dict(b_kw or {})
+        self.a = RcQp(QPN_A, self.mem_a, sq_sig_all=a_kw.pop("sq_sig_all", True))
+        self.b = RcQp(QPN_B, self.mem_b, sq_sig_all=b_kw.pop("sq_sig_all", True))
+        self.pa = attr_for(QPN_B, path_mtu=mtu, sq_psn=psn_a, rq_psn=psn_b, **a_kw)
+        self.pb = attr_for(QPN_A, path_mtu=mtu, sq_psn=psn_b, rq_psn=psn_a, **b_kw)
         connect(self.a, self.pa)
         connect(self.b, self.pb)
         self.ab = ab
@@ -155,8 +184,7 @@ class Pair:
 
     def post(self, wr: SendWR, side: str = "a", inline: bytes | None = None) -> None:
         rc = self.a if side == "a" else self.b
-        params = self.pa if side == "a" else self.pb
-        rc.post_send(SendWqe.from_wr(wr, sq_sig_all=params.sq_sig_all, inline_data=inline))
+        rc.post_send(SendWqe.from_wr(wr, sq_sig_all=rc.sq_sig_all, inline_data=inline))
 
     def post_recv(self, wr: RecvWR, side: str = "b") -> None:
         (self.a if side == "a" else self.b).post_recv(wr)
@@ -238,3 +266,41 @@ class Pair:
 
 def ok(wc: WorkCompletion, opcode: IbWcOpcode | None = None) -> bool:
     return wc.status is IbWcStatus.SUCCESS and (opcode is None or wc.opcode is opcode)
+
+
+# -- helpers for checking what the engines did ------------------------------------------
+
+MTUS = (256, 512, 1024, 2048, 4096)
+SIGNALED = IbSendFlags.SIGNALED
+
+
+MTUS = (256, 512, 1024, 2048, 4096)
+SIGNALED = IbSendFlags.SIGNALED
+
+
+def pattern(n: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def opnames(pkts: list[Packet]) -> list[str]:
+    return [Opcode(p.bth.opcode).name.removeprefix("RC_") for p in pkts]
+
+
+def naks(pkts: list[Packet]) -> list[tuple[AethType, int, int]]:
+    """(type, value, psn) of every non-ACK AETH among ACKNOWLEDGE packets."""
+    out: list[tuple[AethType, int, int]] = []
+    for p in pkts:
+        if p.bth.opcode == Opcode.RC_ACKNOWLEDGE and p.aeth is not None:
+            kind = AethType(p.aeth.syndrome >> 5)
+            if kind is not AethType.ACK:
+                out.append((kind, p.aeth.syndrome & 0x1F, p.bth.psn))
+    return out
+
+
+def fatal_events(events: list[Any]) -> list[QpFatal]:
+    return [e for e in events if isinstance(e, QpFatal)]
+
+
+def wc_ok(wc: WorkCompletion, opcode: IbWcOpcode) -> None:
+    assert wc.status is IbWcStatus.SUCCESS, str(wc)
+    assert wc.opcode is opcode, str(wc)

@@ -12,7 +12,6 @@ solve cannot see; and the uniqueness of the solution.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import itertools
 import math
@@ -23,7 +22,7 @@ from collections.abc import Callable
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP
 from scapy.layers.inet6 import IPv6
@@ -48,6 +47,7 @@ from softrdma.transport import (
 from softrdma.transport.icrc import _id_df_vectors
 from softrdma.transport.opcodes import Opcode
 
+from .codec_strategies import mangled_transports, transport_ignored_bits
 from .strategies import packets, u
 from .test_captures import CAPTURES, EXPECTED, _capture_files, _roce_frames
 from .test_icrc import _scapy_frame
@@ -79,10 +79,15 @@ class Captured:
             f, f[42 : 34 + ulen], f[26:30], f[30:34], sport, dport, ip_id, bool(f[20] & 0x40)
         )
 
-    def decode(self, payload: bytes | None = None, **kw: object) -> RoceFrame:
-        """decode_roce_udp with what a UDP socket shows (plus ``kw``)."""
+    def decode(
+        self, payload: bytes | None = None, *, ip_id: int | None = None, df: bool | None = None
+    ) -> RoceFrame:
+        """decode_roce_udp with what a UDP socket shows (plus the ID and DF
+        when given)."""
         p = self.payload if payload is None else payload
-        return decode_roce_udp(p, self.saddr, self.daddr, self.sport, self.dport, **kw)  # type: ignore[arg-type]
+        return decode_roce_udp(
+            p, self.saddr, self.daddr, self.sport, self.dport, ip_id=ip_id, df=df
+        )
 
 
 def _captured(name: str) -> list[Captured]:
@@ -356,9 +361,9 @@ def test_random_corruption_acceptance_rate() -> None:
             pass  # passed the ICRC, failed a later check (opcode, TVer, ...)
         passed_solve.append((c, bad))
 
-    def icrc_ok(c: Captured, bad: bytes, **kw: object) -> bool:
+    def icrc_ok(c: Captured, bad: bytes, *, ip_id: int | None = None, df: bool | None) -> bool:
         try:
-            c.decode(bad, **kw)
+            c.decode(bad, ip_id=ip_id, df=df)
         except IcrcError:
             return False
         except MalformedPacket:
@@ -551,11 +556,66 @@ def test_encode_validation() -> None:
         encode_roce_udp(bad, A, B, 1, ttl=256)
 
 
+def _assert_reencodes(rf: RoceFrame, payload: bytes) -> None:
+    """A frame decoded from an IPv4 UDP payload re-encodes to that payload,
+    but for the transport's reserved bits (receivers ignore them, senders
+    zero them; the ICRC then changes too: recomputed by
+    :func:`_reference_payload`)."""
+    transport = bytearray(payload[:-4])
+    for off, bits in transport_ignored_bits(rf.packet, len(transport)).items():
+        transport[off] &= ~bits & 0xFF
+    canonical = payload
+    if transport[5:] != payload[5:-4]:
+        canonical = _reference_payload(
+            bytes(transport), rf.saddr, rf.daddr, rf.sport, rf.dport, rf.ip_id, rf.df
+        )
+    elif transport != payload[:-4]:  # only BTH byte 4, which the ICRC masks
+        canonical = bytes(transport) + payload[-4:]
+    out = encode_roce_udp(
+        rf.packet, rf.saddr, rf.daddr, rf.sport, rf.dport, ip_id=rf.ip_id, df=rf.df
+    )
+    assert out == canonical
+
+
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=80), st.one_of(st.none(), u(16)), st.one_of(st.none(), st.booleans()))
 def test_fuzz_random_payloads(raw: bytes, ip_id: int | None, df: bool | None) -> None:
-    with contextlib.suppress(MalformedPacket):
-        decode_roce_udp(raw, A, B, 0xC000, ip_id=ip_id, df=df)
+    try:
+        rf = decode_roce_udp(raw, A, B, 0xC000, ip_id=ip_id, df=df)
+    except MalformedPacket:
+        return
+    assert ip_id is None or rf.ip_id == ip_id
+    assert df is None or rf.df is df
+    _assert_reencodes(rf, raw)
+
+
+@settings(max_examples=300)
+@given(mangled_transports(), u(16), u(16), st.booleans(), st.booleans(), st.booleans())
+def test_fuzz_transport_bytes_under_a_valid_icrc(
+    transport: bytes, dport: int, ip_id: int, df: bool, id_known: bool, df_known: bool
+) -> None:
+    """Any bytes as the transport part, behind an ICRC valid for the IPv4 ID
+    and DF the sender used: never an ICRC error; when the ID or DF are
+    unknown the solve finds exactly the sender's; either a malformed packet
+    or a frame that re-encodes to the payload (but for ignored bits)."""
+    payload = _reference_payload(transport, A, B, 0xC000, dport, ip_id, df)
+    try:
+        rf = decode_roce_udp(
+            payload,
+            A,
+            B,
+            0xC000,
+            dport,
+            ip_id=ip_id if id_known else None,
+            df=df if df_known else None,
+        )
+    except MalformedPacket as e:
+        assert not isinstance(e, IcrcError), e
+        event(f"rejected: {e.reason}")
+        return
+    event("decoded")
+    assert (rf.ip_id, rf.df) == (ip_id, df)
+    _assert_reencodes(rf, payload)
 
 
 def test_reference_payload_helper_reproduces_captures() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import ipaddress
 import struct
 
@@ -9,21 +10,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from softrdma.transport.errors import LocalProtocolError
 from softrdma.transport.headers import GSI_QKEY, Deth
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
-from softrdma.transport.params import QpParams
-from softrdma.transport.ud import GRH_SIZE, UdTransport, make_grh
+from softrdma.transport.ud import GRH_SIZE, UdQp, make_grh
 from softrdma.transport.wqe import CqSide, QpFatal, SendWqe, SqDrained
 from softrdma.verbs.enums import (
+    IbMtu,
+    IbQpAttrMask,
     IbQpState,
-    IbQpType,
     IbSendFlags,
     IbWcFlags,
     IbWcOpcode,
     IbWcStatus,
     IbWrOpcode,
 )
+from softrdma.verbs.qp import QpAttr
 from softrdma.verbs.wr import RdmaWR, RecvWR, Sge, UdWR
 
 from .fakemem import FakeMemory
@@ -36,15 +39,22 @@ V6_A = ipaddress.IPv6Address("fe80::1").packed
 V6_B = ipaddress.IPv6Address("fe80::2").packed
 
 
-def make_ud(qpn: int, mtu: int = 1024, qkey: int = QKEY, sig_all: bool = False) -> UdTransport:
-    ud = UdTransport(qpn, FakeMemory())
-    params = QpParams(qpn, IbQpType.UD, path_mtu=mtu, qkey=qkey, sq_psn=0x10, sq_sig_all=sig_all)
+def to_state(ud: UdQp, state: IbQpState) -> None:
+    attr = copy.copy(ud.attr)
+    attr.qp_state = state
+    ud.modify(attr, IbQpAttrMask.STATE)
+
+
+def make_ud(qpn: int, mtu: int = 1024, qkey: int = QKEY, sig_all: bool = True) -> UdQp:
+    ud = UdQp(qpn, FakeMemory(), sq_sig_all=sig_all)
+    attr = QpAttr(path_mtu=IbMtu.from_size(mtu), qkey=qkey, sq_psn=0x10)
+    ud.modify(attr, IbQpAttrMask.PATH_MTU | IbQpAttrMask.QKEY | IbQpAttrMask.SQ_PSN)
     for state in (IbQpState.INIT, IbQpState.RTR, IbQpState.RTS):
-        ud.modify(params, state)
+        to_state(ud, state)
     return ud
 
 
-def mem(ud: UdTransport) -> FakeMemory:
+def mem(ud: UdQp) -> FakeMemory:
     assert isinstance(ud.mem, FakeMemory)
     return ud.mem
 
@@ -121,15 +131,23 @@ def test_qkey_high_bit_means_own_qkey_and_gsi_uses_well_known_qkey() -> None:
     a = make_ud(0x30)
     src = mem(a).reg(8)
     a.post_send(
-        SendWqe.from_wr(UdWR(1, sg_list=(src.sge(),), remote_qpn=5, remote_qkey=0x80000000))
+        SendWqe.from_wr(
+            UdWR(1, IbWrOpcode.SEND, sg_list=(src.sge(),), remote_qpn=5, remote_qkey=0x80000000)
+        )
     )
-    a.post_send(SendWqe.from_wr(UdWR(2, sg_list=(src.sge(),), remote_qpn=5, remote_qkey=0x1234)))
+    a.post_send(
+        SendWqe.from_wr(
+            UdWR(2, IbWrOpcode.SEND, sg_list=(src.sge(),), remote_qpn=5, remote_qkey=0x1234)
+        )
+    )
     p1, p2 = (o.pkt for o in a.poll(0.0).packets)
     assert p1.deth is not None and p1.deth.qkey == QKEY  # the QP's own
     assert p2.deth is not None and p2.deth.qkey == 0x1234
     gsi = make_ud(1, qkey=0)
     src = mem(gsi).reg(8)
-    gsi.post_send(SendWqe.from_wr(UdWR(1, sg_list=(src.sge(),), remote_qpn=1, remote_qkey=0)))
+    gsi.post_send(
+        SendWqe.from_wr(UdWR(1, IbWrOpcode.SEND, sg_list=(src.sge(),), remote_qpn=1, remote_qkey=0))
+    )
     (o,) = gsi.poll(0.0).packets
     assert o.pkt.deth is not None and o.pkt.deth.qkey == GSI_QKEY
     # ... and QP1 accepts only that Q_Key.
@@ -172,10 +190,14 @@ def test_message_longer_than_mtu_is_a_local_length_error() -> None:
     a = make_ud(0x30, mtu=256)
     src = mem(a).reg(300)
     a.post_send(
-        SendWqe.from_wr(UdWR(1, sg_list=(src.sge(0, 257),), remote_qpn=5, remote_qkey=QKEY))
+        SendWqe.from_wr(
+            UdWR(1, IbWrOpcode.SEND, sg_list=(src.sge(0, 257),), remote_qpn=5, remote_qkey=QKEY)
+        )
     )
     a.post_send(
-        SendWqe.from_wr(UdWR(2, sg_list=(src.sge(0, 256),), remote_qpn=5, remote_qkey=QKEY))
+        SendWqe.from_wr(
+            UdWR(2, IbWrOpcode.SEND, sg_list=(src.sge(0, 256),), remote_qpn=5, remote_qkey=QKEY)
+        )
     )
     out = a.poll(0.0)
     assert [o.pkt.payload_len for o in out.packets] == [256]
@@ -186,12 +208,16 @@ def test_message_longer_than_mtu_is_a_local_length_error() -> None:
 
 
 def test_send_errors_and_unsignaled() -> None:
-    a = make_ud(0x30)
+    a = make_ud(0x30, sig_all=False)
     src = mem(a).reg(64)
     a.post_send(
-        SendWqe.from_wr(UdWR(1, sg_list=(src.sge(),), send_flags=IbSendFlags(0), remote_qpn=5))
+        SendWqe.from_wr(
+            UdWR(1, IbWrOpcode.SEND, sg_list=(src.sge(),), send_flags=IbSendFlags(0), remote_qpn=5)
+        )
     )
-    a.post_send(SendWqe.from_wr(UdWR(2, sg_list=(Sge(0, 8, 0xBAD00),), remote_qpn=5)))
+    a.post_send(
+        SendWqe.from_wr(UdWR(2, IbWrOpcode.SEND, sg_list=(Sge(0, 8, 0xBAD00),), remote_qpn=5))
+    )
     a.post_send(SendWqe.from_wr(RdmaWR(3, IbWrOpcode.RDMA_WRITE, (src.sge(),))))
     out = a.poll(0.0)
     assert len(out.packets) == 1
@@ -200,11 +226,12 @@ def test_send_errors_and_unsignaled() -> None:
         (3, IbWcStatus.LOC_QP_OP_ERR),
     ]
     # sq_sig_all
-    b = make_ud(0x31, sig_all=True)
+    b = make_ud(0x31)
     src = mem(b).reg(8)
     b.post_send(
         SendWqe.from_wr(
-            UdWR(1, sg_list=(src.sge(),), send_flags=IbSendFlags(0), remote_qpn=5), sq_sig_all=True
+            UdWR(1, IbWrOpcode.SEND, sg_list=(src.sge(),), send_flags=IbSendFlags(0), remote_qpn=5),
+            sq_sig_all=True,
         )
     )
     assert [c.wc.wr_id for c in b.poll(0.0).completions] == [1]
@@ -215,6 +242,7 @@ def test_inline_and_solicited() -> None:
     src = mem(a).reg(16, fill=b"0123456789abcdef")
     wr = UdWR(
         1,
+        IbWrOpcode.SEND,
         sg_list=(src.sge(),),
         send_flags=IbSendFlags.SIGNALED | IbSendFlags.INLINE | IbSendFlags.SOLICITED,
         remote_qpn=0x40,
@@ -240,39 +268,39 @@ def test_recv_wqe_fault_moves_qp_to_error() -> None:
         0.0,
     )
     out = b.poll(0.0)
-    assert [(c.wc.wr_id, c.wc.status) for c in out.completions] == [(1, IbWcStatus.LOC_PROT_ERR)]
+    # The failed receive, then the QP's ERR flushes the one behind it.
+    assert [(c.wc.wr_id, c.wc.status) for c in out.completions] == [
+        (1, IbWcStatus.LOC_PROT_ERR),
+        (2, IbWcStatus.WR_FLUSH_ERR),
+    ]
     assert [type(e) for e in out.events] == [QpFatal]
     assert b.state is IbQpState.ERR
-    assert [(c.wc.wr_id, c.wc.status) for c in b.flush()] == [(2, IbWcStatus.WR_FLUSH_ERR)]
 
 
 def test_states_sqd_flush_and_reset() -> None:
     a = make_ud(0x30)
-    params = a.params
     src = mem(a).reg(8)
-    a.modify(params, IbQpState.SQD)
-    a.post_send(SendWqe.from_wr(UdWR(1, sg_list=(src.sge(),), remote_qpn=5)))
+    to_state(a, IbQpState.SQD)
+    a.post_send(SendWqe.from_wr(UdWR(1, IbWrOpcode.SEND, sg_list=(src.sge(),), remote_qpn=5)))
     out = a.poll(0.0)
     assert out.events == [SqDrained()] and not out.packets
     assert not a.poll(0.0)  # the event is reported once
-    a.modify(params, IbQpState.RTS)
+    to_state(a, IbQpState.RTS)
     assert len(a.poll(0.0).packets) == 1
-    a.post_send(SendWqe.from_wr(UdWR(2, sg_list=(src.sge(),), remote_qpn=5)))
+    a.post_send(SendWqe.from_wr(UdWR(2, IbWrOpcode.SEND, sg_list=(src.sge(),), remote_qpn=5)))
     a.post_recv(RecvWR(3))
-    a.modify(params, IbQpState.ERR)
-    a.post_send(SendWqe.from_wr(UdWR(4)))
-    flushed = a.flush()
+    to_state(a, IbQpState.ERR)  # flushes by itself
+    a.post_send(SendWqe.from_wr(UdWR(4, IbWrOpcode.SEND)))
+    flushed = a.poll(0.0).completions
     assert [(c.side, c.wc.wr_id, c.wc.status) for c in flushed] == [
-        (CqSide.SEND, 4, IbWcStatus.WR_FLUSH_ERR),
         (CqSide.SEND, 2, IbWcStatus.WR_FLUSH_ERR),
         (CqSide.RECV, 3, IbWcStatus.WR_FLUSH_ERR),
+        (CqSide.SEND, 4, IbWcStatus.WR_FLUSH_ERR),
     ]
-    a.modify(params, IbQpState.RESET)
-    with pytest.raises(ValueError):
-        a.post_send(SendWqe.from_wr(UdWR(5)))
+    to_state(a, IbQpState.RESET)
+    with pytest.raises(LocalProtocolError):
+        a.post_send(SendWqe.from_wr(UdWR(5, IbWrOpcode.SEND)))
     assert a.next_deadline() is None
-    with pytest.raises(ValueError):
-        a.modify(QpParams(0x30), IbQpState.INIT)  # RC parameters
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))

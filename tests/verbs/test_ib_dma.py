@@ -40,16 +40,16 @@ def test_one_code_path_every_device(kind: str) -> None:
     assert not ib_dma_mapping_error(dev, dma)
     backend = dev.dma_device.backend
     if kind == "cpu":
-        assert ib_uses_virt_dma(dev) and dma == kva and ib_dma_max_seg_size(dev) == 1 << 31
+        assert ib_uses_virt_dma(dev) and int(dma) == kva and ib_dma_max_seg_size(dev) == 1 << 31
     else:
-        assert not ib_uses_virt_dma(dev) and dma != kva
+        assert not ib_uses_virt_dma(dev) and int(dma) != kva
         if backend == DmaBackend.DIRECT:
-            assert dma == host.virt_to_phys(kva)
+            assert int(dma) == host.virt_to_phys(kva)
         elif backend == DmaBackend.SWIOTLB:
             assert dev.dma_device.platform.swiotlb is not None
             assert dev.dma_device.platform.swiotlb.is_swiotlb_buffer(dma)
         else:
-            assert dma < 1 << 32 and dma != host.virt_to_phys(kva)
+            assert dma < 1 << 32 and int(dma) != host.virt_to_phys(kva)
     # the device sees the consumer's bytes and its writes come back after a sync
     assert bytes(dev.dma_device.dma_read(dma, 13)) == b"consumer data"
     dev.dma_device.dma_write(dma, b"DEVICE")
@@ -74,7 +74,7 @@ def test_one_code_path_every_device(kind: str) -> None:
     assert got is not None
     ckva, cdma = got
     if kind == "cpu":
-        assert cdma == ckva and ckva >= PAGE_OFFSET
+        assert int(cdma) == ckva and ckva >= PAGE_OFFSET
     ib_dma_free_coherent(dev, 8192, ckva, cdma)
     dev.dma_device.release()
     assert not dev.dma_device.platform.dma_debug.reports

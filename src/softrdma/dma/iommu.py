@@ -112,6 +112,8 @@ class IommuDomain:
         """Translate a device access into physical runs, through the IOTLB.
         Every page is checked before the access may proceed."""
         need = IOMMU_WRITE if write else IOMMU_READ
+        if self.iommu._fq:
+            self.iommu.expire()  # the flush timer may have fired since
         iotlb = self.iotlb
         pgtable = self.pgtable
         first, last = iova >> PAGE_SHIFT, (iova + length - 1) >> PAGE_SHIFT
@@ -202,6 +204,14 @@ class Iommu:
             self._fq_since = now
         self._fq.append((domain, iova_pfn, npages))
         if len(self._fq) >= self.fq_size or now - self._fq_since >= self.fq_timeout:
+            self.flush_iotlb_all()
+
+    def expire(self) -> None:
+        """The flush-queue timer (``fq_timer`` → ``fq_flush_timeout``): once
+        ``fq_timeout`` has passed since the first queued unmap, the IOTLB is
+        flushed whether or not anything else is unmapped. Nothing can see the
+        flush before the next translation, so it is done then."""
+        if self._fq and self.clock() - self._fq_since >= self.fq_timeout:
             self.flush_iotlb_all()
 
     def flush_iotlb_all(self) -> None:
@@ -314,17 +324,31 @@ class IommuOps(DmaOps):
         self, dev: Device, dma: int, size: int, direction: DmaDirection
     ) -> None:
         if not dev.coherent:
-            phys = self._domain(dev).iova_to_phys(dma)
-            if phys is not None:
-                arch_sync_dma_for_cpu(dev.host, phys, size, direction)
+            for phys, length in self._phys_ranges(dev, dma, size):
+                arch_sync_dma_for_cpu(dev.host, phys, length, direction)
 
     def sync_single_for_device(
         self, dev: Device, dma: int, size: int, direction: DmaDirection
     ) -> None:
         if not dev.coherent:
-            phys = self._domain(dev).iova_to_phys(dma)
+            for phys, length in self._phys_ranges(dev, dma, size):
+                arch_sync_dma_for_device(dev.host, phys, length, direction)
+
+    def _phys_ranges(self, dev: Device, dma: int, size: int) -> list[tuple[int, int]]:
+        """The physical ranges behind ``size`` bytes at IOVA ``dma``, one per
+        IOMMU page: a merged sg segment is contiguous only in IOVA space, so
+        each page is synced where it really is (dma-iommu.c
+        ``iommu_dma_sync_sg_for_cpu`` syncs each entry's ``sg_phys``)."""
+        domain = self._domain(dev)
+        ranges = []
+        end = dma + size
+        while dma < end:
+            n = min(end, (dma | (PAGE_SIZE - 1)) + 1) - dma
+            phys = domain.iova_to_phys(dma)
             if phys is not None:
-                arch_sync_dma_for_device(dev.host, phys, size, direction)
+                ranges.append((phys, n))
+            dma += n
+        return ranges
 
     def release(self, dev: Device) -> None:
         if dev.iommu_domain is not None:

@@ -20,6 +20,7 @@ engine runs holding the scheduler's lock, which the verbs take too.
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -29,24 +30,24 @@ from softrdma.dma.device import Device
 from softrdma.drivers.qp_memory import QpMemory
 from softrdma.fabric.link import Link, Network
 from softrdma.time.base import Handle, Scheduler
-from softrdma.transport.params import QpParams
-from softrdma.transport.rc import RcTransport
+from softrdma.transport.rc import RcQp
 from softrdma.transport.roce import (
     RoceFrame,
     rdma_get_udp_sport,
     rdma_gid2ip,
     rxe_qp_src_port,
 )
-from softrdma.transport.ud import UdTransport
-from softrdma.transport.wqe import Completion, CqSide, OutPacket, Output, QpFatal, SendWqe
+from softrdma.transport.ud import UdQp
+from softrdma.transport.wqe import CqSide, OutPacket, Output, QpFatal, SendWqe, check_send_wr
 from softrdma.verbs.device import DeviceAttr, IbDevice, IbEvent
-from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbSendFlags
+from softrdma.verbs.enums import IbEventType, IbQpAttrMask, IbQpState, IbQpType, IbSendFlags
+from softrdma.verbs.errors import PostError
 from softrdma.verbs.qp import QpAttr, QueuePair
 from softrdma.verbs.wr import RecvWR, SendWR
 
 log = logging.getLogger("softrdma.drivers")
 
-Engine = RcTransport | UdTransport
+Engine = RcQp | UdQp
 
 
 class RoceDevice(IbDevice):
@@ -85,7 +86,6 @@ class RoceDevice(IbDevice):
         self.link = link
         self.scheduler: Scheduler = link.scheduler
         self._engines: dict[int, Engine] = {}
-        self._memports: dict[int, QpMemory] = {}
         self._timers: dict[int, Handle] = {}
         self._kicked: set[int] = set()
         self._saddr = link.address.packed
@@ -94,75 +94,58 @@ class RoceDevice(IbDevice):
 
     # -- QP lifecycle (ib_device_ops) --------------------------------------------
 
-    def ops_create_qp(self, qp: QueuePair) -> None:
+    def ops_create_qp(self, qp: QueuePair) -> Engine:
+        """The QP's transport object, which owns its state (``rxe_qp_init``)."""
         mem = QpMemory(self, qp)
-        self._memports[qp.qp_num] = mem
-        self._engines[qp.qp_num] = self._new_engine(qp, mem)
-
-    def _new_engine(self, qp: QueuePair, mem: QpMemory) -> Engine:
+        engine: Engine
         if qp.qp_type == IbQpType.RC:
-            return RcTransport(qp.qp_num, mem, self.stats)
-        return UdTransport(qp.qp_num, mem, self.stats)
+            engine = RcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
+        else:
+            engine = UdQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
+        self._engines[qp.qp_num] = engine
+        return engine
 
     def ops_modify_qp(self, qp: QueuePair, attr: QpAttr, mask: int) -> None:
-        a = qp.attr
-        params = QpParams(
-            qp.qp_num,
-            qp.qp_type if qp.qp_type != IbQpType.GSI else IbQpType.UD,
-            dest_qpn=a.dest_qp_num,
-            path_mtu=a.path_mtu.size,
-            sq_psn=a.sq_psn,
-            rq_psn=a.rq_psn,
-            timeout=a.timeout,
-            retry_cnt=a.retry_cnt,
-            rnr_retry=a.rnr_retry,
-            min_rnr_timer=a.min_rnr_timer,
-            max_rd_atomic=a.max_rd_atomic,
-            max_dest_rd_atomic=a.max_dest_rd_atomic,
-            qkey=a.qkey,
-            sq_sig_all=qp.sq_sig_all,
-            qp_access_flags=a.qp_access_flags,
-        )
-        if qp.state == IbQpState.RESET:
-            self._cancel_timer(qp.qp_num)
-            self._engines[qp.qp_num] = self._new_engine(qp, self._memports[qp.qp_num])
-        self._sports.pop(qp.qp_num, None)  # the path may have changed
+        """``rxe_modify_qp``: the engine takes the attributes and the state."""
         engine = self._engines[qp.qp_num]
-        engine.modify(params, qp.state)
-        if qp.state == IbQpState.ERR:
+        engine.modify(attr, mask)
+        if mask & IbQpAttrMask.AV:
+            self._sports.pop(qp.qp_num, None)  # the path changed
+        if engine.state in (IbQpState.RESET, IbQpState.ERR):
             self._cancel_timer(qp.qp_num)
-            self._deliver(qp, engine.flush())
-        self._kick(qp.qp_num)
+        self._kick(qp.qp_num)  # deliver a flush, start sending
 
     def ops_post_send(self, qp: QueuePair, wrs: Sequence[SendWR]) -> None:
+        """``rxe_post_send``: ``validate_send_wr`` with the WR opcode table,
+        inline data copied, then the doorbell."""
         engine = self._engines[qp.qp_num]
-        for wr in wrs:
-            inline = None
-            if wr.send_flags & IbSendFlags.INLINE:
-                # Inline SGEs hold CPU addresses: the driver copies the bytes
-                # into the WQE at post time (mlx5 set_data_inl_seg, rxe
-                # copy_inline_data_to_wqe), no lkey involved.
-                inline = b"".join(bytes(self.host.cpu_read(s.addr, s.length)) for s in wr.sg_list)
-            engine.post_send(SendWqe.from_wr(wr, sq_sig_all=qp.sq_sig_all, inline_data=inline))
-        self._after_post(qp, engine)
+        qp_type = IbQpType.UD if qp.qp_type == IbQpType.GSI else qp.qp_type
+        try:
+            for wr in wrs:
+                why = check_send_wr(wr, qp_type)
+                if why is not None:
+                    raise PostError(errno.EINVAL, f"QP {qp.qp_num:#x}: {why}", wr)
+                inline = None
+                if wr.send_flags & IbSendFlags.INLINE:
+                    # Inline SGEs hold CPU addresses: the driver copies the
+                    # bytes into the WQE at post time (mlx5 set_data_inl_seg,
+                    # rxe copy_inline_data_to_wqe), no lkey involved.
+                    inline = b"".join(
+                        bytes(self.host.cpu_read(s.addr, s.length)) for s in wr.sg_list
+                    )
+                engine.post_send(SendWqe.from_wr(wr, sq_sig_all=qp.sq_sig_all, inline_data=inline))
+        finally:
+            self._kick(qp.qp_num)
 
     def ops_post_recv(self, qp: QueuePair, wrs: Sequence[RecvWR]) -> None:
         engine = self._engines[qp.qp_num]
         for wr in wrs:
             engine.post_recv(wr)
-        self._after_post(qp, engine)
-
-    def _after_post(self, qp: QueuePair, engine: Engine) -> None:
-        if qp.state == IbQpState.ERR:
-            # IBTA: work requests posted in ERR complete with a flush error.
-            self._deliver(qp, engine.flush())
-        else:
-            self._kick(qp.qp_num)
+        self._kick(qp.qp_num)
 
     def ops_destroy_qp(self, qp: QueuePair) -> None:
         self._cancel_timer(qp.qp_num)
         self._engines.pop(qp.qp_num, None)
-        self._memports.pop(qp.qp_num, None)
         self._kicked.discard(qp.qp_num)
 
     def ops_progress(self, until: Callable[[], bool]) -> None:
@@ -194,24 +177,33 @@ class RoceDevice(IbDevice):
         self._kicked.discard(qpn)
         engine = self._engines.get(qpn)
         qp = self.qp_by_num(qpn)
-        if engine is None or qp is None:
-            return
-        out = engine.poll(self.scheduler.time())
-        if out:
-            self._handle(qp, engine, out)
-        self._arm_timer(qpn, engine)
+        if engine is not None and qp is not None:
+            self._poll(qp, engine, self.scheduler.time())
 
-    def _arm_timer(self, qpn: int, engine: Engine) -> None:
+    def _poll(self, qp: QueuePair, engine: Engine, now: float) -> None:
+        """Run the QP's engines at ``now``, hand their output on, and set
+        their next run."""
+        out = engine.poll(now)
+        resume = self._handle(qp, out) if out else None
+        self._arm_timer(qp.qp_num, engine, resume, now)
+
+    def _arm_timer(self, qpn: int, engine: Engine, resume: float | None, now: float) -> None:
+        """The QP's next run: its earliest timer, or — when it holds back a
+        READ reply — once the link has carried what it just sent (``resume``;
+        rxe waits for its in-flight skbs to be freed)."""
         deadline = engine.next_deadline()
+        if engine.reply_pending():
+            at = engine.reply_hold if resume is None else max(resume, now)
+            engine.reply_hold = at
+            deadline = at if deadline is None else min(deadline, at)
         timer = self._timers.get(qpn)
         if timer is not None and not timer.done:
-            if deadline is not None and timer.when == deadline:
+            if deadline is not None and timer.when == max(deadline, now):
                 return
             timer.cancel()
         if deadline is None:
             self._timers.pop(qpn, None)
         else:
-            now = self.scheduler.time()
             self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
 
     def _cancel_timer(self, qpn: int) -> None:
@@ -219,33 +211,29 @@ class RoceDevice(IbDevice):
         if timer is not None:
             timer.cancel()
 
-    def _handle(self, qp: QueuePair, engine: Engine, out: Output) -> None:
+    def _handle(self, qp: QueuePair, out: Output) -> float | None:
+        """Transmit, complete, and report events; return when the link is done
+        with the last packet (None: at once)."""
+        done = None
         for op in out.packets:
-            self._transmit(qp, op)
-        self._deliver(qp, out.completions)
-        for event in out.events:
-            if isinstance(event, QpFatal):
-                self.dispatch_event(IbEvent(event.event, self, qp=qp, reason=event.reason))
-                qp.to_error(event.reason)
-            elif qp.attr.en_sqd_async_notify:
-                self.dispatch_event(IbEvent(IbEventType.SQ_DRAINED, self, qp=qp))
-
-    def _deliver(self, qp: QueuePair, completions: Sequence[Completion]) -> None:
-        for c in completions:
+            done = self._transmit(qp, op)
+        for c in out.completions:
             if c.side is CqSide.SEND:
                 qp.send_cq.push(c.wc)
             else:
-                qp.rq_outstanding -= 1
                 qp.recv_cq.push(c.wc, c.solicited)
-        engine = self._engines.get(qp.qp_num)
-        if engine is not None:
-            qp.sq_outstanding = engine.sq_outstanding
+        for event in out.events:
+            if isinstance(event, QpFatal):
+                self.dispatch_event(IbEvent(event.event, self, qp=qp, reason=event.reason))
+            elif qp.hw.attr.en_sqd_async_notify:
+                self.dispatch_event(IbEvent(IbEventType.SQ_DRAINED, self, qp=qp))
+        return done
 
     # -- the wire (rxe_net.c) -------------------------------------------------------
 
-    def _transmit(self, qp: QueuePair, op: OutPacket) -> None:
+    def _transmit(self, qp: QueuePair, op: OutPacket) -> float | None:
         if op.dest is None:
-            ah = qp.attr.ah_attr
+            ah = qp.hw.attr.ah_attr
             assert ah is not None
             dgid = ah.dgid
             sport = self._sports.get(qp.qp_num) or self._rc_sport(qp)
@@ -254,14 +242,15 @@ class RoceDevice(IbDevice):
             dgid = op.dest.wr.ah.attr.dgid
             sport = rxe_qp_src_port(qp.qp_num)
         self.stats["sent_pkts"] += 1
-        self.link.transmit(op.pkt, self._route(dgid), sport)
+        return self.link.transmit(op.pkt, self._route(dgid), sport)
 
     def _rc_sport(self, qp: QueuePair) -> int:
         """An RC QP's UDP source port, fixed once it is connected (rxe sets
         it in ``rxe_modify_qp`` from the flow label or the two QPNs)."""
-        ah = qp.attr.ah_attr
+        attr = qp.hw.attr
+        ah = attr.ah_attr
         assert ah is not None
-        sport = rdma_get_udp_sport(ah.flow_label, qp.qp_num, qp.attr.dest_qp_num)
+        sport = rdma_get_udp_sport(ah.flow_label, qp.qp_num, attr.dest_qp_num)
         self._sports[qp.qp_num] = sport
         return sport
 
@@ -290,17 +279,18 @@ class RoceDevice(IbDevice):
         if engine is None or qp is None:
             self.stats["rx_no_qp"] += 1
             return
-        if isinstance(engine, UdTransport):
+        now = self.scheduler.time()
+        if isinstance(engine, UdQp):
             self.stats["rcvd_pkts"] += 1
-            engine.receive(pkt, self.scheduler.time(), sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
+            engine.receive(pkt, now, sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
         else:
-            ah = qp.attr.ah_attr
+            ah = engine.attr.ah_attr
             if ah is None or rf.saddr != self._route(ah.dgid):
                 self.stats["rx_wrong_peer"] += 1
                 return
             self.stats["rcvd_pkts"] += 1
-            engine.receive(pkt, self.scheduler.time())
-        self._run(qpn)
+            engine.receive(pkt, now)
+        self._poll(qp, engine, now)
 
     def receive_error(self, reason: str) -> None:
         """A datagram the link dropped before the transport (bad ICRC,

@@ -260,9 +260,10 @@ class PortAttachment:
         """The port's primary address."""
         return ipaddress.ip_address(self.key)
 
-    def transmit(self, frame: FrameBytes) -> None:
-        """Put a complete Ethernet frame on the wire (``rxe_send``)."""
-        self._fabric._xmit(self, frame)
+    def transmit(self, frame: FrameBytes) -> float:
+        """Put a complete Ethernet frame on the wire (``rxe_send``); returns
+        its arrival time (when it has left the wire)."""
+        return self._fabric._xmit(self, frame)
 
     def detach(self) -> None:
         """Same as :meth:`Fabric.detach` of this port."""
@@ -557,7 +558,7 @@ class Fabric(Closing):
             raise FabricError(f"port {port!r} is not attached to this fabric")
         self._xmit(att, frame)
 
-    def _xmit(self, src: PortAttachment, frame: FrameBytes) -> None:
+    def _xmit(self, src: PortAttachment, frame: FrameBytes) -> float:
         if type(frame) is not bytes:
             frame = bytes(frame)
         if not src.attached:
@@ -602,11 +603,11 @@ class Fabric(Closing):
             dst = None
         if dst is None:
             self.stats.unroutable += 1
-            return
-        if self._faulty:
+        elif self._faulty:
             self._xmit_faulty(src, dst, frame, arrival)
         else:
             self._post(arrival, self._deliver_cb, dst, frame)
+        return arrival
 
     def _deliver(self, dst: PortAttachment, frame: bytes) -> None:
         if not dst.attached:

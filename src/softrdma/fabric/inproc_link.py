@@ -59,10 +59,11 @@ class FabricLink(LinkBase):
         """What ``devinfo`` says about the link."""
         return f"in-process fabric, {self._ip}, MTU {self._mtu}, ICRC over the full frame"
 
-    def transmit(self, packet: Packet, daddr: bytes, sport: int) -> None:
+    def transmit(self, packet: Packet, daddr: bytes, sport: int) -> float:
         """Build the Ethernet / IPv4 / UDP frame around ``packet`` and put it
         on the segment (an unknown neighbour gets the broadcast MAC: the
-        fabric routes on the IP address and counts it unroutable)."""
+        fabric routes on the IP address and counts it unroutable). Returns
+        when the frame is off the wire: its arrival time."""
         frame = RoceFrame(
             packet,
             self._saddr,
@@ -72,7 +73,7 @@ class FabricLink(LinkBase):
             eth_src=self._mac,
             ip_id=self._ip_ident(self._saddr, daddr),
         )
-        self._port.transmit(encode_roce_v2(frame))
+        return self._port.transmit(encode_roce_v2(frame))
 
     def _neighbour(self, daddr: bytes) -> bytes:
         mac = self._neighbours.get(daddr)

@@ -86,12 +86,18 @@ class Link(Protocol):
         ``devinfo``)."""
         ...
 
-    def transmit(self, packet: Packet, daddr: bytes, sport: int) -> None:
+    def transmit(self, packet: Packet, daddr: bytes, sport: int) -> float | None:
         """Send ``packet`` to the packed IPv4 address ``daddr`` (UDP port
         4791 or the network's configured port) from UDP source port
         ``sport``, with the ICRC computed over the headers the link will
         really send (``rxe_send``). Never raises for a lost packet: links
-        drop, the transport retransmits."""
+        drop, the transport retransmits.
+
+        Returns the scheduler time at which the link is done with the
+        packet — it has left the wire (rxe: the skb is freed) — or None if
+        it already is (a kernel socket took it). A device holds back further
+        READ replies until then, so what a peer's requests cost it is bounded
+        by what is on the wire."""
         ...
 
     def close(self) -> None:

@@ -152,7 +152,7 @@ class UdpNetwork:
         scheduler: RealTimeLoop | None = None,
     ) -> None:
         if not 0 < port < 65536:
-            raise ValueError(f"UDP port {port} out of range")
+            raise LinkError(errno.EINVAL, f"UDP port {port} out of range")
         self.port = port
         self.raw = have_cap_net_raw() if raw is None else raw
         self._own_scheduler = scheduler is None
@@ -275,7 +275,8 @@ class UdpLink(LinkBase):
 
     def transmit(self, packet: Packet, daddr: bytes, sport: int) -> None:
         """Send from the QP's source port to ``daddr``; the kernel adds IPv4
-        (DF, identification 0) and UDP headers."""
+        (DF, identification 0) and UDP headers. Returns None: the kernel's
+        socket buffer has the datagram when ``sendto`` returns."""
         if self._closed:
             return  # a timer that fired as the device went away
         payload = encode_roce_udp(packet, self._saddr, daddr, sport, self._port, ip_id=0, df=True)

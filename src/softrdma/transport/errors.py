@@ -36,6 +36,7 @@ __all__ = [
     "MALFORMED_REASONS",
     "DropReason",
     "HeaderFieldError",
+    "LocalProtocolError",
     "MalformedPacket",
     "NotRoceV2",
     "RejectedPacket",
@@ -137,3 +138,11 @@ class HeaderFieldError(SoftRdmaError, ValueError):
     """A header field given for encoding is out of its wire range (for example a
     PSN that does not fit 24 bits). This is a caller bug, not bad wire input.
     """
+
+
+class LocalProtocolError(SoftRdmaError, RuntimeError):
+    """The caller misused a transport engine (h11's name): posted to a QP in
+    RESET, asked for a state change the QP state machine has no row for, or
+    handed a UD receive a network header of the wrong size. A peer's
+    protocol violations never raise: the engines answer them with the NAK or
+    completion error IBTA specifies."""

@@ -87,7 +87,6 @@ _U24 = 24
 _BTH_STRUCT = struct.Struct(">BBHII")
 # Decoders build a header with tuple.__new__(cls, values): the NamedTuple's
 # __new__ is a Python-level function that does only that, with no checks.
-_tuple_new = tuple.__new__
 
 
 def _bad(header: str, field: str, value: object, bits: int) -> HeaderFieldError:
@@ -353,7 +352,7 @@ class Aeth(_AethFields, _WireHeader):
     @classmethod
     def from_wire(cls, word: int) -> Self:
         """Build from the :attr:`STRUCT` value."""
-        return _tuple_new(cls, (word >> 24, word & 0xFFFFFF))
+        return tuple.__new__(cls, (word >> 24, word & 0xFFFFFF))
 
     @classmethod
     def ack(cls, msn: int, credits: int = AETH_CREDIT_INVALID) -> Self:
@@ -479,7 +478,7 @@ class Deth(_DethFields, _WireHeader):
     @classmethod
     def from_wire(cls, qkey: int, word: int) -> Self:
         """Build from :attr:`STRUCT` values (reserved byte ignored)."""
-        return _tuple_new(cls, (qkey, word & 0xFFFFFF))
+        return tuple.__new__(cls, (qkey, word & 0xFFFFFF))
 
 
 class _CnpRsvdFields(NamedTuple):

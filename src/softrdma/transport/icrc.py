@@ -48,6 +48,7 @@ import functools
 import struct
 import zlib
 
+from softrdma.transport.errors import HeaderFieldError
 from softrdma.transport.headers import BTH_SIZE, BytesLike, MalformedPacket
 
 __all__ = [
@@ -259,7 +260,7 @@ def _id_df_solver(n: int) -> list[int]:
     leads with (distinct leading bits: independent), then back-substitution
     turns row ``p`` into ``1 << p``, whose mask is then its coordinates."""
     if not BTH_SIZE + ICRC_SIZE <= n <= 0xFFFF - IPV4_HDR_SIZE - UDP_HDR_SIZE:
-        raise ValueError(f"no IPv4 RoCEv2 packet has a {n}-byte UDP payload")
+        raise HeaderFieldError(f"no IPv4 RoCEv2 packet has a {n}-byte UDP payload")
     rows: dict[int, tuple[int, int]] = {}  # leading bit -> (vector, combination)
 
     def insert(vec: int, combo: int) -> None:

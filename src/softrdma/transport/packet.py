@@ -49,7 +49,6 @@ from softrdma.transport.opcodes import (
 __all__ = ["MalformedPacket", "Packet", "UnknownOpcode", "pad_count"]
 
 _PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
-_tuple_new = tuple.__new__
 
 # Packet attribute holding each extension header class.
 _SLOT: dict[ExtHeaderType, str] = {
@@ -167,7 +166,9 @@ class Packet:
         if cnp is None and opcode == 0x81:
             cnp = CnpRsvd()
         # tuple.__new__: the NamedTuple's Python-level __new__ checks nothing.
-        bth = _tuple_new(Bth, (opcode, dest_qp, psn, pkey, se, mig, -n & 3, 0, fecn, becn, ack_req))
+        bth = tuple.__new__(
+            Bth, (opcode, dest_qp, psn, pkey, se, mig, -n & 3, 0, fecn, becn, ack_req)
+        )
         return cls(bth, payload, reth, aeth, atmeth, atmack, immdt, ieth, deth, cnp)
 
     # Convenience views of the BTH and the opcode row.
@@ -315,7 +316,7 @@ class Packet:
             )
         # tuple.__new__ skips the NamedTuple's Python-level __new__ (hot path);
         # this is Bth.from_wire with its TVer check done above.
-        bth = _tuple_new(
+        bth = tuple.__new__(
             Bth,
             (
                 plan.opcode,
@@ -334,7 +335,7 @@ class Packet:
         pkt = cls(bth, mv[hlen:end])
         for slot, hcls, verbatim, i, j in plan.decoders:
             if verbatim:  # the values are the fields: no from_wire call needed
-                setattr(pkt, slot, _tuple_new(hcls, vals[i:j]))
+                setattr(pkt, slot, tuple.__new__(hcls, vals[i:j]))
             else:
                 setattr(pkt, slot, hcls.from_wire(*vals[i:j]))
         return pkt

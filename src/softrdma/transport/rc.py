@@ -1,174 +1,299 @@
-"""One RC queue pair's transport: requester, completer and responder, sans-IO.
+"""One RC queue pair, sans-IO: its state, and the three engines that run it.
 
-Kernel counterpart: the RC half of ``drivers/infiniband/sw/rxe`` — the QP's
-three tasks (``rxe_requester`` in ``rxe_req.c``, ``rxe_completer`` in
-``rxe_comp.c``, ``rxe_responder`` in ``rxe_resp.c``), the per-QP timers
-(``retrans_timer``, ``rnr_nak_timer``), the state changes of ``rxe_qp.c``
-(``rxe_qp_from_attr``, ``rxe_qp_error``) and the dispatch of
-``rxe_recv.c`` (``rxe_rcv_pkt``: requests to the responder, responses to
-the completer).
+Kernel counterpart: ``struct rxe_qp`` (``drivers/infiniband/sw/rxe/rxe_verbs.h``)
+with its ``req`` / ``comp`` / ``resp`` parts, ``rxe_qp.c``
+(``rxe_qp_from_attr``, ``rxe_qp_error``, ``rxe_qp_reset``), the per-QP
+timers, and ``rxe_recv.c``'s dispatch (``rxe_rcv_pkt``: requests to the
+responder, responses to the completer). The engines are one module each:
+``requester.py`` (``rxe_req.c``), ``completer.py`` (``rxe_comp.c``),
+``responder.py`` (``rxe_resp.c``); they work on an :class:`RcQp` and keep
+no state of their own.
 
-A device drives one :class:`RcTransport` per RC QP::
+A driver holds one :class:`RcQp` per RC QP::
 
-    rc = RcTransport(qpn, memport)
-    rc.modify(params, IbQpState.INIT); ...; rc.modify(params, IbQpState.RTS)
-    rc.post_recv(recv_wr); rc.post_send(SendWqe.from_wr(wr))
-    rc.receive(packet, now)            # every packet addressed to the QP
-    out = rc.poll(now)                 # after any input, and at next_deadline()
+    qp = RcQp(qpn, memory_port, sq_sig_all=False)
+    qp.modify(attr, mask)           # validated ib_modify_qp attributes
+    qp.post_recv(recv_wr); qp.post_send(SendWqe.from_wr(wr))
+    qp.receive(packet, now)         # every packet addressed to the QP
+    out = qp.poll(now)              # after any input, and at next_deadline()
     out.packets / out.completions / out.events
-    rc.next_deadline()                 # when to poll() again with no input
-    rc.flush()                         # on ERR: everything left, WR_FLUSH_ERR
+    qp.next_deadline()              # when to poll() again with no input
 
-Nothing here sleeps, reads a clock or touches memory other than through
-the :class:`~softrdma.transport.memory_port.MemoryPort`: the same inputs give
-the same outputs.
+One source of truth: :attr:`RcQp.state` is the QP state (``qp->attr.qp_state``;
+the verbs layer asks it) and :attr:`RcQp.attr` the attributes as the verbs
+layer validated them. The engines read both and keep their progress in
+:attr:`RcQp.req`, :attr:`RcQp.comp` and :attr:`RcQp.resp`.
 
-How verbs QP states map to the engines' states::
+Which engines run in which state::
 
-    IbQpState   requester (ReqState)   responder (RespQpState)
-    RESET       RESET                  RESET
-    INIT        INIT                   INIT
-    RTR         INIT                   READY   (expects rq_psn)
-    RTS         READY  (sends sq_psn)  READY
-    SQD         DRAIN -> DRAINED       READY
-    ERR         ERROR                  ERROR
+    IbQpState   requester / completer        responder
+    RESET       -                            -
+    INIT        -                            -
+    RTR         -                            runs (expects rq_psn)
+    RTS         runs (sends from sq_psn)     runs
+    SQD         started WQEs only; then      runs
+                SqDrained, once
+    ERR         -                            -
+
+Errors are sticky (h11's model): a fatal error in any engine moves the QP to
+ERR itself — every outstanding work request completes with
+``IB_WC_WR_FLUSH_ERR`` after the one that failed, and a :class:`QpFatal`
+event says why; the layers above only observe it. Posting in ERR completes
+at once with ``IB_WC_WR_FLUSH_ERR``; only a modify to RESET leaves ERR.
+
+Nothing here sleeps, reads a clock or touches memory other than through the
+:class:`~softrdma.transport.memory_port.MemoryPort`: the same inputs give the
+same outputs.
 """
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, deque
+from dataclasses import dataclass, field
 
-from softrdma.transport.completer import Completer, send_wc
+from softrdma.transport import completer, requester, responder
+from softrdma.transport.errors import LocalProtocolError
 from softrdma.transport.memory_port import MemoryPort
-from softrdma.transport.opcodes import OPCODE_TABLE, Transport
+from softrdma.transport.opcodes import OPCODE_TABLE, OpcodeInfo, Transport
 from softrdma.transport.packet import Packet
-from softrdma.transport.params import QpParams
-from softrdma.transport.requester import ReqState, Requester
-from softrdma.transport.responder import Responder, RespQpState
-from softrdma.transport.wqe import Completion, CqSide, Output, QpFatal, SendWqe, SqDrained
-from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbWcOpcode, IbWcStatus
-from softrdma.verbs.wr import RecvWR, WorkCompletion
+from softrdma.transport.qp_base import QpBase
+from softrdma.transport.wqe import Output, QpFatal, SendWqe, SqDrained
+from softrdma.verbs.enums import (
+    IbEventType,
+    IbQpAttrMask,
+    IbQpState,
+    IbWcStatus,
+)
+from softrdma.verbs.qp import QpAttr, apply_qp_attr
+from softrdma.verbs.wr import RecvWR
 
-__all__ = ["RcTransport"]
+__all__ = ["CompInfo", "RcQp", "ReqInfo", "RespInfo", "RespRes", "local_ack_timeout"]
 
-_ACTIVE = (ReqState.READY, ReqState.DRAIN, ReqState.DRAINED)
 _RC = Transport.RC
+_REQUESTER_STATES = frozenset({IbQpState.RTS, IbQpState.SQD})
+_RESPONDER_STATES = frozenset({IbQpState.RTR, IbQpState.RTS, IbQpState.SQD})
+_FLUSH = IbWcStatus.WR_FLUSH_ERR
 
 
-class RcTransport:
-    """The transport of one RC QP (rxe ``struct rxe_qp`` for ``IB_QPT_RC``)."""
+def local_ack_timeout(timeout: int) -> float | None:
+    """The local ACK timeout in seconds: 4.096 µs × 2**timeout, ``None`` for
+    ``timeout`` 0 (infinite). Kernel: rxe_qp.c ``rxe_qp_from_attr``
+    (``qp_timeout_jiffies = nsecs_to_jiffies(4096ULL << timeout)``)."""
+    return 4.096e-6 * (1 << timeout) if timeout else None
 
-    def __init__(self, qpn: int, mem: MemoryPort, counters: Counter[str] | None = None) -> None:
-        self.qpn = qpn
-        self.mem = mem
-        self.params = QpParams(qpn)
-        self.qp_state = IbQpState.RESET
-        self._now = 0.0  # time of the last poll
-        self._out = Output(counters=Counter() if counters is None else counters)
-        self.req = Requester(qpn, mem, self._out)
-        self.comp = Completer(self.req, self._req_fatal)
-        self.req.comp = self.comp
-        self.resp = Responder(qpn, mem, self._out, self._fatal)
 
-    # -- control --------------------------------------------------------------
+@dataclass(slots=True)
+class ReqInfo:
+    """The requester's progress (rxe ``struct rxe_req_info``).
 
-    @property
-    def state(self) -> IbQpState:
-        """The verbs QP state last set with :meth:`modify`."""
-        return self.qp_state
+    ``wqe_index`` — the next send WQE to work on; ``psn`` — the next PSN to
+    send (rewound by a retry); ``sent_psn`` — one past the highest PSN ever
+    sent (a response beyond it acknowledges nothing); ``noack_pkts`` — packets since the last AckReq; ``rd_atomic`` —
+    free READ / atomic credits (``max_rd_atomic`` of them); ``need_retry`` —
+    the completer asked for go-back-N; ``wait_for_rnr_timer`` — an RNR NAK's
+    wait is on; ``retrans_deadline`` / ``rnr_deadline`` — the two timers
+    (absolute time, or None)."""
+
+    wqe_index: int = 0
+    psn: int = 0
+    sent_psn: int = 0
+    noack_pkts: int = 0
+    rd_atomic: int = 0
+    need_retry: bool = False
+    wait_for_rnr_timer: bool = False
+    retrans_deadline: float | None = None
+    rnr_deadline: float | None = None
+
+
+@dataclass(slots=True)
+class CompInfo:
+    """The completer's progress (rxe ``struct rxe_comp_info``): ``psn`` —
+    the oldest PSN not yet acknowledged; ``opcode`` — the last opcode of a
+    multi-packet READ response in progress (-1 between messages);
+    ``retry_cnt`` / ``rnr_retry`` — retries left; ``started_retry`` — a
+    go-back-N is under way; ``timeout`` — the retransmit timer fired."""
+
+    psn: int = 0
+    opcode: int = -1
+    retry_cnt: int = 0
+    rnr_retry: int = 0
+    started_retry: bool = False
+    timeout: bool = False
+
+
+class RespRes:
+    """A responder resource (rxe ``struct resp_res``): what a READ or atomic
+    needs to be answered again when its request is repeated. There are
+    ``max_dest_rd_atomic`` of them, reused round robin."""
+
+    __slots__ = (
+        "cur_psn",
+        "first_psn",
+        "is_read",
+        "last_psn",
+        "length",
+        "orig",
+        "replay",
+        "resid",
+        "rkey",
+        "started",
+        "va",
+        "va_org",
+        "valid",
+    )
+
+    def __init__(self) -> None:
+        self.valid = False
+        self.is_read = False
+        self.first_psn = self.last_psn = self.cur_psn = 0
+        self.va = self.va_org = self.length = self.resid = self.rkey = 0
+        self.orig = 0
+        self.replay = False
+        self.started = False
+
+
+@dataclass(slots=True)
+class RespInfo:
+    """The responder's progress (rxe ``struct rxe_resp_info``).
+
+    ``psn`` — the next expected PSN; ``ack_psn`` — one past the last request
+    executed; ``msn`` — completed messages, carried in every AETH;
+    ``opcode`` — the last request opcode executed (-1 between messages);
+    ``sent_psn_nak`` — a sequence NAK is out; ``wqe`` / ``recv_offset`` —
+    the receive WQE being filled; ``va`` / ``rkey`` / ``resid`` / ``length``
+    — the RETH / AtomicETH of the message in progress; ``resources`` /
+    ``res_head`` / ``res`` — the READ / atomic resources; ``cur`` — a READ
+    whose reply is unfinished, ``queue`` — requests waiting behind it.
+    Per packet: ``aeth_syndrome``, ``status``, ``local_status``, ``nak``."""
+
+    psn: int = 0
+    ack_psn: int = 0
+    msn: int = 0
+    opcode: int = -1
+    sent_psn_nak: bool = False
+    wqe: RecvWR | None = None
+    recv_offset: int = 0
+    va: int = 0
+    rkey: int = 0
+    resid: int = 0
+    length: int = 0
+    aeth_syndrome: int = 0
+    status: IbWcStatus = IbWcStatus.SUCCESS
+    local_status: IbWcStatus | None = None
+    nak: int = 0
+    resources: list[RespRes] = field(default_factory=list)
+    res_head: int = 0
+    res: RespRes | None = None
+    cur: tuple[Packet, OpcodeInfo] | None = None
+    queue: deque[tuple[Packet, OpcodeInfo]] = field(default_factory=deque)
+
+
+class RcQp(QpBase):
+    """One RC QP (rxe ``struct rxe_qp`` for ``IB_QPT_RC``): see the module
+    docstring and :class:`~softrdma.transport.qp_base.QpBase`."""
+
+    transport = "RC"
+
+    def __init__(
+        self,
+        qpn: int,
+        mem: MemoryPort,
+        *,
+        sq_sig_all: bool = False,
+        counters: Counter[str] | None = None,
+    ) -> None:
+        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters)
+        self.mtu = self.attr.path_mtu.size
+        self.ack_timeout = local_ack_timeout(self.attr.timeout)
+        self.access = int(self.attr.qp_access_flags)
+        self.sq: list[SendWqe] = []
+        self.sq_head = 0
+        self.req = ReqInfo()
+        self.comp = CompInfo()
+        self.resp = RespInfo()
+        self.drained_sent = False
+        self.now = 0.0  # time of the last poll
+        self.reply_hold = 0.0
+        """An unfinished READ reply continues no earlier than this: when the
+        link has carried the last burst (set by the driver, like ``now``)."""
 
     @property
     def sq_outstanding(self) -> int:
-        """Send WQEs posted and not yet completed (the send queue depth in use)."""
-        return len(self.req.sq) - self.req.sq_head
+        """Send WQEs posted and not yet completed."""
+        return len(self.sq) - self.sq_head
 
-    @property
-    def rq_outstanding(self) -> int:
-        """Receive WQEs posted and not yet completed."""
-        return len(self.resp.rq)
+    # -- ib_modify_qp -----------------------------------------------------------------
 
-    def modify(self, params: QpParams, new_state: IbQpState) -> None:
-        """Apply ``ib_modify_qp`` (rxe_qp.c ``rxe_qp_from_attr``): new attributes
-        and the state the verbs layer has already validated. Entering RTR
-        starts the responder at ``rq_psn``, entering RTS from RTR starts the
-        requester at ``sq_psn``; SQD stops starting WQEs (``SqDrained`` once
-        the started ones complete); ERR stops both (then :meth:`flush`)."""
-        if params.qpn != self.qpn or params.qp_type is not IbQpType.RC:
-            raise ValueError(f"RC QP {self.qpn:#x} got parameters for {params!r}")
-        self.params = params
-        self.req.set_params(params)
-        self.resp.set_params(params)
-        req, resp = self.req, self.resp
-        if new_state is IbQpState.RESET:
-            req.reset()
-            resp.reset()
-            req.state = ReqState.RESET
-            resp.state = RespQpState.RESET
-        elif new_state is IbQpState.INIT:
-            req.set_state(ReqState.INIT)
-            resp.set_state(RespQpState.INIT)
-        elif new_state is IbQpState.RTR:
-            if resp.state is not RespQpState.READY:
-                resp.set_state(RespQpState.READY)
-                resp.start()
-        elif new_state is IbQpState.RTS:
-            if resp.state is not RespQpState.READY:
-                resp.set_state(RespQpState.READY)
-                resp.start()
-            if req.state is ReqState.INIT:
-                req.set_state(ReqState.READY)
-                req.start()
-            elif req.state is not ReqState.READY:
-                req.set_state(ReqState.READY)  # SQD -> RTS resumes
-        elif new_state is IbQpState.SQD:
-            if req.state is ReqState.READY:
-                req.set_state(ReqState.DRAIN)
-        elif new_state is IbQpState.ERR:
-            req.set_state(ReqState.ERROR)
-            resp.set_state(RespQpState.ERROR)
+    def modify(self, attr: QpAttr, mask: int) -> None:
+        """Apply ``ib_modify_qp`` (rxe_qp.c ``rxe_qp_from_attr``): the
+        attributes ``mask`` selects, and the state ``attr.qp_state`` when the
+        mask has ``IB_QP_STATE`` — both already validated by the verbs layer.
+        Entering RTR starts the responder at ``rq_psn``, RTS from RTR the
+        requester at ``sq_psn``; SQD stops starting WQEs; ERR flushes."""
+        old = self.state
+        outstanding = self.attr.max_rd_atomic - self.req.rd_atomic
+        apply_qp_attr(self.attr, attr, mask)
+        a = self.attr
+        self.mtu = a.path_mtu.size
+        self.ack_timeout = local_ack_timeout(a.timeout)
+        self.access = int(a.qp_access_flags)
+        # New max_rd_atomic: the outstanding READs / atomics keep their credits.
+        self.req.rd_atomic = max(0, a.max_rd_atomic - outstanding)
+        new = a.qp_state if mask & IbQpAttrMask.STATE else old
+        if new is IbQpState.RESET:
+            self._reset()
+        elif new is IbQpState.ERR:
+            if old is not IbQpState.ERR:
+                self._enter_error()
+        elif new is IbQpState.RTR and old is IbQpState.INIT:
+            self.state = new
+            responder.start(self)
+        elif new is IbQpState.RTS and old is IbQpState.RTR:
+            self.state = new
+            requester.start(self)
+        elif new is IbQpState.SQD and old is IbQpState.RTS:
+            self.state = new
+            self.drained_sent = False
         else:
-            raise ValueError(f"RC QP cannot enter {new_state.name}")
-        self.qp_state = new_state
+            if new is not old and (old, new) not in _OTHER_TRANSITIONS:
+                raise LocalProtocolError(
+                    f"RC QP {self.qpn:#x}: no transition {old.name} -> {new.name}"
+                )
+            self.state = new
 
-    def _fatal(
-        self, status: IbWcStatus, reason: str, event: IbEventType = IbEventType.QP_FATAL
-    ) -> None:
-        """rxe_qp.c ``rxe_qp_error``: the whole QP stops; the device is told
-        with a :class:`QpFatal` and moves the QP to ERR."""
-        if self.req.state is ReqState.ERROR and self.resp.state is RespQpState.ERROR:
+    def _reset(self) -> None:
+        """rxe_qp.c ``rxe_qp_reset``: drop both queues without completions."""
+        self._clear()
+        self.sq_head = 0
+        self.req = ReqInfo()
+        self.comp = CompInfo()
+        self.resp = RespInfo()
+
+    # -- errors ---------------------------------------------------------------------
+
+    def fatal(self, status: IbWcStatus, reason: str, event: IbEventType) -> None:
+        """A fatal error (rxe_qp.c ``rxe_qp_error``): tell the layers above
+        with a :class:`QpFatal` event, then enter ERR and flush. Sticky: in
+        ERR already, nothing happens."""
+        if self.state is IbQpState.ERR:
             return
-        self._out.events.append(QpFatal(status, reason, event))
-        self.req.state = ReqState.ERROR
-        self.resp.state = RespQpState.ERROR
+        self.out.events.append(QpFatal(status, reason, event))
+        self._enter_error()
 
-    def _req_fatal(self, status: IbWcStatus, reason: str) -> None:
-        self._fatal(status, reason, IbEventType.QP_FATAL)
+    def _enter_error(self) -> None:
+        """ERR: stop the engines and flush (:meth:`QpBase._enter_error`)."""
+        super()._enter_error()
+        self.resp = RespInfo()
+        req = self.req
+        req.retrans_deadline = req.rnr_deadline = None
 
-    # -- work requests --------------------------------------------------------
+    def _flush_send_queue(self) -> list[SendWqe]:
+        pending = self.sq[self.sq_head :]
+        self.sq.clear()
+        self.sq_head = self.req.wqe_index = 0
+        return pending
 
-    def post_send(self, wqe: SendWqe) -> None:
-        """Queue a send WQE (rxe_verbs.c ``rxe_post_send``). In ERR it
-        completes at once with ``IB_WC_WR_FLUSH_ERR``."""
-        if self.qp_state is IbQpState.RESET:
-            raise ValueError(f"QP {self.qpn:#x}: post_send in RESET")
-        if self.req.state is ReqState.ERROR:
-            wc = send_wc(wqe, self.qpn, IbWcStatus.WR_FLUSH_ERR)
-            self._out.completions.append(Completion(CqSide.SEND, wc))
-            return
-        self.req.post(wqe)
-
-    def post_recv(self, wr: RecvWR) -> None:
-        """Queue a receive WQE (rxe_verbs.c ``rxe_post_recv``). In ERR it
-        completes at once with ``IB_WC_WR_FLUSH_ERR``."""
-        if self.qp_state is IbQpState.RESET:
-            raise ValueError(f"QP {self.qpn:#x}: post_recv in RESET")
-        if self.resp.state is RespQpState.ERROR:
-            wc = WorkCompletion(wr.wr_id, IbWcStatus.WR_FLUSH_ERR, IbWcOpcode.RECV, self.qpn)
-            self._out.completions.append(Completion(CqSide.RECV, wc))
-            return
-        self.resp.rq.append(wr)
-
-    # -- packets and time -----------------------------------------------------
+    # -- packets and time ---------------------------------------------------------------
 
     def receive(self, pkt: Packet, now: float) -> None:
         """Take one packet addressed to this QP (rxe_recv.c ``rxe_rcv_pkt``):
@@ -178,21 +303,22 @@ class RcTransport:
         info = OPCODE_TABLE[pkt.bth.opcode]
         if info is None or info.qp_type is not _RC:
             return
+        state = self.state
         if info.is_request:
-            self.resp.receive(pkt, info)
-        elif info.is_response and self.req.state in _ACTIVE:
-            self.comp.receive(pkt, info, now)
+            if state in _RESPONDER_STATES:
+                responder.receive(self, pkt, info)
+        elif info.is_response and state in _REQUESTER_STATES:
+            completer.receive(self, pkt, info, now)
 
     def poll(self, now: float) -> Output:
         """Run the engines at time ``now`` and hand back what they produced
         since the last poll (rxe ``rxe_sender``: requester, then completer;
         the timers fire here)."""
-        self._now = now
-        if self.resp.pending():
-            self.resp.run()
-        req = self.req
-        if req.state in _ACTIVE:
-            comp = self.comp
+        self.now = now
+        if (self.resp.cur is not None or self.resp.queue) and now >= self.reply_hold:
+            responder.run(self)
+        if self.state in _REQUESTER_STATES:
+            req = self.req
             if req.rnr_deadline is not None and now >= req.rnr_deadline:
                 # rxe_req.c rnr_nak_timer(): go back N now.
                 req.rnr_deadline = None
@@ -201,57 +327,45 @@ class RcTransport:
             timeout = req.retrans_deadline is not None and now >= req.retrans_deadline
             if timeout:
                 req.retrans_deadline = None
-            comp.run(now, timeout)
-            while req.state in _ACTIVE:
-                head = req.sq_head
-                req.run(now)
-                comp.run(now)
+            completer.run(self, now, timeout)
+            while self.state in _REQUESTER_STATES:
+                head = self.sq_head
+                requester.run(self, now)
+                completer.run(self, now, False)
                 # Loop only while completions unblock fenced WQEs.
-                if req.sq_head == head or req.wqe_index >= len(req.sq):
+                if self.sq_head == head or req.wqe_index >= len(self.sq):
                     break
-            if req.state is ReqState.DRAIN and req.drained():
-                req.set_state(ReqState.DRAINED)
-                self._out.events.append(SqDrained())
-        return self._out.take()
+            if self.state is IbQpState.SQD and not self.drained_sent and requester.drained(self):
+                self.drained_sent = True
+                self.out.events.append(SqDrained())
+        return self.out.take()
+
+    def reply_pending(self) -> bool:
+        """A READ reply is unfinished (or requests wait behind it): the driver
+        sets :attr:`reply_hold` to when the link has carried what the last
+        poll produced, and polls again then."""
+        return self.resp.cur is not None or bool(self.resp.queue)
 
     def next_deadline(self) -> float | None:
         """The earliest time :meth:`poll` has timer work to do, or ``None``."""
-        if self.resp.pending():
-            return self._now  # an unfinished READ reply: poll again at once
-        req = self.req
-        if req.state not in _ACTIVE:
+        if self.state not in _REQUESTER_STATES:
             return None
-        a, b = req.retrans_deadline, req.rnr_deadline
+        a, b = self.req.retrans_deadline, self.req.rnr_deadline
         if a is None:
             return b
         if b is None:
             return a
         return min(a, b)
 
-    def flush(self) -> list[Completion]:
-        """Complete everything left with ``IB_WC_WR_FLUSH_ERR``, in order: send
-        WQEs not yet completed, then posted receives (rxe_comp.c
-        ``rxe_drain_resp_pkts`` / rxe_resp.c ``RESPST_ERROR`` path). Completions
-        not yet polled come first. Both engines end in ERROR."""
-        out = self._out
-        result = out.completions
-        out.completions = []
-        req, resp = self.req, self.resp
-        flush = IbWcStatus.WR_FLUSH_ERR
-        qpn = self.qpn
-        for wqe in req.sq[req.sq_head :]:
-            result.append(Completion(CqSide.SEND, send_wc(wqe, qpn, flush)))
-        req.sq.clear()
-        req.sq_head = req.wqe_index = 0
-        for wr in resp.rq:
-            wc = WorkCompletion(wr.wr_id, flush, IbWcOpcode.RECV, qpn)
-            result.append(Completion(CqSide.RECV, wc))
-        resp.rq.clear()
-        resp.cur = None
-        resp.queue.clear()
-        resp.wqe = None
-        resp.recv_offset = 0
-        req.state = ReqState.ERROR
-        resp.state = RespQpState.ERROR
-        req.retrans_deadline = req.rnr_deadline = None
-        return result
+
+# Transitions that only change attributes or the state name (the verbs layer
+# has validated them against ib_modify_qp_is_ok).
+_OTHER_TRANSITIONS = frozenset(
+    {
+        (IbQpState.RESET, IbQpState.INIT),
+        (IbQpState.INIT, IbQpState.INIT),
+        (IbQpState.RTS, IbQpState.RTS),
+        (IbQpState.SQD, IbQpState.SQD),
+        (IbQpState.SQD, IbQpState.RTS),
+    }
+)

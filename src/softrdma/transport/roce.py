@@ -177,7 +177,7 @@ def rdma_gid2ip(gid: BytesLike) -> IPv4Address | IPv6Address:
     GIDs give an IPv4 address, others IPv6."""
     raw = bytes(gid)
     if len(raw) != 16:
-        raise ValueError(f"a GID is 16 bytes, got {len(raw)}")
+        raise HeaderFieldError(f"a GID is 16 bytes, got {len(raw)}")
     ip6 = IPv6Address(raw)
     return ip6.ipv4_mapped or ip6
 
@@ -193,7 +193,7 @@ def _addr_bytes(addr: Address) -> bytes:
             return addr[12:]  # an IPv4-mapped GID means RoCEv2 over IPv4
         if len(addr) in (4, 16):
             return addr
-        raise ValueError(f"an address is 4 or 16 bytes, got {len(addr)}")
+        raise HeaderFieldError(f"an address is 4 or 16 bytes, got {len(addr)}")
     ip = ipaddress.ip_address(addr) if isinstance(addr, str) else addr
     if isinstance(ip, IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped.packed
@@ -209,7 +209,7 @@ def packed_addrs(src: Address, dst: Address) -> tuple[bytes, bytes]:
     s = src if type(src) is bytes and len(src) == 4 else _addr_bytes(src)
     d = dst if type(dst) is bytes and len(dst) == 4 else _addr_bytes(dst)
     if len(s) != len(d):
-        raise ValueError("source and destination must both be IPv4 or both IPv6")
+        raise HeaderFieldError("source and destination must both be IPv4 or both IPv6")
     return s, d
 
 

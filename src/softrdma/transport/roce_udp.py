@@ -231,7 +231,7 @@ def decode_roce_udp(
                     s, d, sport, dport, n + 8, 0xFFFF, head, 0xFF,
                 )  # fmt: skip
         except (struct.error, TypeError) as e:
-            raise ValueError(f"bad address, port or IPv4 ID: {e}") from None
+            raise HeaderFieldError(f"bad address, port or IPv4 ID: {e}") from None
         crc = zlib.crc32(pseudo, ICRC_LRH_STATE)
         crc = zlib.crc32(mv[5 : n - ICRC_SIZE], crc)
         if crc != found:

@@ -27,7 +27,7 @@ from softrdma.verbs.mr import MemoryRegion, MrState, MrTable, ib_check_mr_access
 if TYPE_CHECKING:
     from softrdma.verbs.cq import CompletionQueue
     from softrdma.verbs.pd import ProtectionDomain
-    from softrdma.verbs.qp import QpAttr, QpInitAttr, QueuePair
+    from softrdma.verbs.qp import QpAttr, QpHardware, QpInitAttr, QueuePair
     from softrdma.verbs.wr import RecvWR, SendWR
 
 #: ``IB_DEVICE_MEM_MGT_EXTENSIONS``: REG_MR, LOCAL_INV, SEND_WITH_INV.
@@ -230,8 +230,8 @@ class IbDevice(abc.ABC):
             self._next_qpn += 1
         with self.lock:
             qp = QueuePair(pd, init_attr, qpn)
+            qp.hw = self.ops_create_qp(qp)
             self._tables.qps[qpn] = qp
-            self.ops_create_qp(qp)
         return qp
 
     def qp_by_num(self, qpn: int) -> QueuePair | None:
@@ -294,16 +294,20 @@ class IbDevice(abc.ABC):
     # -- the driver's ib_device_ops ------------------------------------------------------
 
     @abc.abstractmethod
-    def ops_create_qp(self, qp: QueuePair) -> None:
-        """Set up the driver's side of a new QP."""
+    def ops_create_qp(self, qp: QueuePair) -> QpHardware:
+        """Set up the driver's side of a new QP, which owns its state."""
 
     @abc.abstractmethod
     def ops_modify_qp(self, qp: QueuePair, attr: QpAttr, mask: int) -> None:
-        """Apply a validated state transition (the QP's fields are updated)."""
+        """Apply a validated transition: ``attr.qp_state`` is the new state,
+        ``mask`` (with ``IB_QP_STATE``) the attributes to take."""
 
     @abc.abstractmethod
     def ops_post_send(self, qp: QueuePair, wrs: Sequence[SendWR]) -> None:
-        """Queue validated send work requests and ring the doorbell."""
+        """Queue send work requests and ring the doorbell; a WR the driver
+        cannot take (wrong opcode for the QP type, ...) raises
+        :class:`~softrdma.verbs.errors.PostError` with it as ``bad_wr``,
+        the ones before it being posted (``rxe_post_send``)."""
 
     @abc.abstractmethod
     def ops_post_recv(self, qp: QueuePair, wrs: Sequence[RecvWR]) -> None:

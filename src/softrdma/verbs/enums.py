@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import enum
+import errno
+
+from softrdma.verbs.errors import VerbsError
 
 
 class IbWrOpcode(enum.IntEnum):
@@ -166,7 +169,7 @@ class IbMtu(enum.IntEnum):
         for mtu in reversed(cls):
             if mtu.size <= size:
                 return mtu
-        raise ValueError(f"no IB MTU fits in {size} bytes")
+        raise VerbsError(errno.EINVAL, f"no IB MTU fits in {size} bytes")
 
 
 class IbEventType(enum.IntEnum):

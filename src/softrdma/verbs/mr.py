@@ -245,7 +245,10 @@ class MrTable:
             raise MrKeyError("REG_MR of an MR of another PD")
         if (key ^ mr.lkey) & ~0xFF:
             raise MrKeyError(f"REG_MR key {key:#x} changes more than the key byte of {mr.lkey:#x}")
-        ib_check_mr_access(access)
+        try:
+            ib_check_mr_access(access)
+        except VerbsError as e:  # a bad work request: it completes in error
+            raise MrKeyError(f"REG_MR access: {e}") from None
         mr.access = access
         mr.lkey = mr.rkey = key
         mr.state = MrState.VALID

@@ -7,6 +7,13 @@ RESET. Each transition has required and optional attributes per QP type
 (IBTA vol. 1 §11.2.5, the kernel's ``qp_state_table``); anything else is
 ``EINVAL``. Posting in ERR is allowed and completes with
 ``IB_WC_WR_FLUSH_ERR``.
+
+Who owns what: the verbs layer validates (the transition table, the
+attribute values, the work requests' shape); the driver's QP — its
+:class:`QpHardware`, rxe's ``struct rxe_qp`` around ``struct ib_qp`` —
+owns the QP state, the attributes and the queues, and the verbs layer asks
+it. A QP that fails moves itself to ERR in the driver; :attr:`QueuePair.state`
+then says so.
 """
 
 from __future__ import annotations
@@ -16,28 +23,17 @@ import enum
 import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from softrdma.verbs.ah import AhAttr
-from softrdma.verbs.enums import (
-    IbAccess,
-    IbMtu,
-    IbQpAttrMask,
-    IbQpState,
-    IbQpType,
-    IbSendFlags,
-    IbWrOpcode,
-)
+from softrdma.verbs.enums import IbAccess, IbMtu, IbQpAttrMask, IbQpState, IbQpType, IbSendFlags
 from softrdma.verbs.errors import PostError, VerbsError
-from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, RegWR, SendWR, UdWR
+from softrdma.verbs.wr import RecvWR, SendWR
 
 if TYPE_CHECKING:
     from softrdma.verbs.cq import CompletionQueue
     from softrdma.verbs.device import EventHandler
     from softrdma.verbs.pd import ProtectionDomain
-
-M = IbQpAttrMask
-S = IbQpState
 
 
 class IbSigType(enum.IntEnum):
@@ -66,7 +62,7 @@ class QpInitAttr:
     send_cq: CompletionQueue
     recv_cq: CompletionQueue
     cap: QpCap = field(default_factory=QpCap)
-    sq_sig_type: IbSigType = IbSigType.REQ_WR
+    sq_sig_type: IbSigType = IbSigType.ALL_WR
     event_handler: EventHandler | None = None
 
 
@@ -94,64 +90,80 @@ class QpAttr:
     en_sqd_async_notify: bool = False
 
 
-_CONNECTED_OPT_RTS = M.CUR_STATE | M.ACCESS_FLAGS | M.ALT_PATH | M.MIN_RNR_TIMER | M.PATH_MIG_STATE
-_UD_OPT = M.CUR_STATE | M.QKEY
+_CONNECTED_OPT_RTS = (
+    IbQpAttrMask.CUR_STATE
+    | IbQpAttrMask.ACCESS_FLAGS
+    | IbQpAttrMask.ALT_PATH
+    | IbQpAttrMask.MIN_RNR_TIMER
+    | IbQpAttrMask.PATH_MIG_STATE
+)
+_UD_OPT = IbQpAttrMask.CUR_STATE | IbQpAttrMask.QKEY
 
 # (from, to) -> {qp type: (required, optional)}; types missing = invalid.
 _RC, _UD = IbQpType.RC, IbQpType.UD
 _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
-    (S.RESET, S.INIT): {
-        _RC: (M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS, 0),
-        _UD: (M.PKEY_INDEX | M.PORT | M.QKEY, 0),
+    (IbQpState.RESET, IbQpState.INIT): {
+        _RC: (IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS, 0),
+        _UD: (IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.QKEY, 0),
     },
-    (S.INIT, S.INIT): {
-        _RC: (0, M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS),
-        _UD: (0, M.PKEY_INDEX | M.PORT | M.QKEY),
+    (IbQpState.INIT, IbQpState.INIT): {
+        _RC: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS),
+        _UD: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.QKEY),
     },
-    (S.INIT, S.RTR): {
+    (IbQpState.INIT, IbQpState.RTR): {
         _RC: (
-            M.AV | M.PATH_MTU | M.DEST_QPN | M.RQ_PSN | M.MAX_DEST_RD_ATOMIC | M.MIN_RNR_TIMER,
-            M.ALT_PATH | M.ACCESS_FLAGS | M.PKEY_INDEX,
+            IbQpAttrMask.AV
+            | IbQpAttrMask.PATH_MTU
+            | IbQpAttrMask.DEST_QPN
+            | IbQpAttrMask.RQ_PSN
+            | IbQpAttrMask.MAX_DEST_RD_ATOMIC
+            | IbQpAttrMask.MIN_RNR_TIMER,
+            IbQpAttrMask.ALT_PATH | IbQpAttrMask.ACCESS_FLAGS | IbQpAttrMask.PKEY_INDEX,
         ),
-        _UD: (0, M.PKEY_INDEX | M.QKEY),
+        _UD: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.QKEY),
     },
-    (S.RTR, S.RTS): {
+    (IbQpState.RTR, IbQpState.RTS): {
         _RC: (
-            M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.SQ_PSN | M.MAX_QP_RD_ATOMIC,
+            IbQpAttrMask.TIMEOUT
+            | IbQpAttrMask.RETRY_CNT
+            | IbQpAttrMask.RNR_RETRY
+            | IbQpAttrMask.SQ_PSN
+            | IbQpAttrMask.MAX_QP_RD_ATOMIC,
             _CONNECTED_OPT_RTS,
         ),
-        _UD: (M.SQ_PSN, _UD_OPT),
+        _UD: (IbQpAttrMask.SQ_PSN, _UD_OPT),
     },
-    (S.RTS, S.RTS): {_RC: (0, _CONNECTED_OPT_RTS), _UD: (0, _UD_OPT)},
-    (S.RTS, S.SQD): {_RC: (0, M.EN_SQD_ASYNC_NOTIFY), _UD: (0, M.EN_SQD_ASYNC_NOTIFY)},
-    (S.SQD, S.RTS): {_RC: (0, _CONNECTED_OPT_RTS), _UD: (0, _UD_OPT)},
-    (S.SQD, S.SQD): {
+    (IbQpState.RTS, IbQpState.RTS): {_RC: (0, _CONNECTED_OPT_RTS), _UD: (0, _UD_OPT)},
+    (IbQpState.RTS, IbQpState.SQD): {
+        _RC: (0, IbQpAttrMask.EN_SQD_ASYNC_NOTIFY),
+        _UD: (0, IbQpAttrMask.EN_SQD_ASYNC_NOTIFY),
+    },
+    (IbQpState.SQD, IbQpState.RTS): {_RC: (0, _CONNECTED_OPT_RTS), _UD: (0, _UD_OPT)},
+    (IbQpState.SQD, IbQpState.SQD): {
         _RC: (
             0,
-            M.PKEY_INDEX
-            | M.QKEY
-            | M.AV
-            | M.ALT_PATH
-            | M.ACCESS_FLAGS
-            | M.PATH_MTU
-            | M.TIMEOUT
-            | M.RETRY_CNT
-            | M.RNR_RETRY
-            | M.MAX_QP_RD_ATOMIC
-            | M.MAX_DEST_RD_ATOMIC
-            | M.MIN_RNR_TIMER
-            | M.PATH_MIG_STATE,
+            IbQpAttrMask.PKEY_INDEX
+            | IbQpAttrMask.QKEY
+            | IbQpAttrMask.AV
+            | IbQpAttrMask.ALT_PATH
+            | IbQpAttrMask.ACCESS_FLAGS
+            | IbQpAttrMask.PATH_MTU
+            | IbQpAttrMask.TIMEOUT
+            | IbQpAttrMask.RETRY_CNT
+            | IbQpAttrMask.RNR_RETRY
+            | IbQpAttrMask.MAX_QP_RD_ATOMIC
+            | IbQpAttrMask.MAX_DEST_RD_ATOMIC
+            | IbQpAttrMask.MIN_RNR_TIMER
+            | IbQpAttrMask.PATH_MIG_STATE,
         ),
-        _UD: (0, M.PKEY_INDEX | M.QKEY),
+        _UD: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.QKEY),
     },
-    (S.SQE, S.RTS): {_UD: (0, _UD_OPT)},
+    (IbQpState.SQE, IbQpState.RTS): {_UD: (0, _UD_OPT)},
 }
-for _state in S:
-    _TABLE[(_state, S.RESET)] = {_RC: (0, 0), _UD: (0, 0)}
-    _TABLE[(_state, S.ERR)] = {_RC: (0, 0), _UD: (0, 0)}
+for _state in IbQpState:
+    _TABLE[(_state, IbQpState.RESET)] = {_RC: (0, 0), _UD: (0, 0)}
+    _TABLE[(_state, IbQpState.ERR)] = {_RC: (0, 0), _UD: (0, 0)}
 
-_RC_OPCODES = frozenset(IbWrOpcode)
-_UD_OPCODES = frozenset({IbWrOpcode.SEND, IbWrOpcode.SEND_WITH_IMM})
 _W = TypeVar("_W", SendWR, RecvWR)
 
 
@@ -165,19 +177,61 @@ def ib_modify_qp_is_ok(cur: IbQpState, new: IbQpState, qp_type: IbQpType, mask: 
     if row is None or _base_type(qp_type) not in row:
         return f"no transition {cur.name} -> {new.name} for {qp_type.name}"
     required, optional = row[_base_type(qp_type)]
-    if mask & M.CUR_STATE and cur not in (S.SQD, S.SQE, S.RTS) and new == S.RTS:
+    if (
+        mask & IbQpAttrMask.CUR_STATE
+        and cur not in (IbQpState.SQD, IbQpState.SQE, IbQpState.RTS)
+        and new == IbQpState.RTS
+    ):
         return "IB_QP_CUR_STATE only from RTS, SQD or SQE"
     missing = required & ~mask
     if missing:
-        return f"{cur.name} -> {new.name} requires {M(missing)!r}"
-    extra = mask & ~(required | optional | M.STATE)
+        return f"{cur.name} -> {new.name} requires {IbQpAttrMask(missing)!r}"
+    extra = mask & ~(required | optional | IbQpAttrMask.STATE)
     if extra:
-        return f"{cur.name} -> {new.name} does not take {M(extra)!r}"
+        return f"{cur.name} -> {new.name} does not take {IbQpAttrMask(extra)!r}"
     return None
 
 
+class QpHardware(Protocol):
+    """The driver's side of a QP, which owns its state, attributes and
+    queues (rxe's ``struct rxe_qp``); the verbs layer only asks it."""
+
+    @property
+    def state(self) -> IbQpState:
+        """The QP state (``qp->attr.qp_state``) — the one source of truth."""
+        ...
+
+    @property
+    def attr(self) -> QpAttr:
+        """The attributes as last modified (``qp->attr``)."""
+        ...
+
+    @property
+    def sq_outstanding(self) -> int:
+        """Send work requests posted and not yet completed."""
+        ...
+
+    @property
+    def rq_outstanding(self) -> int:
+        """Receive work requests posted and not yet completed."""
+        ...
+
+
+def apply_qp_attr(dst: QpAttr, src: QpAttr, mask: int) -> None:
+    """Copy the attributes ``mask`` selects from ``src`` into ``dst`` (what
+    ``rxe_qp_from_attr`` does field by field), the state included."""
+    for m, name in _FIELDS:
+        if mask & m:
+            setattr(dst, name, copy.copy(getattr(src, name)))
+    if mask & IbQpAttrMask.STATE:
+        dst.qp_state = src.qp_state
+
+
 class QueuePair:
-    """``struct ib_qp``. Create with ``device.create_qp(pd, init_attr)``."""
+    """``struct ib_qp``. Create with ``device.create_qp(pd, init_attr)``; the
+    driver attaches its :class:`QpHardware` as :attr:`hw`."""
+
+    hw: QpHardware
 
     def __init__(self, pd: ProtectionDomain, init_attr: QpInitAttr, qp_num: int) -> None:
         device = pd.device
@@ -206,17 +260,19 @@ class QueuePair:
         self.recv_cq = init_attr.recv_cq
         self.cap = copy.copy(cap)
         self.event_handler = init_attr.event_handler
-        self.attr = QpAttr()
-        self.state = IbQpState.RESET
-        self.sq_outstanding = 0
-        self.rq_outstanding = 0
         self.destroyed = False
         pd.usecnt += 1
         self.send_cq.usecnt += 1
         self.recv_cq.usecnt += 1
 
     def __repr__(self) -> str:
-        return f"QueuePair({self.qp_type.name} {self.qp_num:#x} on {self.device.name}, {self.state.name})"
+        state = self.hw.state.name if hasattr(self, "hw") else "?"
+        return f"QueuePair({self.qp_type.name} {self.qp_num:#x} on {self.device.name}, {state})"
+
+    @property
+    def state(self) -> IbQpState:
+        """The QP state, as the driver has it (``ib_query_qp``'s ``qp_state``)."""
+        return self.hw.state
 
     @property
     def sq_sig_all(self) -> bool:
@@ -225,61 +281,65 @@ class QueuePair:
     # -- ib_modify_qp ---------------------------------------------------------------
 
     def modify(self, attr: QpAttr, mask: int) -> None:
-        """``ib_modify_qp``: validate the transition and the values, then
-        apply them."""
+        """``ib_modify_qp``: validate the transition and the values, then let
+        the driver apply them."""
         with self.device.lock:
             self._alive()
-            mask = M(mask)
-            new = attr.qp_state if mask & M.STATE else self.state
-            if mask & M.CUR_STATE and attr.cur_qp_state != self.state:
+            mask = IbQpAttrMask(mask)
+            cur = self.hw.state
+            new = attr.qp_state if mask & IbQpAttrMask.STATE else cur
+            if mask & IbQpAttrMask.CUR_STATE and attr.cur_qp_state != cur:
                 raise VerbsError(
-                    errno.EINVAL,
-                    f"cur_qp_state {attr.cur_qp_state.name} but QP is {self.state.name}",
+                    errno.EINVAL, f"cur_qp_state {attr.cur_qp_state.name} but QP is {cur.name}"
                 )
-            why = ib_modify_qp_is_ok(self.state, new, self.qp_type, mask)
+            why = ib_modify_qp_is_ok(cur, new, self.qp_type, mask)
             if why is not None:
                 raise VerbsError(errno.EINVAL, why)
             self._check_values(attr, mask)
-            for m, name in _FIELDS:
-                if mask & m:
-                    setattr(self.attr, name, copy.copy(getattr(attr, name)))
-            self.state = new
-            self.attr.qp_state = new
-            if new == S.RESET:
-                self.sq_outstanding = self.rq_outstanding = 0
-            self.device.ops_modify_qp(self, attr, mask)
+            if not mask & IbQpAttrMask.STATE:
+                attr = copy.copy(attr)
+                attr.qp_state = cur
+            self.device.ops_modify_qp(self, attr, mask | IbQpAttrMask.STATE)
 
     def _check_values(self, attr: QpAttr, mask: int) -> None:
         dev = self.device
         checks = (
-            (M.PORT, attr.port_num == 1, "port_num must be 1"),
-            (M.PKEY_INDEX, attr.pkey_index == 0, "pkey_index must be 0 (default P_Key)"),
-            (M.PATH_MTU, attr.path_mtu <= dev.query_port().max_mtu, "path_mtu above the port's"),
-            (M.RQ_PSN, 0 <= attr.rq_psn < 1 << 24, "rq_psn is 24 bits"),
-            (M.SQ_PSN, 0 <= attr.sq_psn < 1 << 24, "sq_psn is 24 bits"),
-            (M.DEST_QPN, 0 < attr.dest_qp_num < 1 << 24, "dest_qp_num is 24 bits, not 0"),
-            (M.TIMEOUT, 0 <= attr.timeout < 32, "timeout is 5 bits"),
-            (M.RETRY_CNT, 0 <= attr.retry_cnt < 8, "retry_cnt is 3 bits"),
-            (M.RNR_RETRY, 0 <= attr.rnr_retry < 8, "rnr_retry is 3 bits"),
-            (M.MIN_RNR_TIMER, 0 <= attr.min_rnr_timer < 32, "min_rnr_timer is 5 bits"),
+            (IbQpAttrMask.PORT, attr.port_num == 1, "port_num must be 1"),
+            (IbQpAttrMask.PKEY_INDEX, attr.pkey_index == 0, "pkey_index must be 0 (default P_Key)"),
             (
-                M.MAX_QP_RD_ATOMIC,
+                IbQpAttrMask.PATH_MTU,
+                attr.path_mtu <= dev.query_port().max_mtu,
+                "path_mtu above the port's",
+            ),
+            (IbQpAttrMask.RQ_PSN, 0 <= attr.rq_psn < 1 << 24, "rq_psn is 24 bits"),
+            (IbQpAttrMask.SQ_PSN, 0 <= attr.sq_psn < 1 << 24, "sq_psn is 24 bits"),
+            (
+                IbQpAttrMask.DEST_QPN,
+                0 < attr.dest_qp_num < 1 << 24,
+                "dest_qp_num is 24 bits, not 0",
+            ),
+            (IbQpAttrMask.TIMEOUT, 0 <= attr.timeout < 32, "timeout is 5 bits"),
+            (IbQpAttrMask.RETRY_CNT, 0 <= attr.retry_cnt < 8, "retry_cnt is 3 bits"),
+            (IbQpAttrMask.RNR_RETRY, 0 <= attr.rnr_retry < 8, "rnr_retry is 3 bits"),
+            (IbQpAttrMask.MIN_RNR_TIMER, 0 <= attr.min_rnr_timer < 32, "min_rnr_timer is 5 bits"),
+            (
+                IbQpAttrMask.MAX_QP_RD_ATOMIC,
                 0 <= attr.max_rd_atomic <= dev.attrs.max_qp_init_rd_atom,
                 f"max_rd_atomic above {dev.attrs.max_qp_init_rd_atom}",
             ),
             (
-                M.MAX_DEST_RD_ATOMIC,
+                IbQpAttrMask.MAX_DEST_RD_ATOMIC,
                 0 <= attr.max_dest_rd_atomic <= dev.attrs.max_qp_rd_atom,
                 f"max_dest_rd_atomic above {dev.attrs.max_qp_rd_atom}",
             ),
-            (M.QKEY, 0 <= attr.qkey < 1 << 32, "qkey is 32 bits"),
+            (IbQpAttrMask.QKEY, 0 <= attr.qkey < 1 << 32, "qkey is 32 bits"),
             (
-                M.AV,
+                IbQpAttrMask.AV,
                 attr.ah_attr is not None and attr.ah_attr.sgid_index in (0, 1),
                 "AV needs ah_attr with sgid_index 0 or 1",
             ),
             (
-                M.ACCESS_FLAGS,
+                IbQpAttrMask.ACCESS_FLAGS,
                 not attr.qp_access_flags
                 & ~(
                     IbAccess.LOCAL_WRITE
@@ -295,31 +355,36 @@ class QueuePair:
                 raise VerbsError(errno.EINVAL, why)
 
     def query(self) -> tuple[QpAttr, QpInitAttr]:
-        """``ib_query_qp``."""
-        return copy.copy(self.attr), self.init_attr
+        """``ib_query_qp``: the driver's attributes (a copy) and the init
+        attributes."""
+        with self.device.lock:
+            attr = copy.copy(self.hw.attr)
+            attr.qp_state = attr.cur_qp_state = self.hw.state
+        return attr, self.init_attr
 
     # -- posting -----------------------------------------------------------------------
 
     def post_send(self, wrs: SendWR | Sequence[SendWR]) -> None:
         """``ib_post_send``: the work requests before the first bad one are
-        posted; the bad one is in :class:`PostError`'s ``bad_wr``."""
+        posted; the bad one is in :class:`PostError`'s ``bad_wr``. The
+        driver checks what is specific to the opcode (as rxe's
+        ``validate_send_wr``)."""
         with self.device.lock:
             batch = _as_list(wrs)
             self._alive()
-            if self.state in (S.RESET, S.INIT, S.RTR):
+            state = self.hw.state
+            if state in (IbQpState.RESET, IbQpState.INIT, IbQpState.RTR):
                 raise PostError(
-                    errno.EINVAL,
-                    f"post_send on a QP in {self.state.name}",
-                    batch[0] if batch else None,
+                    errno.EINVAL, f"post_send on a QP in {state.name}", batch[0] if batch else None
                 )
             good: list[SendWR] = []
+            queued = self.hw.sq_outstanding
             try:
                 for wr in batch:
-                    self._check_send(wr, self.sq_outstanding + len(good))
+                    self._check_send(wr, queued + len(good))
                     good.append(wr)
             finally:
                 if good:
-                    self.sq_outstanding += len(good)
                     self.device.ops_post_send(self, good)
 
     def _check_send(self, wr: SendWR, queued: int) -> None:
@@ -328,9 +393,6 @@ class QueuePair:
 
         if queued >= self.cap.max_send_wr:
             raise bad(errno.ENOMEM, f"send queue full ({self.cap.max_send_wr} WRs)")
-        allowed = _UD_OPCODES if _base_type(self.qp_type) == _UD else _RC_OPCODES
-        if wr.opcode not in allowed:
-            raise bad(errno.EINVAL, f"{wr.opcode.name} is not valid on a {self.qp_type.name} QP")
         if wr.send_flags & IbSendFlags.INLINE:
             if wr.length > self.cap.max_inline_data:
                 raise bad(
@@ -345,33 +407,21 @@ class QueuePair:
             raise bad(errno.EINVAL, "SGE length out of range")
         if wr.length > 1 << 31:
             raise bad(errno.EINVAL, "message larger than 2 GiB")
-        op = wr.opcode
-        if op in (IbWrOpcode.RDMA_WRITE, IbWrOpcode.RDMA_WRITE_WITH_IMM, IbWrOpcode.RDMA_READ):
-            if not isinstance(wr, RdmaWR):
-                raise bad(errno.EINVAL, f"{op.name} needs an RdmaWR (remote_addr, rkey)")
-        elif op in (IbWrOpcode.ATOMIC_CMP_AND_SWP, IbWrOpcode.ATOMIC_FETCH_AND_ADD):
-            if not isinstance(wr, AtomicWR):
-                raise bad(errno.EINVAL, f"{op.name} needs an AtomicWR")
-            if len(wr.sg_list) != 1 or wr.sg_list[0].length != 8:
-                raise bad(errno.EINVAL, "an atomic needs one 8-byte SGE for the original value")
-        elif op == IbWrOpcode.REG_MR and (not isinstance(wr, RegWR) or wr.mr is None):
-            raise bad(errno.EINVAL, "REG_MR needs a RegWR with an MR")
-        if _base_type(self.qp_type) == _UD and (not isinstance(wr, UdWR) or wr.ah is None):
-            raise bad(errno.EINVAL, "a UD send needs a UdWR with an address handle")
 
     def post_recv(self, wrs: RecvWR | Sequence[RecvWR]) -> None:
         """``ib_post_recv``."""
         with self.device.lock:
             batch = _as_list(wrs)
             self._alive()
-            if self.state == S.RESET:
+            if self.hw.state == IbQpState.RESET:
                 raise PostError(
                     errno.EINVAL, "post_recv on a QP in RESET", batch[0] if batch else None
                 )
             good: list[RecvWR] = []
+            queued = self.hw.rq_outstanding
             try:
                 for wr in batch:
-                    if self.rq_outstanding + len(good) >= self.cap.max_recv_wr:
+                    if queued + len(good) >= self.cap.max_recv_wr:
                         raise PostError(
                             errno.ENOMEM, f"receive queue full ({self.cap.max_recv_wr} WRs)", wr
                         )
@@ -380,13 +430,7 @@ class QueuePair:
                     good.append(wr)
             finally:
                 if good:
-                    self.rq_outstanding += len(good)
                     self.device.ops_post_recv(self, good)
-
-    def to_error(self, reason: str = "") -> None:
-        """Move to ERR from inside the driver (a fatal error); flushes."""
-        if self.state != S.ERR and not self.destroyed:
-            self.modify(QpAttr(qp_state=S.ERR), M.STATE)
 
     def destroy(self) -> None:
         """``ib_destroy_qp``."""
@@ -406,23 +450,23 @@ class QueuePair:
 
 
 _FIELDS = (
-    (M.CUR_STATE, "cur_qp_state"),
-    (M.EN_SQD_ASYNC_NOTIFY, "en_sqd_async_notify"),
-    (M.ACCESS_FLAGS, "qp_access_flags"),
-    (M.PKEY_INDEX, "pkey_index"),
-    (M.PORT, "port_num"),
-    (M.QKEY, "qkey"),
-    (M.AV, "ah_attr"),
-    (M.PATH_MTU, "path_mtu"),
-    (M.TIMEOUT, "timeout"),
-    (M.RETRY_CNT, "retry_cnt"),
-    (M.RNR_RETRY, "rnr_retry"),
-    (M.RQ_PSN, "rq_psn"),
-    (M.MAX_QP_RD_ATOMIC, "max_rd_atomic"),
-    (M.MIN_RNR_TIMER, "min_rnr_timer"),
-    (M.SQ_PSN, "sq_psn"),
-    (M.MAX_DEST_RD_ATOMIC, "max_dest_rd_atomic"),
-    (M.DEST_QPN, "dest_qp_num"),
+    (IbQpAttrMask.CUR_STATE, "cur_qp_state"),
+    (IbQpAttrMask.EN_SQD_ASYNC_NOTIFY, "en_sqd_async_notify"),
+    (IbQpAttrMask.ACCESS_FLAGS, "qp_access_flags"),
+    (IbQpAttrMask.PKEY_INDEX, "pkey_index"),
+    (IbQpAttrMask.PORT, "port_num"),
+    (IbQpAttrMask.QKEY, "qkey"),
+    (IbQpAttrMask.AV, "ah_attr"),
+    (IbQpAttrMask.PATH_MTU, "path_mtu"),
+    (IbQpAttrMask.TIMEOUT, "timeout"),
+    (IbQpAttrMask.RETRY_CNT, "retry_cnt"),
+    (IbQpAttrMask.RNR_RETRY, "rnr_retry"),
+    (IbQpAttrMask.RQ_PSN, "rq_psn"),
+    (IbQpAttrMask.MAX_QP_RD_ATOMIC, "max_rd_atomic"),
+    (IbQpAttrMask.MIN_RNR_TIMER, "min_rnr_timer"),
+    (IbQpAttrMask.SQ_PSN, "sq_psn"),
+    (IbQpAttrMask.MAX_DEST_RD_ATOMIC, "max_dest_rd_atomic"),
+    (IbQpAttrMask.DEST_QPN, "dest_qp_num"),
 )
 
 
@@ -454,12 +498,15 @@ def connect_qp(
     calls every RC consumer makes (what ``rdma_cm`` does for it)."""
     mtu = qp.device.query_port().active_mtu if path_mtu is None else path_mtu
     qp.modify(
-        QpAttr(qp_state=S.INIT, pkey_index=0, port_num=1, qp_access_flags=access),
-        M.STATE | M.PKEY_INDEX | M.PORT | M.ACCESS_FLAGS,
+        QpAttr(qp_state=IbQpState.INIT, pkey_index=0, port_num=1, qp_access_flags=access),
+        IbQpAttrMask.STATE
+        | IbQpAttrMask.PKEY_INDEX
+        | IbQpAttrMask.PORT
+        | IbQpAttrMask.ACCESS_FLAGS,
     )
     qp.modify(
         QpAttr(
-            qp_state=S.RTR,
+            qp_state=IbQpState.RTR,
             ah_attr=AhAttr(dgid=dgid),
             path_mtu=mtu,
             dest_qp_num=dest_qp_num,
@@ -467,22 +514,27 @@ def connect_qp(
             max_dest_rd_atomic=max_rd_atomic,
             min_rnr_timer=min_rnr_timer,
         ),
-        M.STATE
-        | M.AV
-        | M.PATH_MTU
-        | M.DEST_QPN
-        | M.RQ_PSN
-        | M.MAX_DEST_RD_ATOMIC
-        | M.MIN_RNR_TIMER,
+        IbQpAttrMask.STATE
+        | IbQpAttrMask.AV
+        | IbQpAttrMask.PATH_MTU
+        | IbQpAttrMask.DEST_QPN
+        | IbQpAttrMask.RQ_PSN
+        | IbQpAttrMask.MAX_DEST_RD_ATOMIC
+        | IbQpAttrMask.MIN_RNR_TIMER,
     )
     qp.modify(
         QpAttr(
-            qp_state=S.RTS,
+            qp_state=IbQpState.RTS,
             timeout=timeout,
             retry_cnt=retry_cnt,
             rnr_retry=rnr_retry,
             sq_psn=sq_psn,
             max_rd_atomic=max_rd_atomic,
         ),
-        M.STATE | M.TIMEOUT | M.RETRY_CNT | M.RNR_RETRY | M.SQ_PSN | M.MAX_QP_RD_ATOMIC,
+        IbQpAttrMask.STATE
+        | IbQpAttrMask.TIMEOUT
+        | IbQpAttrMask.RETRY_CNT
+        | IbQpAttrMask.RNR_RETRY
+        | IbQpAttrMask.SQ_PSN
+        | IbQpAttrMask.MAX_QP_RD_ATOMIC,
     )

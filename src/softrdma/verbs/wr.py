@@ -3,7 +3,11 @@ its ``ib_rdma_wr`` / ``ib_atomic_wr`` / ``ib_reg_wr`` / ``ib_ud_wr``
 extensions, ``ib_recv_wr``, ``ib_wc``).
 
 Work requests are immutable values; ``post_send`` / ``post_recv`` take one
-or a sequence of them (the kernel's ``next`` chain).
+or a sequence of them (the kernel's ``next`` chain). As in the kernel, a
+send WR names its opcode (there is no default to fall back on) and its
+``send_flags`` default to 0: whether it completes is then the QP's
+``sq_sig_type`` (``IB_SIGNAL_ALL_WR`` by default, as a zeroed
+``ib_qp_init_attr`` gives), or ``IB_SEND_SIGNALED`` per WR.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from softrdma.verbs.enums import (
 if TYPE_CHECKING:
     from softrdma.verbs.ah import AddressHandle
     from softrdma.verbs.mr import MemoryRegion
+
+
+_NO_FLAGS = IbSendFlags(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +52,9 @@ class SendWR:
     value); ``invalidate_rkey`` is the key SEND_WITH_INV / LOCAL_INV names."""
 
     wr_id: int
-    opcode: IbWrOpcode = IbWrOpcode.SEND
+    opcode: IbWrOpcode
     sg_list: tuple[Sge, ...] = ()
-    send_flags: IbSendFlags = IbSendFlags.SIGNALED
+    send_flags: IbSendFlags = _NO_FLAGS
     imm_data: int = 0
     invalidate_rkey: int = 0
 
