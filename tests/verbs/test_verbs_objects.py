@@ -4,7 +4,7 @@ the QP state machine and work-request validation (no transport)."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
@@ -13,6 +13,7 @@ import pytest
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend
 from softrdma.memory.scatterlist import Scatterlist
+from softrdma.time.sim import SimLoop
 from softrdma.verbs.ah import AhAttr
 from softrdma.verbs.device import IBK_LOCAL_DMA_LKEY, DeviceAttr, IbDevice
 from softrdma.verbs.dma import ib_dma_map_sg, ib_uses_virt_dma
@@ -68,6 +69,7 @@ class FakeDevice(IbDevice):
             ip=IPv4Address("10.0.0.1"),
             mac=b"\x02\x00\x0a\x00\x00\x01",
             local_dma_lkey=0x100 if reserved_lkey else 0,
+            scheduler=SimLoop(),
         )
         self.calls: list[tuple[str, object]] = []
 
@@ -94,12 +96,6 @@ class FakeDevice(IbDevice):
 
     def ops_destroy_qp(self, qp: QueuePair) -> None:
         self.calls.append(("destroy", qp))
-
-    def ops_progress(self, until: Callable[[], bool]) -> None:
-        pass
-
-    def ops_wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
-        return until()
 
     def ops_unregister(self) -> None:
         pass

@@ -23,13 +23,13 @@ from __future__ import annotations
 import errno
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from ipaddress import IPv4Address
 
 from softrdma.dma.device import Device
 from softrdma.drivers.qp_memory import QpMemory
 from softrdma.fabric.link import Link, Network
-from softrdma.time.base import Handle, Scheduler
+from softrdma.time.base import Handle
 from softrdma.transport.rc import RcQp
 from softrdma.transport.roce import (
     RoceFrame,
@@ -81,10 +81,9 @@ class RoceDevice(IbDevice):
             mac=link.mac,
             netdev_mtu=link.mtu,
             local_dma_lkey=local_dma_lkey,
-            lock=link.scheduler.lock,
+            scheduler=link.scheduler,
         )
         self.link = link
-        self.scheduler: Scheduler = link.scheduler
         self._engines: dict[int, Engine] = {}
         self._timers: dict[int, Handle] = {}
         self._kicked: set[int] = set()
@@ -147,16 +146,6 @@ class RoceDevice(IbDevice):
         self._cancel_timer(qp.qp_num)
         self._engines.pop(qp.qp_num, None)
         self._kicked.discard(qp.qp_num)
-
-    def ops_progress(self, until: Callable[[], bool]) -> None:
-        """Let the hardware run for a poller that found nothing
-        (:meth:`Scheduler.progress <softrdma.time.base.Scheduler.progress>`)."""
-        self.scheduler.progress(until)
-
-    def ops_wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
-        """Block until ``until()`` holds or ``timeout`` seconds pass
-        (:meth:`Scheduler.wait <softrdma.time.base.Scheduler.wait>`)."""
-        return self.scheduler.wait(until, timeout)
 
     def ops_unregister(self) -> None:
         """Detach from the network (``rxe_net_del``): cancel the timers and

@@ -64,7 +64,7 @@ class CompletionQueue:
         entries = self._entries
         with self.device.lock:
             if not entries:
-                self.device.ops_progress(lambda: bool(entries))
+                self.device.progress(lambda: bool(entries))
             out: list[WorkCompletion] = []
             while entries and len(out) < num_entries:
                 out.append(entries.popleft())
@@ -77,7 +77,7 @@ class CompletionQueue:
         there; :meth:`poll` then takes it."""
         entries = self._entries
         with self.device.lock:
-            return bool(entries) or self.device.ops_wait(lambda: bool(entries), timeout)
+            return bool(entries) or self.device.wait(lambda: bool(entries), timeout)
 
     def req_notify(self, solicited_only: bool = False) -> None:
         """``ib_req_notify_cq``: call ``comp_handler`` at the next completion
@@ -140,7 +140,7 @@ class CompChannel:
         :class:`VerbsError` (``ETIMEDOUT``) when none came."""
         events = self._events
         with device.lock:
-            if not events and not device.ops_wait(lambda: bool(events), timeout):
+            if not events and not device.wait(lambda: bool(events), timeout):
                 raise VerbsError(errno.ETIMEDOUT, "no completion event")
             self.unacked += 1
             return events.popleft()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import errno
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from softrdma.dma.device import Device
 from softrdma.memory.host import Host
+from softrdma.time.base import Scheduler
 from softrdma.verbs.enums import IbAccess, IbEventType, IbMrType, IbMtu, IbPdFlags, IbQpType
 from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.mr import MemoryRegion, MrState, MrTable, ib_check_mr_access
@@ -103,10 +103,12 @@ class IbDevice(abc.ABC):
     the ``ib_dma_*`` wrappers use (a virtual-backend device for CPU-copy
     drivers, see :mod:`softrdma.verbs.dma`).
 
-    ``lock`` serialises the verbs with the driver: every verb that touches
-    state the hardware also touches (posting, modifying, polling, freeing)
-    holds it, and the driver runs its engines holding it. A driver passes
-    its scheduler's lock; the default is a lock of the device's own."""
+    ``scheduler`` is the hardware's clock and its timers, tasklets and work
+    items (:mod:`softrdma.time`): the driver runs its engines on it, and
+    consumers above the verbs (the MAD layer, the CM) run their timers on
+    it. Its ``lock`` serialises the verbs with the driver: every verb that
+    touches state the hardware also touches (posting, modifying, polling,
+    freeing) holds it, and every scheduler callback runs holding it."""
 
     def __init__(
         self,
@@ -118,9 +120,10 @@ class IbDevice(abc.ABC):
         mac: bytes,
         netdev_mtu: int = 1500,
         local_dma_lkey: int = 0,
-        lock: threading.Condition | None = None,
+        scheduler: Scheduler,
     ) -> None:
-        self.lock = threading.Condition(threading.RLock()) if lock is None else lock
+        self.scheduler = scheduler
+        self.lock = scheduler.lock
         self.name = name
         self.dma_device = dma_device
         self.host: Host = dma_device.host
@@ -273,6 +276,18 @@ class IbDevice(abc.ABC):
             if mr is not mr.pd.internal_mr:
                 mr.pd.usecnt -= 1
 
+    def progress(self, until: Callable[[], bool]) -> None:
+        """Let the hardware run for a poller that found nothing: on simulated
+        time, run the scheduler until ``until()`` holds or its budget is
+        spent; on real time, return at once (the progress thread runs it)
+        (:meth:`Scheduler.progress <softrdma.time.base.Scheduler.progress>`)."""
+        self.scheduler.progress(until)
+
+    def wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``until()`` holds or ``timeout`` seconds pass; whether
+        it holds (:meth:`Scheduler.wait <softrdma.time.base.Scheduler.wait>`)."""
+        return self.scheduler.wait(until, timeout)
+
     def unregister(self) -> None:
         """``ib_unregister_device``: the driver lets go of its hardware (for a
         RoCE device, its network link). Idempotent."""
@@ -316,17 +331,6 @@ class IbDevice(abc.ABC):
     @abc.abstractmethod
     def ops_destroy_qp(self, qp: QueuePair) -> None:
         """Tear down the driver's side of a QP."""
-
-    @abc.abstractmethod
-    def ops_progress(self, until: Callable[[], bool]) -> None:
-        """A poller found nothing: let the hardware run until ``until()``
-        holds if it only runs when driven (simulated time); return at once
-        if it runs on its own (see the README's progress model)."""
-
-    @abc.abstractmethod
-    def ops_wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
-        """Block until ``until()`` holds or ``timeout`` seconds pass; return
-        ``until()``. Called holding :attr:`lock`."""
 
     @abc.abstractmethod
     def ops_unregister(self) -> None:
