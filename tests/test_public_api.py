@@ -18,6 +18,8 @@ PACKAGES = [
     "softrdma.transport",
     "softrdma.fabric",
     "softrdma.drivers",
+    "softrdma.mad",
+    "softrdma.cm",
 ]
 
 

@@ -8,7 +8,7 @@ The names a consumer of the verbs reaches for are importable from here::
 Everything else lives in the layer packages, each importing only the ones
 below it::
 
-    memory, time -> dma -> verbs -> transport -> fabric -> drivers -> ulp -> cli
+    memory, time -> dma -> verbs -> transport -> fabric, mad -> cm, drivers -> cli
 
 and each package exports its own public names (``softrdma.dma``,
 ``softrdma.verbs``, ...).
@@ -16,6 +16,7 @@ and each package exports its own public names (``softrdma.dma``,
 
 import logging as _logging
 
+from softrdma.cm import RdmaCmEventType, RdmaCmId, RdmaConnParam, RdmaEventChannel
 from softrdma.dma import (
     DMA_BIDIRECTIONAL,
     DMA_BIT_MASK,
@@ -105,6 +106,10 @@ __all__ = [
     "QpAttr",
     "QpCap",
     "QpInitAttr",
+    "RdmaCmEventType",
+    "RdmaCmId",
+    "RdmaConnParam",
+    "RdmaEventChannel",
     "RdmaWR",
     "RecvWR",
     "RegWR",

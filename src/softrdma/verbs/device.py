@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import errno
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -60,6 +61,9 @@ class DeviceAttr:
     max_qp_init_rd_atom: int = 128
     max_fast_reg_page_list_len: int = 512
     max_inline_data: int = 256
+    local_ca_ack_delay: int = 15
+    """``IB_DEVICE``'s ``local_ca_ack_delay`` (rxe's ``RXE_LOCAL_CA_ACK_DELAY``):
+    the CA's ACK delay, 4.096 µs × 2**value, sent as the CM REP's target ACK delay."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +88,22 @@ class IbEvent:
 
 
 EventHandler = Callable[[IbEvent], None]
+
+
+_REGISTRY: weakref.WeakKeyDictionary[Host, list[IbDevice]] = weakref.WeakKeyDictionary()
+
+
+def ib_devices(host: Host) -> list[IbDevice]:
+    """The registered RDMA devices of ``host`` in registration order (the
+    kernel's device list; the RDMA CM picks one by address from it)."""
+    return list(_REGISTRY.get(host, ()))
+
+
+def node_guid_from_mac(mac: bytes) -> int:
+    """The EUI-64 of a MAC address (``addrconf_addr_eui48``): FF:FE in the
+    middle, the universal/local bit flipped — rxe's node GUID."""
+    eui = bytes([mac[0] ^ 0x02]) + mac[1:3] + b"\xff\xfe" + mac[3:6]
+    return int.from_bytes(eui, "big")
 
 
 def gid_for_ipv4(ip: IPv4Address) -> bytes:
@@ -130,6 +150,9 @@ class IbDevice(abc.ABC):
         self.attrs = attrs
         self.ip = ip
         self.mac = mac
+        self.node_guid = node_guid_from_mac(mac)
+        """``ib_device.node_guid``: the EUI-64 of the port's MAC, as rxe
+        derives it (the CM's ``local_ca_guid``)."""
         self.netdev_mtu = netdev_mtu
         self.local_dma_lkey = local_dma_lkey
         self.mr_table = MrTable(first_index=(local_dma_lkey >> 8) + 1)
@@ -137,6 +160,8 @@ class IbDevice(abc.ABC):
         self._event_handlers: list[EventHandler] = []
         self._next_qpn = 0x11  # QP0/QP1 are special; rxe starts at 17
         self.unregistered = False
+        self._clients: list[Callable[[], None]] = []
+        _REGISTRY.setdefault(self.host, []).append(self)  # ib_register_device
 
     def __repr__(self) -> str:
         return (
@@ -288,13 +313,29 @@ class IbDevice(abc.ABC):
         it holds (:meth:`Scheduler.wait <softrdma.time.base.Scheduler.wait>`)."""
         return self.scheduler.wait(until, timeout)
 
+    def add_client(self, remove: Callable[[], None]) -> None:
+        """``ib_register_client`` for this device: ``remove`` runs when the
+        device unregisters (the MAD layer and the CM close their ports)."""
+        self._clients.append(remove)
+
+    def remove_client(self, remove: Callable[[], None]) -> None:
+        """Forget a client that went away by itself."""
+        if remove in self._clients:
+            self._clients.remove(remove)
+
     def unregister(self) -> None:
-        """``ib_unregister_device``: the driver lets go of its hardware (for a
-        RoCE device, its network link). Idempotent."""
+        """``ib_unregister_device``: its clients go first (in reverse order,
+        as the kernel removes them), then the driver lets go of its hardware
+        (for a RoCE device, its network link). Idempotent."""
         with self.lock:
             if self.unregistered:
                 return
+            while self._clients:
+                self._clients.pop()()
             self.unregistered = True
+            devices = _REGISTRY.get(self.host, [])
+            if self in devices:
+                devices.remove(self)
             self.ops_unregister()
 
     def _forget_qp(self, qp: QueuePair) -> None:
