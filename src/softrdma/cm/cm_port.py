@@ -184,7 +184,13 @@ class CmPort:
         ``rx_backlog`` (REJ), ``rx_bad_req`` (REJ: a path MTU or transport
         it cannot take), ``rx_unknown_id``, ``rx_stale``,
         ``rx_unknown_dreq`` (answered with DREP)."""
-        self._rng = random.Random(device.node_guid if seed is None else seed)
+        # Local comm IDs: reproducible on simulated time, random on a real
+        # network (a restarted tool must not look like a stale connection).
+        self._rng: random.Random = (
+            random.Random(device.node_guid if seed is None else seed)
+            if device.scheduler.simulated or seed is not None
+            else random.SystemRandom()
+        )
         self._local: dict[int, IbCmId] = {}
         self._remote: dict[tuple[int, int], IbCmId] = {}
         self._remote_qpn: dict[tuple[int, int], IbCmId] = {}

@@ -208,11 +208,14 @@ class RdmaEventChannel:
 
 
 class _Cma:
-    """cma.c's per-namespace state for one host: the port spaces' bindings."""
+    """cma.c's per-namespace state for one host: the port spaces' bindings,
+    and where ephemeral ports and starting PSNs come from — a seeded
+    generator on simulated time (the same run gives the same packets), the
+    system's on a real network (a restarted tool must not reuse them)."""
 
-    def __init__(self) -> None:
+    def __init__(self, simulated: bool) -> None:
         self.bound: dict[tuple[int, int], list[RdmaCmId]] = {}
-        self.rng = random.Random(0x5EED)
+        self.rng: random.Random = random.Random(0x5EED) if simulated else random.SystemRandom()
 
 
 _HOSTS: weakref.WeakKeyDictionary[Host, _Cma] = weakref.WeakKeyDictionary()
@@ -221,7 +224,9 @@ _HOSTS: weakref.WeakKeyDictionary[Host, _Cma] = weakref.WeakKeyDictionary()
 def _cma(host: Host) -> _Cma:
     cma = _HOSTS.get(host)
     if cma is None:
-        cma = _HOSTS[host] = _Cma()
+        devices = ib_devices(host)
+        simulated = bool(devices) and all(d.scheduler.simulated for d in devices)
+        cma = _HOSTS[host] = _Cma(simulated)
     return cma
 
 
