@@ -24,10 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     rdma.add_argument(
         "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
     )
-    from softrdma.cli import devinfo, rc_pingpong
+    from softrdma.cli import devinfo, rc_pingpong, rping
 
     tools = {
         "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
+        "rping": (rping, "RDMA CM connection and RDMA ping-pong, like rping"),
         "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
     }
     for name, (module, text) in tools.items():
@@ -39,10 +40,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong
+    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong, rping
 
     if args.command == "rc-pingpong":
         return rc_pingpong.run(args, parser)
+    if args.command == "rping":
+        return rping.run(args, parser)
     if args.command == "devinfo":
         return devinfo.run(args, parser)
     if args.command != "demo":

@@ -59,7 +59,7 @@ from softrdma.errors import SoftRdmaError
 from softrdma.mad.agent import MadAgent, MadRecvWc, MadSendBuf, MadSendWc, ib_mad_port
 from softrdma.mad.header import MadHdr, MadMethod, MalformedMad, MgmtClass
 from softrdma.verbs.ah import AhAttr
-from softrdma.verbs.device import IbDevice
+from softrdma.verbs.device import IbDevice, ib_register_client
 from softrdma.verbs.enums import IbWcStatus
 
 __all__ = ["CmHandler", "CmIdError", "CmPort", "IbCmId", "ib_cm_port"]
@@ -486,3 +486,8 @@ def ib_cm_port(device: IbDevice, port_num: int = 1) -> CmPort:
             _PORTS[(device, port_num)] = port
             device.add_client(port.close)
         return port
+
+
+# The CM (and the MAD layer under it) answers on every device, as Linux's
+# does: it opens on a device's first management datagram.
+ib_register_client(ib_cm_port)

@@ -202,9 +202,9 @@ class RdmaEventChannel:
 
     def _post(self, event: RdmaCmEvent) -> None:
         self._events.append(event)
-        lock = self._device().lock
-        with lock:  # wake a thread in get_cm_event (real time: it waits on the lock)
-            lock.notify_all()
+        for dev in ib_devices(self.host)[:1]:  # wake get_cm_event, which waits on its lock
+            with dev.lock:
+                dev.lock.notify_all()
 
 
 class _Cma:

@@ -264,6 +264,11 @@ class RoceDevice(IbDevice):
             return
         qpn = pkt.bth.dest_qp
         engine = self._engines.get(qpn)
+        if engine is None and qpn == 1:
+            # A management datagram: the MAD layer and the CM open on first
+            # use (ib_register_client), then take it.
+            self.open_clients()
+            engine = self._engines.get(qpn)
         qp = self.qp_by_num(qpn)
         if engine is None or qp is None:
             self.stats["rx_no_qp"] += 1

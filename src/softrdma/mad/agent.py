@@ -88,6 +88,8 @@ IB_MAD_QP_SEND_SIZE = 128
 """mad.c's default send queue depth (``mad_sendq_size``)."""
 IB_MAD_QP_RECV_SIZE = 512
 """mad.c's default receive queue depth (``mad_recvq_size``)."""
+CLOSE_DRAIN_TIMEOUT = 1.0
+"""How long :meth:`MadPort.close` waits for posted sends to leave (seconds)."""
 _RECV_BUF_SIZE = GRH_SIZE + MAD_SIZE
 _UNMATCHED = (MadMethod.GET, MadMethod.SET)
 
@@ -409,14 +411,19 @@ class MadPort:
             return agent
 
     def close(self) -> None:
-        """``ib_mad_port_close``: unregister every agent, destroy the QP,
-        unmap and free every receive buffer."""
+        """``ib_mad_port_close``: unregister every agent, let the sends on
+        the QP leave (at most :data:`CLOSE_DRAIN_TIMEOUT`), destroy the QP,
+        unmap and free every buffer."""
         with self.device.lock:
             if self.closed:
                 return
             for agent in list(self._agents):
                 agent.unregister()
             self.closed = True
+            # Let the device put out what is on the QP — a CM's last DREQ or
+            # REJ, as the kernel does for a process that went away — before
+            # the QP goes (bounded; no wait from inside the device's thread).
+            self.device.wait(lambda: not self._send_wrs, CLOSE_DRAIN_TIMEOUT)
             if self.qp.state is not IbQpState.RESET:
                 self.qp.modify(QpAttr(qp_state=IbQpState.RESET), IbQpAttrMask.STATE)
             self.qp.destroy()

@@ -93,6 +93,20 @@ EventHandler = Callable[[IbEvent], None]
 _REGISTRY: weakref.WeakKeyDictionary[Host, list[IbDevice]] = weakref.WeakKeyDictionary()
 
 
+_CLIENTS: list[Callable[[IbDevice], object]] = []
+
+
+def ib_register_client(add: Callable[[IbDevice], object]) -> None:
+    """``ib_register_client``: ``add(device)`` opens a core client (the MAD
+    layer and the CM) on a device. The kernel calls it at device
+    registration; softrdma calls it when the device first needs it — the
+    first management datagram for its QP1 (:meth:`IbDevice.open_clients`)
+    — which a peer cannot tell apart, and which costs nothing to devices
+    that never see one."""
+    if add not in _CLIENTS:
+        _CLIENTS.append(add)
+
+
 def ib_devices(host: Host) -> list[IbDevice]:
     """The registered RDMA devices of ``host`` in registration order (the
     kernel's device list; the RDMA CM picks one by address from it)."""
@@ -161,6 +175,7 @@ class IbDevice(abc.ABC):
         self._next_qpn = 0x11  # QP0/QP1 are special; rxe starts at 17
         self.unregistered = False
         self._clients: list[Callable[[], None]] = []
+        self._clients_opened = False
         _REGISTRY.setdefault(self.host, []).append(self)  # ib_register_device
 
     def __repr__(self) -> str:
@@ -312,6 +327,16 @@ class IbDevice(abc.ABC):
         """Block until ``until()`` holds or ``timeout`` seconds pass; whether
         it holds (:meth:`Scheduler.wait <softrdma.time.base.Scheduler.wait>`)."""
         return self.scheduler.wait(until, timeout)
+
+    def open_clients(self) -> None:
+        """Open the registered core clients on this device (once); see
+        :func:`ib_register_client`. A driver calls it for a packet to a QP1
+        that does not exist yet."""
+        if self._clients_opened or self.unregistered:
+            return
+        self._clients_opened = True
+        for add in list(_CLIENTS):
+            add(self)
 
     def add_client(self, remove: Callable[[], None]) -> None:
         """``ib_register_client`` for this device: ``remove`` runs when the
