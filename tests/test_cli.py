@@ -117,3 +117,19 @@ def test_demo_pcap_is_bit_for_bit_stable(tmp_path: Path) -> None:
     pcap = tmp_path / "demo.pcap"
     assert run_rdma(io.StringIO(), pcap=str(pcap)) == 0
     assert hashlib.sha256(pcap.read_bytes()).hexdigest() == DEMO_PCAP_SHA256
+
+
+def test_management_benchmark_smoke() -> None:
+    """``bench/cm.py --quick`` runs MAD round trips and RDMA CM connection
+    cycles to the end and reports them against its UDP limit (shape only)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "cm.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = {"mad_round_trips_per_s", "rdma_cm_connection_cycles_per_s"}
+    assert set(result["results"]) == set(result["ratios"]) == metrics
+    assert all(v > 0 for v in result["results"].values())
