@@ -193,6 +193,9 @@ class UdQp(QpBase):
             payload=payload,
             pkey=self.pkey,
             se=bool(wr.send_flags & IbSendFlags.SOLICITED),
+            # rxe_req.c init_req_packet: AckReq on a message's last packet,
+            # UD's too (the captures' MADs have it); the receiver ignores it.
+            ack_req=True,
             deth=Deth(qkey, self.qpn),
             immdt=ImmDt(wr.imm_data) if imm else None,
         )
