@@ -42,6 +42,7 @@ import errno
 import random
 import weakref
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 
@@ -168,10 +169,18 @@ class RdmaCmEvent:
 
 class RdmaEventChannel:
     """``rdma_create_event_channel``: where the events of the IDs created
-    on it queue up, for the host whose devices they use."""
+    on it queue up, for the host whose devices they use.
 
-    def __init__(self, host: Host) -> None:
+    With ``handler``, events are not queued: each is handed to
+    ``handler(event)`` as it happens, on the device's scheduler holding its
+    lock — the kernel's ``rdma_create_id(net, event_handler, ...)``, which
+    in-kernel consumers such as ib_srpt use. The handler must not block."""
+
+    def __init__(
+        self, host: Host, handler: Callable[[RdmaCmEvent], None] | None = None
+    ) -> None:
         self.host = host
+        self.handler = handler
         self._events: deque[RdmaCmEvent] = deque()
 
     def __len__(self) -> int:
@@ -201,6 +210,9 @@ class RdmaEventChannel:
             return events.popleft()
 
     def _post(self, event: RdmaCmEvent) -> None:
+        if self.handler is not None:
+            self.handler(event)
+            return
         self._events.append(event)
         for dev in ib_devices(self.host)[:1]:  # wake get_cm_event, which waits on its lock
             with dev.lock:
