@@ -24,12 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     rdma.add_argument(
         "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
     )
-    from softrdma.cli import devinfo, rc_pingpong, rping
+    from softrdma.cli import devinfo, rc_pingpong, rping, srp
 
     tools = {
         "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
         "rping": (rping, "RDMA CM connection and RDMA ping-pong, like rping"),
         "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
+        "srp": (srp, "SRP (SCSI RDMA Protocol): serve a disk image, like ib_srpt"),
     }
     for name, (module, text) in tools.items():
         module.build_parser(sub.add_parser(name, help=text, description=text))
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong, rping
+    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong, rping, srp
 
     if args.command == "rc-pingpong":
         return rc_pingpong.run(args, parser)
@@ -48,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return rping.run(args, parser)
     if args.command == "devinfo":
         return devinfo.run(args, parser)
+    if args.command == "srp":
+        return srp.run(args, parser)
     if args.command != "demo":
         return 2
     status = 0

@@ -176,9 +176,7 @@ class RdmaEventChannel:
     lock — the kernel's ``rdma_create_id(net, event_handler, ...)``, which
     in-kernel consumers such as ib_srpt use. The handler must not block."""
 
-    def __init__(
-        self, host: Host, handler: Callable[[RdmaCmEvent], None] | None = None
-    ) -> None:
+    def __init__(self, host: Host, handler: Callable[[RdmaCmEvent], None] | None = None) -> None:
         self.host = host
         self.handler = handler
         self._events: deque[RdmaCmEvent] = deque()

@@ -103,4 +103,3 @@ def free_iu_ring(ring: list[IuBuf]) -> None:
     """``srp_free_iu`` for each buffer."""
     for iu in ring:
         iu.free()
-

@@ -72,7 +72,16 @@ class SrpMapError(SrpInitiatorError):
     DMA-mapped (``EIO``), it needs more descriptors than fit the SRP_CMD
     without an external table (``EIO``, "Could not fit S/G list into
     SRP_CMD"), more memory registrations than ``mr_per_cmd`` (``E2BIG``),
-    or a segment no MR can hold (``EINVAL``)."""
+    or a segment no MR can hold (``EINVAL``). ``transient`` marks a
+    shortage that clears when other commands complete (the FR pool is
+    empty, the mapping resources — swiotlb slots, IOVA space, kmap slots —
+    are exhausted): the command then waits instead of failing, as
+    ``srp_queuecommand``'s ``SAM_STAT_TASK_SET_FULL`` makes the midlayer do.
+    """
+
+    def __init__(self, message: str, err: int = _errno.EIO, *, transient: bool = False) -> None:
+        super().__init__(message, err)
+        self.transient = transient
 
 
 class SrpCommandTimeout(SrpInitiatorError):
@@ -83,7 +92,9 @@ class SrpCommandTimeout(SrpInitiatorError):
     command's buffer when this is raised."""
 
     def __init__(self, tag: int, recovery: str, tm_status: int | None = None) -> None:
-        super().__init__(f"command tag {tag:#x} timed out; recovered by {recovery}", _errno.ETIMEDOUT)
+        super().__init__(
+            f"command tag {tag:#x} timed out; recovered by {recovery}", _errno.ETIMEDOUT
+        )
         self.tag = tag
         self.recovery = recovery
         self.tm_status = tm_status

@@ -291,7 +291,7 @@ def _finish_fr(
         return 1, SrpDirectBuf(dma, p.global_rkey, length)
     fr = pool.get()
     if fr is None:
-        raise SrpMapError("the FR pool is empty", errno.ENOMEM)
+        raise SrpMapError("the FR pool is empty", errno.ENOMEM, transient=True)
     try:
         n = fr.mr.map_sg(sgl, nents, page_size=p.mr_page_size)
     except VerbsError as e:
@@ -330,7 +330,7 @@ def srp_map_data(
     nents = len(sgl)
     count = ib_dma_map_sg(p.dev, sgl, direction)
     if count == 0:
-        raise SrpMapError(f"{p.dev.name}: ib_dma_map_sg failed", errno.EIO)
+        raise SrpMapError(f"{p.dev.name}: ib_dma_map_sg failed", errno.EIO, transient=True)
     out = MappedData(sgl, direction, nents, count, tuple(sgl.dma_segments()))
     try:
         _describe(p, out, pool, table, reg_wr_id)

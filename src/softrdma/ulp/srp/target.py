@@ -50,7 +50,7 @@ from softrdma.memory.host import Host
 from softrdma.memory.layout import PAGE_SIZE, get_order
 from softrdma.memory.page import Page
 from softrdma.memory.scatterlist import Scatterlist
-from softrdma.ulp.iu import IuBuf, alloc_iu_ring, free_iu_ring
+from softrdma.ulp.iu import IuBuf, IuMapError, alloc_iu_ring, free_iu_ring
 from softrdma.ulp.scsi import (
     AdditionalSense,
     CommandPlan,
@@ -239,8 +239,17 @@ class SrpChannel:
         self.qp: QueuePair = cm_id.create_qp(
             pd, QpInitAttr(IbQpType.RC, self.cq, self.cq, cap, sq_sig_type=IbSigType.REQ_WR)
         )
-        self.recv_ring = alloc_iu_ring(self.dev, rq, self.req_size, DMA_FROM_DEVICE)
-        self.send_ring = alloc_iu_ring(self.dev, rq, SRP_MAX_RSP_SIZE, DMA_TO_DEVICE)
+        self.recv_ring: list[IuBuf] = []
+        self.send_ring: list[IuBuf] = []
+        try:
+            self.recv_ring = alloc_iu_ring(self.dev, rq, self.req_size, DMA_FROM_DEVICE)
+            self.send_ring = alloc_iu_ring(self.dev, rq, SRP_MAX_RSP_SIZE, DMA_TO_DEVICE)
+        except IuMapError:
+            # srpt_create_ch_ib's error path: nothing of the channel stays.
+            free_iu_ring(self.recv_ring)
+            cm_id.destroy_qp()
+            self.cq.destroy()
+            raise
         self._free_send = list(self.send_ring)
         for iu in self.recv_ring:
             self._post_recv(iu)
@@ -781,7 +790,7 @@ class SrpTarget:
         assert cm_id.device is not None
         try:
             ch = SrpChannel(self, cm_id, req, self._pd(cm_id.device))
-        except (VerbsError, RdmaCmError) as e:
+        except (VerbsError, RdmaCmError, IuMapError) as e:
             self._reject(cm_id, req.tag, SrpLoginRejReason.INSUFFICIENT_RESOURCES, str(e))
             return
         self.channels.append(ch)

@@ -1,0 +1,521 @@
+"""``softrdma srp``: SRP, the SCSI RDMA Protocol, on the real network.
+
+One subparser per subcommand, registered in :data:`SUBCOMMANDS` with the
+function that adds its options to its parser and the one that runs it
+(``run_<name>(args, out, err)`` → exit status); ``initiator`` and ``demo``
+go next to ``target`` the same way.
+
+``softrdma srp target IMAGE --ip ADDR`` serves a disk image to SRP
+initiators — Linux's ``ib_srp`` among them — the way LIO's ``ib_srpt``
+does with a ``fileio`` backstore: it opens the device (``--ib-dev``) on
+``ADDR`` over UDP (:mod:`softrdma.cli.netdev`), a
+:class:`~softrdma.ulp.scsi.FileBackstore` over ``IMAGE`` (created sparse
+with ``--create-size``; ``--read-only`` write-protects it), a
+:class:`~softrdma.ulp.scsi.ScsiTarget` with it as LUN 0, and an
+:class:`~softrdma.ulp.srp.target.SrpTarget` listening on the RDMA CM at
+``ADDR:--port`` (5555, ``ib_srpt``'s). The target port identifier
+(``--id-ext``, ``--ioc-guid``) defaults to the device's node GUID for both
+halves, as ``ib_srpt`` derives it (``srpt_service_guid``). At start it
+prints what it serves and the ``add_target`` line a Linux initiator writes
+to ``/sys/class/infiniband_srp/srp-<device>-<port>/add_target``::
+
+    add_target: id_ext=00007ffffe000002,ioc_guid=00007ffffe000002,dest=127.0.0.2:5555
+
+then serves until SIGINT or SIGTERM, logging each login, logout and
+rejected login on one line with its time and initiator (port ID, address)::
+
+    2025-01-31 12:00:00.123 login: initiator 0x0000000000000000505400fffe770001 from 10.77.0.1:40493 (channel 1)
+    2025-01-31 12:00:09.456 logout: initiator 0x0000000000000000505400fffe770001 from 10.77.0.1:40493 (channel 1): disconnected by the initiator
+
+(Linux's ``ib_srp`` logs in once per completion vector: one channel, and
+one line, each.)
+
+On SIGINT or SIGTERM it logs every initiator out (a CM DREQ each, waiting
+up to :data:`LOGOUT_GRACE` seconds for the DREPs), flushes the image and
+exits 0. Errors — bad arguments, an image that is missing or of the wrong
+size, an address not on this host, UDP port 4791 taken — are one line on
+stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from types import FrameType
+from typing import NoReturn, TextIO
+
+from softrdma.cli.netdev import DEVICES, OpenDevice, add_device_options, open_device
+from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType
+from softrdma.errors import SoftRdmaError
+from softrdma.fabric.udp import UdpLink
+from softrdma.ulp.scsi import BLOCK_SIZES, VERSION_SRP, FileBackstore, ScsiTarget, ScsiUsageError
+from softrdma.ulp.srp.proto import SrpError, SrpLoginReq
+from softrdma.ulp.srp.target import SRPT_DEFAULT_PORT, ChState, SrpChannel, SrpTarget
+
+__all__ = [
+    "LOGOUT_GRACE",
+    "SUBCOMMANDS",
+    "build_parser",
+    "build_target_parser",
+    "parse_guid",
+    "parse_size",
+    "run",
+    "run_target",
+]
+
+LOGOUT_GRACE = 5.0
+"""Seconds a stopping target waits for its initiators' DREPs before it
+releases what is left."""
+SYNC_INTERVAL = 0.5
+"""How often the serving loop looks for channels that ended outside an RDMA
+CM event (every ending it can see is logged at the event)."""
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser: a bad argument is one line on stderr
+    (``softrdma srp target: ...``) and exit status 1, as every other error
+    of the tool; arguments nobody takes are bad arguments too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(1, f"{self.prog}: {message}\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes: a number with an optional binary unit (``64M``,
+    ``64MiB``, ``512k``, ``1G``, ``4096``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
+    if not m or int(m.group(1)) == 0:
+        raise argparse.ArgumentTypeError(f"invalid size: {text!r} (e.g. 64M, 1G, 1048576)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+def parse_guid(text: str) -> int:
+    """A 64-bit identifier in hex, as ``add_target`` takes it
+    (``505400fffe770001``, ``0x...``, or colon-separated groups)."""
+    digits = text.strip().removeprefix("0x").removeprefix("0X").replace(":", "")
+    if not re.fullmatch(r"[0-9a-fA-F]{1,16}", digits):
+        raise argparse.ArgumentTypeError(f"invalid 64-bit hex identifier: {text!r}")
+    return int(digits, 16)
+
+
+def _parse_port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port: {text!r} (1..65535)")
+    return int(text)
+
+
+def _parse_ip(text: str) -> IPv4Address:
+    try:
+        ip = IPv4Address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid IPv4 address: {text!r}") from None
+    if ip.is_unspecified or ip.is_multicast or ip == IPv4Address("255.255.255.255"):
+        raise argparse.ArgumentTypeError(f"{ip}: a target needs one address of this host")
+    return ip
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` report its own errors (a missing or unknown
+    subcommand) as :class:`_Parser` does."""
+
+    def error(message: str) -> NoReturn:
+        parser.exit(1, f"{parser.prog}: {message}\n")
+
+    parser.error = error  # type: ignore[method-assign]
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """``softrdma srp`` and its subcommands."""
+    p = parser or argparse.ArgumentParser(prog="softrdma srp")
+    p.description = "SRP (SCSI RDMA Protocol) over softrdma's RDMA CM, on the real network."
+    _one_line_errors(p)
+    sub = p.add_subparsers(
+        dest="srp_command", metavar="SUBCOMMAND", required=True, parser_class=_Parser
+    )
+    for name, (build, _, text) in SUBCOMMANDS.items():
+        build(sub.add_parser(name, help=text, description=text))
+    return p
+
+
+def build_target_parser(p: argparse.ArgumentParser) -> None:
+    """The options of ``softrdma srp target``."""
+    p.add_argument("image", metavar="IMAGE", help="the disk image to serve as LUN 0 (a file)")
+    add_device_options(p)
+    for action in p._actions:  # a target has no peer to route to: --ip is required
+        if action.dest == "ip":
+            action.required = True
+            action.type = _parse_ip
+            action.help = "local IPv4 address to serve on (the RoCE device's address)"
+    p.add_argument(
+        "--port",
+        type=_parse_port,
+        default=SRPT_DEFAULT_PORT,
+        help=f"RDMA CM port to listen on (default {SRPT_DEFAULT_PORT}, as ib_srpt)",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        choices=BLOCK_SIZES,
+        default=512,
+        help="logical block size in bytes (default 512)",
+    )
+    p.add_argument(
+        "--id-ext",
+        type=parse_guid,
+        metavar="HEX",
+        help="target port ID extension (default: the device's node GUID, as ib_srpt)",
+    )
+    p.add_argument(
+        "--ioc-guid",
+        type=parse_guid,
+        metavar="HEX",
+        help="I/O controller GUID (default: the device's node GUID, as ib_srpt)",
+    )
+    p.add_argument(
+        "--create-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="create IMAGE (sparse) with SIZE bytes if it does not exist (64M, 1G, ...); "
+        "an existing IMAGE must have that size",
+    )
+    p.add_argument("--read-only", action="store_true", help="serve the image write-protected")
+    p.add_argument("--pcap", metavar="FILE", help="write every frame sent and received")
+
+
+def run(
+    args: argparse.Namespace,
+    parser: argparse.ArgumentParser,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """Run the subcommand ``args`` names; its exit status."""
+    _, run_sub, _ = SUBCOMMANDS[args.srp_command]
+    return run_sub(args, sys.stdout if out is None else out, sys.stderr if err is None else err)
+
+
+# -- the target --------------------------------------------------------------------------
+
+
+class _Failed(Exception):
+    """A one-line error of the tool."""
+
+
+def _timestamp() -> str:
+    now = time.time()
+    return (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
+    )
+
+
+def _message(e: BaseException) -> str:
+    """An exception as one line: an OSError's text without ``[Errno N]``."""
+    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    filename = e.filename if isinstance(e, OSError) else None
+    text = f"{filename}: {text}" if filename else text
+    return " ".join(str(text).split())
+
+
+def _who(port_id: bytes, addr: object, port: int) -> str:
+    return f"initiator 0x{port_id.hex()} from {addr}:{port}"
+
+
+def _open_image(args: argparse.Namespace) -> FileBackstore:
+    """The backstore: IMAGE as it is, or created sparse with ``--create-size``."""
+    path: str = args.image
+    size: int | None = args.create_size
+    bs: int = args.block_size
+    if size is not None and size % bs:
+        raise _Failed(f"--create-size {size}: not a multiple of the {bs}-byte block size")
+    if not os.path.exists(path):
+        if size is None:
+            raise _Failed(f"{path}: no such image (--create-size SIZE makes one)")
+        if args.read_only:
+            raise _Failed(f"{path}: no such image (a --read-only target does not create one)")
+        FileBackstore(path, bs, size=size, create=True).close()
+    if os.path.isdir(path):
+        raise _Failed(f"{path}: is a directory, not an image")
+    backstore = FileBackstore(path, bs, read_only=args.read_only)
+    length = os.stat(path).st_size
+    if size is not None and os.path.isfile(path) and length != size:
+        backstore.close()
+        raise _Failed(f"{path}: exists with {length} bytes, not the --create-size {size}")
+    return backstore
+
+
+@dataclass(eq=False)
+class _Session:
+    """A channel the log has seen."""
+
+    number: int
+    who: str
+    live: bool = False
+    reason: str | None = None
+    """Why it ended, when the initiator or the tool ended it."""
+    note: str | None = None
+    """The last thing the target logged about it since it went live."""
+
+
+class _SessionLog(logging.Handler):
+    """Logs logins, logouts and rejected logins, one line each.
+
+    It sits between the RDMA CM and the target (wrapping the target's event
+    handler, on the progress thread holding the device's lock): after each
+    event it compares the target's channels with those it knew, so a login
+    is logged when its channel goes live and a logout when it is gone. The
+    reasons come from the event (a DREQ from the initiator), from what the
+    target logs about the channel (``softrdma.srpt``: an SRP_I_LOGOUT, a
+    bad IU, an RDMA error) or from the tool (stopping). Warnings the target
+    logs are printed too."""
+
+    def __init__(self, target: SrpTarget, out: TextIO) -> None:
+        super().__init__(logging.INFO)
+        self.target = target
+        self.out = out
+        self._lock = threading.Lock()
+        self._known: dict[SrpChannel, _Session] = {}
+        self._count = 0
+        self._reject_reason: str | None = None
+        self._handler = target.channel.handler
+        target.channel.handler = self._event
+
+    # -- output
+
+    def line(self, text: str) -> None:
+        with self._lock:
+            self.out.write(f"{_timestamp()} {text}\n")
+            self.out.flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """A record of ``softrdma.srpt``: a reason for a channel's end, the
+        reason of a rejected login, or a warning to show."""
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad record must not stop the target
+            return
+        subject = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        if isinstance(subject, SrpChannel):
+            session = self._known.get(subject)
+            if session is not None and session.live:
+                session.note = message.split(": ", 1)[-1]
+        elif message.startswith("rejected SRP_LOGIN_REQ: "):
+            self._reject_reason = message.removeprefix("rejected SRP_LOGIN_REQ: ")
+        if record.levelno >= logging.WARNING:
+            self.line(f"srpt: {message}")
+
+    # -- events
+
+    def _event(self, ev: RdmaCmEvent) -> None:
+        E = RdmaCmEventType
+        ch = next((c for c in self.target.channels if c.cm_id is ev.id), None)
+        session = self._known.get(ch) if ch is not None else None
+        if session is not None and ch is not None and ch.state is not ChState.DISCONNECTING:
+            if ev.event is E.DISCONNECTED:
+                session.reason = session.reason or "disconnected by the initiator"
+            elif ev.event in (E.REJECTED, E.UNREACHABLE, E.DEVICE_REMOVAL):
+                session.reason = session.reason or f"connection lost ({ev.event.name})"
+        login: SrpLoginReq | None = None
+        live_before = set()
+        if ev.event is E.CONNECT_REQUEST:
+            self._reject_reason = None
+            live_before = {c for c in self.target.channels if c.state is ChState.LIVE}
+            try:
+                login = SrpLoginReq.decode_rdma(ev.param.private_data if ev.param else b"")
+            except SrpError:
+                login = None
+        assert self._handler is not None
+        self._handler(ev)
+        if ev.event is E.CONNECT_REQUEST:
+            for old in live_before:
+                s = self._known.get(old)
+                if s is not None and old.state is ChState.DISCONNECTING:
+                    s.reason = s.reason or "replaced by a new login of the initiator"
+            if not any(c.cm_id is ev.id for c in self.target.channels):
+                who = _who(login.initiator_port_id if login else b"", ev.id.dst_addr,
+                           ev.id.dst_port)  # fmt: skip
+                why = self._reject_reason or "not accepted"
+                self.line(f"login rejected: {who}: {why}")
+        self.sync()
+        dev = ev.id.device
+        if dev is not None:
+            dev.lock.notify_all()  # wake the main thread waiting for the channels to go
+
+    def sync(self, reason: str | None = None) -> None:
+        """Log the channels that went live and those that are gone (call
+        holding the device's lock)."""
+        current = set(self.target.channels)
+        for ch in self.target.channels:
+            session = self._known.get(ch)
+            if session is None:
+                self._count += 1
+                session = self._known[ch] = _Session(
+                    self._count, _who(ch.initiator_port_id, ch.cm_id.dst_addr, ch.cm_id.dst_port)
+                )
+            if not session.live and ch.state in (ChState.LIVE, ChState.DISCONNECTING):
+                session.live = True
+                self.line(f"login: {session.who} (channel {session.number})")
+            if reason is not None and session.reason is None:
+                session.reason = reason
+        for ch, session in list(self._known.items()):
+            if ch in current and ch.state is not ChState.RELEASED:
+                continue
+            del self._known[ch]
+            if session.live:
+                why = session.reason or session.note or reason or "closed by the target"
+                self.line(f"logout: {session.who} (channel {session.number}): {why}")
+            else:
+                why = session.reason or session.note or reason or "no RTU"
+                self.line(f"login failed: {session.who} (channel {session.number}): {why}")
+
+    def detach(self) -> None:
+        self.target.channel.handler = self._handler
+
+
+def run_target(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``softrdma srp target``: serve until SIGINT or SIGTERM; 0, or 1 after
+    a one-line error."""
+    prog = "softrdma srp target"
+    try:
+        backstore = _open_image(args)
+    except _Failed as e:
+        err.write(f"{prog}: {e}\n")
+        return 1
+    except (ScsiUsageError, OSError) as e:
+        err.write(f"{prog}: {_message(e)}\n")
+        return 1
+    try:
+        return _serve_image(args, backstore, out, err, prog)
+    finally:
+        backstore.close()
+
+
+def _serve_image(
+    args: argparse.Namespace, backstore: FileBackstore, out: TextIO, err: TextIO, prog: str
+) -> int:
+    ip: IPv4Address = args.ip
+    if args.ib_dev not in DEVICES:
+        err.write(f"{prog}: no device {args.ib_dev!r} (one of {', '.join(DEVICES)})\n")
+        return 1
+    try:
+        opened = open_device(args, ip)
+    except (SoftRdmaError, OSError, ValueError) as e:
+        err.write(f"{prog}: {_message(e)}\n")
+        return 1
+    try:
+        dev = opened.device
+        if args.pcap and isinstance(dev.link, UdpLink):
+            dev.link.capture(args.pcap)
+        scsi = ScsiTarget(transport_version=VERSION_SRP)
+        scsi.add_lun(0, backstore)
+        with dev.lock:
+            target = SrpTarget(
+                dev.host, scsi, addr=ip, port=args.port, id_ext=args.id_ext,
+                ioc_guid=args.ioc_guid,
+            )  # fmt: skip
+    except (SoftRdmaError, OSError) as e:
+        err.write(f"{prog}: {_message(e)}\n")
+        opened.close()
+        return 1
+    try:
+        return _serve(target, opened, backstore, out)
+    finally:
+        opened.close()
+
+
+def _serve(target: SrpTarget, opened: OpenDevice, backstore: FileBackstore, out: TextIO) -> int:
+    dev = opened.device
+    mode = "read-only" if backstore.read_only else "read-write"
+    size = backstore.size
+    human = f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
+    srpt = logging.getLogger("softrdma.srpt")
+    old_level, old_propagate = srpt.level, srpt.propagate
+    log = _SessionLog(target, out)
+    srpt.addHandler(log)
+    srpt.setLevel(logging.INFO)
+    srpt.propagate = False
+    caught: list[int] = []
+    stop = threading.Event()
+
+    def note(signum: int, frame: FrameType | None) -> None:
+        caught.append(signum)
+        stop.set()
+
+    handlers = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        log.line(
+            f"serving {backstore.path} as LUN 0: {backstore.num_blocks} blocks of "
+            f"{backstore.block_size} bytes ({human}, {mode})"
+        )
+        log.line(
+            f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM), target port ID "
+            f"0x{target.target_port_id.hex()}"
+        )
+        with log._lock:
+            out.write(f"add_target: {target.add_target_line(str(dev.ip))}\n")
+            out.flush()
+        while not stop.wait(SYNC_INTERVAL):
+            with dev.lock:
+                log.sync()
+        name = signal.Signals(caught[0]).name
+        with dev.lock:
+            log.sync()
+            n = len(target.channels)
+            log.line(f"stopping ({name}): logging out {n} initiator{'s' * (n != 1)}")
+            log.sync("target stopping")
+            for ch in list(target.channels):
+                ch.close()
+            log.sync()
+        dev.wait(lambda: not target.channels, LOGOUT_GRACE)
+        with dev.lock:
+            log.sync()
+            target.close()
+            log.sync("target stopping (no DREP from the initiator)")
+        opened.close()  # the CM's last messages leave before the device goes
+        backstore.flush()
+        log.line("stopped")
+        return 0
+    finally:
+        for signum, h in handlers.items():
+            signal.signal(signum, h)
+        log.detach()
+        srpt.removeHandler(log)
+        srpt.setLevel(old_level)
+        srpt.propagate = old_propagate
+
+
+#: name -> (add its options to a parser, run it, one-line description).
+SUBCOMMANDS: dict[
+    str,
+    tuple[
+        Callable[[argparse.ArgumentParser], None],
+        Callable[[argparse.Namespace, TextIO, TextIO], int],
+        str,
+    ],
+] = {
+    "target": (
+        build_target_parser,
+        run_target,
+        "serve a disk image to SRP initiators (Linux ib_srp among them), like ib_srpt",
+    ),
+}
