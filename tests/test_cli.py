@@ -133,3 +133,22 @@ def test_management_benchmark_smoke() -> None:
     metrics = {"mad_round_trips_per_s", "rdma_cm_connection_cycles_per_s"}
     assert set(result["results"]) == set(result["ratios"]) == metrics
     assert all(v > 0 for v in result["results"].values())
+
+
+def test_srp_benchmark_smoke() -> None:
+    """``bench/srp.py --quick`` runs every SRP workload on every set-up and
+    reports each against its ``os.pread`` / ``os.pwrite`` limit (shape only)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "srp.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    setups = {name.split(".")[0] for name in result["metrics"]}
+    assert setups == {"cpu", "hw-iommu", "udp"}
+    for metric in result["metrics"].values():
+        assert metric["value"] > 0 and metric["ratio"] > 0 and metric["baseline"]
+    for stats in result["initiator_stats"].values():
+        assert stats["commands"] == stats["completed"] > 0 and stats["wc_errors"] == 0

@@ -20,6 +20,9 @@ PACKAGES = [
     "softrdma.drivers",
     "softrdma.mad",
     "softrdma.cm",
+    "softrdma.ulp.iu",
+    "softrdma.ulp.scsi",
+    "softrdma.ulp.srp",
 ]
 
 
@@ -54,10 +57,13 @@ def test_exported_classes_and_functions_are_documented(name: str) -> None:
     assert not undocumented, f"{name}: no docstring on {undocumented}"
 
 
-def test_the_readme_programs_need_only_the_facade() -> None:
-    """The README's RDMA examples import from ``softrdma`` alone."""
+def test_the_readme_programs_need_only_the_public_packages() -> None:
+    """The README's examples import from ``softrdma`` and, for the upper-layer
+    protocols, from their packages' exported names — never from a module."""
     from tests.test_readme import PROGRAMS
 
+    allowed = tuple(f"from {name} import" for name in ["softrdma", *PACKAGES])
     for program in PROGRAMS:
         imports = [line for line in program.splitlines() if line.startswith(("from ", "import "))]
-        assert all(line.startswith("from softrdma import") for line in imports), imports
+        assert all(line.startswith(allowed) for line in imports), imports
+        assert any(line.startswith("from softrdma import") for line in imports), imports

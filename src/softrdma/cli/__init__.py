@@ -24,13 +24,16 @@ def build_parser() -> argparse.ArgumentParser:
     rdma.add_argument(
         "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
     )
+    srp_demo = demo_sub.add_parser("srp", help="SRP on every device pairing, data verified")
     from softrdma.cli import devinfo, rc_pingpong, rping, srp
+    from softrdma.cli.srp_demo import build_demo_parser
 
+    build_demo_parser(srp_demo)
     tools = {
         "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
         "rping": (rping, "RDMA CM connection and RDMA ping-pong, like rping"),
         "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
-        "srp": (srp, "SRP (SCSI RDMA Protocol): serve a disk image, like ib_srpt"),
+        "srp": (srp, "SRP (SCSI RDMA Protocol): a target like ib_srpt, an initiator like ib_srp"),
     }
     for name, (module, text) in tools.items():
         module.build_parser(sub.add_parser(name, help=text, description=text))
@@ -41,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong, rping, srp
+    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong, rping, srp, srp_demo
 
     if args.command == "rc-pingpong":
         return rc_pingpong.run(args, parser)
@@ -64,4 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pcap=getattr(args, "pcap", "softrdma-demo.pcap") or None,
             drop=getattr(args, "drop", 0.1),
         )
+    if args.demo is None:
+        sys.stdout.write("\n")
+    if args.demo in (None, "srp"):
+        status |= srp_demo.run_demo(args, sys.stdout, sys.stderr)
     return status

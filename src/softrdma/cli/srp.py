@@ -1,9 +1,12 @@
-"""``softrdma srp``: SRP, the SCSI RDMA Protocol, on the real network.
+"""``softrdma srp``: SRP, the SCSI RDMA Protocol.
 
 One subparser per subcommand, registered in :data:`SUBCOMMANDS` with the
 function that adds its options to its parser and the one that runs it
-(``run_<name>(args, out, err)`` → exit status); ``initiator`` and ``demo``
-go next to ``target`` the same way.
+(``run_<name>(args, out, err)`` → exit status): ``target`` (below),
+``initiator`` (:mod:`softrdma.cli.srp_initiator`: log in to a target as
+``ib_srp`` does and read, write or verify its disk) and ``demo``
+(:mod:`softrdma.cli.srp_demo`: both ends on every device pairing in one
+process).
 
 ``softrdma srp target IMAGE --ip ADDR`` serves a disk image to SRP
 initiators — Linux's ``ib_srp`` among them — the way LIO's ``ib_srpt``
@@ -149,7 +152,10 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> None:
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     """``softrdma srp`` and its subcommands."""
     p = parser or argparse.ArgumentParser(prog="softrdma srp")
-    p.description = "SRP (SCSI RDMA Protocol) over softrdma's RDMA CM, on the real network."
+    p.description = (
+        "SRP (SCSI RDMA Protocol) over softrdma's RDMA CM: a target and an initiator on the "
+        "real network, and a demo on the simulated fabric."
+    )
     _one_line_errors(p)
     sub = p.add_subparsers(
         dest="srp_command", metavar="SUBCOMMAND", required=True, parser_class=_Parser
@@ -504,6 +510,34 @@ def _serve(target: SrpTarget, opened: OpenDevice, backstore: FileBackstore, out:
         srpt.propagate = old_propagate
 
 
+# The initiator's and the demo's modules import this one's parsers, so they
+# are imported when used.
+
+
+def _build_initiator(p: argparse.ArgumentParser) -> None:
+    from softrdma.cli.srp_initiator import build_initiator_parser
+
+    build_initiator_parser(p)
+
+
+def _run_initiator(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from softrdma.cli.srp_initiator import run_initiator
+
+    return run_initiator(args, out, err)
+
+
+def _build_demo(p: argparse.ArgumentParser) -> None:
+    from softrdma.cli.srp_demo import build_demo_parser
+
+    build_demo_parser(p)
+
+
+def _run_demo(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from softrdma.cli.srp_demo import run_demo
+
+    return run_demo(args, out, err)
+
+
 #: name -> (add its options to a parser, run it, one-line description).
 SUBCOMMANDS: dict[
     str,
@@ -517,5 +551,15 @@ SUBCOMMANDS: dict[
         build_target_parser,
         run_target,
         "serve a disk image to SRP initiators (Linux ib_srp among them), like ib_srpt",
+    ),
+    "initiator": (
+        _build_initiator,
+        _run_initiator,
+        "log in to an SRP target, like ib_srp's add_target, and read, write or verify its disk",
+    ),
+    "demo": (
+        _build_demo,
+        _run_demo,
+        "an SRP initiator and target on every device pairing, in one process",
     ),
 }

@@ -187,6 +187,11 @@ def run(qp: RcQp, now: float) -> None:
         wst = wqe.state
         if wst is WQE_ERROR:
             break  # the QP fails once the completer reaches it
+        if wst is WQE_DONE:
+            # Done before a go-back-N rewind (req_retry leaves these alone):
+            # a REG_MR / LOCAL_INV must not run twice.
+            req.wqe_index += 1
+            continue
         if draining and not wqe.started:
             # SQD: start no new WQE. (rxe lets only a PROCESSING one go on,
             # which stalls a go-back-N retry that falls into SQD.)

@@ -1,9 +1,26 @@
 """SRP, the SCSI RDMA Protocol (kernel: ``include/scsi/srp.h``,
 ``drivers/infiniband/ulp/srp`` and ``ulp/srpt``).
 
-:mod:`.proto` holds the byte-exact information-unit codecs.
+:mod:`.proto` holds the byte-exact information-unit codecs;
+:mod:`.target` the target (``ib_srpt``: :class:`SrpTarget`, one
+:class:`SrpChannel` per login) over the SCSI target core
+(:mod:`softrdma.ulp.scsi`); :mod:`.initiator` the initiator (``ib_srp``
+with the block layer it needs: :class:`SrpInitiator`), its data mapping
+(:mod:`.initiator_map`), its errors (:mod:`.initiator_errors`) and the
+CDBs it builds (:mod:`.initiator_scsi`).
 """
 
+from softrdma.ulp.srp.initiator import BlockIo, SrpInitiator, SrpRequest, SrpState, SrpStats
+from softrdma.ulp.srp.initiator_errors import (
+    ScsiCheckCondition,
+    ScsiStatusError,
+    SrpCommandTimeout,
+    SrpConnectError,
+    SrpInitiatorError,
+    SrpLoginRejected,
+    SrpMapError,
+    SrpTransportError,
+)
 from softrdma.ulp.srp.proto import (
     SRP_BUF_FORMAT_DIRECT,
     SRP_BUF_FORMAT_INDIRECT,
@@ -61,6 +78,7 @@ from softrdma.ulp.srp.proto import (
     int_to_scsilun,
     scsilun_to_int,
 )
+from softrdma.ulp.srp.target import SrpChannel, SrpTarget
 
 __all__ = [
     "SRP_BUF_FORMAT_DIRECT",
@@ -86,10 +104,16 @@ __all__ = [
     "SRP_RSP_FLAG_DOUNDER",
     "SRP_RSP_FLAG_RSPVALID",
     "SRP_RSP_FLAG_SNSVALID",
+    "BlockIo",
+    "ScsiCheckCondition",
+    "ScsiStatusError",
     "SrpAerReq",
     "SrpAerRsp",
     "SrpBufFmt",
+    "SrpChannel",
     "SrpCmd",
+    "SrpCommandTimeout",
+    "SrpConnectError",
     "SrpCredReq",
     "SrpCredRsp",
     "SrpDataBuf",
@@ -100,19 +124,28 @@ __all__ = [
     "SrpILogout",
     "SrpImmBuf",
     "SrpIndirectBuf",
+    "SrpInitiator",
+    "SrpInitiatorError",
     "SrpIu",
     "SrpLoginRej",
     "SrpLoginRejReason",
+    "SrpLoginRejected",
     "SrpLoginReq",
     "SrpLoginReqFlag",
     "SrpLoginRsp",
     "SrpLoginRspFlag",
+    "SrpMapError",
     "SrpOpcode",
     "SrpProtocolError",
+    "SrpRequest",
     "SrpRsp",
     "SrpRspFlag",
+    "SrpState",
+    "SrpStats",
     "SrpTLogout",
+    "SrpTarget",
     "SrpTaskAttr",
+    "SrpTransportError",
     "SrpTskMgmt",
     "SrpTskMgmtFunc",
     "decode_srp_iu",

@@ -1064,9 +1064,17 @@ class SrpInitiator:
 
     def _try_reconnect(self, reason: str) -> None:
         """A reconnect the initiator decided on itself; a failure leaves
-        the port LOST (``reconnect_delay`` tries again)."""
+        the port LOST (``reconnect_delay`` tries again). Its login waits no
+        longer than ``fast_io_fail_tmo`` allows: that timer cannot fire
+        while the progress path waits for the login (ib_srp's reconnect
+        runs on a workqueue, beside it)."""
+        timeout = None
+        if self.fast_io_fail_tmo is not None:
+            now = self.dev.scheduler.time()
+            lost = self._lost_at if self.state is SrpState.LOST else now
+            timeout = max(0.0, lost + self.fast_io_fail_tmo - now)
         try:
-            self._reconnect(None, reason)
+            self._reconnect(timeout, reason)
         except SrpInitiatorError as e:
             log.warning("%r: reconnect failed: %s", self, e)
         except Exception:

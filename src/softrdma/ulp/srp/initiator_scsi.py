@@ -6,22 +6,20 @@ Kernel counterparts: ``drivers/scsi/sd.c`` (``sd_setup_read_write_cmnd``
 with its 10- / 16-byte choice, ``read_capacity_16`` / ``read_capacity_10``,
 ``sd_sync_cache``), ``drivers/scsi/scsi_common.c``
 (``scsi_normalize_sense``), ``scsi_scan.c`` (the 36-byte standard
-INQUIRY), ``include/scsi/scsi_proto.h`` (opcodes, status codes).
+INQUIRY), ``include/scsi/scsi_proto.h`` (opcodes; the status codes and sense keys
+are :mod:`softrdma.ulp.scsi.sense`'s).
 """
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 
+from softrdma.ulp.scsi.sense import ScsiStatus, SenseKey
 from softrdma.ulp.srp.initiator_errors import ScsiCheckCondition, ScsiStatusError
 
 __all__ = [
-    "SAM_STAT_BUSY",
-    "SAM_STAT_CHECK_CONDITION",
-    "SAM_STAT_GOOD",
-    "SAM_STAT_TASK_SET_FULL",
+    "UNIT_ATTENTION",
     "Inquiry",
     "ScsiSense",
     "ScsiStatus",
@@ -40,26 +38,7 @@ __all__ = [
 ]
 
 
-class ScsiStatus(enum.IntEnum):
-    """``enum sam_status`` (``SAM_STAT_*``)."""
-
-    GOOD = 0x00
-    CHECK_CONDITION = 0x02
-    CONDITION_MET = 0x04
-    BUSY = 0x08
-    INTERMEDIATE = 0x10
-    RESERVATION_CONFLICT = 0x18
-    TASK_SET_FULL = 0x28
-    ACA_ACTIVE = 0x30
-    TASK_ABORTED = 0x40
-
-
-SAM_STAT_GOOD = ScsiStatus.GOOD
-SAM_STAT_CHECK_CONDITION = ScsiStatus.CHECK_CONDITION
-SAM_STAT_BUSY = ScsiStatus.BUSY
-SAM_STAT_TASK_SET_FULL = ScsiStatus.TASK_SET_FULL
-
-UNIT_ATTENTION = 0x6
+UNIT_ATTENTION = SenseKey.UNIT_ATTENTION
 """The sense key the midlayer retries (``scsi_check_sense``)."""
 
 _LBA32_MAX = 0xFFFF_FFFF

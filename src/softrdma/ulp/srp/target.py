@@ -251,6 +251,11 @@ class SrpChannel:
             self.cq.destroy()
             raise
         self._free_send = list(self.send_ring)
+        # Send IUs promised to the IUs received and not answered yet, and the
+        # IUs waiting for one (``ch->cmd_wait_list``): their receive buffers
+        # are not posted again until they are handled.
+        self._reserved = 0
+        self._wait_list: list[tuple[IuBuf, bytes]] = []
         for iu in self.recv_ring:
             self._post_recv(iu)
         self.cq.req_notify()
@@ -301,9 +306,32 @@ class SrpChannel:
                 self.stats["recv_errors"] += 1
             return
         data = iu.read(wc.byte_len)
-        if self.state is ChState.LIVE or self.state is ChState.CONNECTING:
-            self._post_recv(iu)  # the credit comes back with the response
         self.stats["iu_received"] += 1
+        if self._reserved >= len(self._free_send):
+            # No send IU for its answer (an initiator beyond its credits):
+            # the IU waits and its receive buffer stays taken, so the receive
+            # queue runs dry and the RC layer answers RNR NAK
+            # (srpt_handle_new_iu's cmd_wait_list).
+            self.stats["iu_waiting"] += 1
+            self._wait_list.append((iu, data))
+            return
+        self._handle_new_iu(iu, data)
+
+    def _process_wait_list(self) -> None:
+        """``srpt_process_wait_list``: a send IU is free again."""
+        while self._wait_list and self._reserved < len(self._free_send):
+            if self.state is not ChState.LIVE and self.state is not ChState.CONNECTING:
+                self._wait_list.clear()
+                return
+            iu, data = self._wait_list.pop(0)
+            self._handle_new_iu(iu, data)
+
+    def _handle_new_iu(self, iu: IuBuf, data: bytes) -> None:
+        """``srpt_handle_new_iu``: the IU has a send IU for its answer; its
+        receive buffer is posted again (the credit comes back with the answer)."""
+        self._reserved += 1
+        if self.state is ChState.LIVE or self.state is ChState.CONNECTING:
+            self._post_recv(iu)
         try:
             unit = decode_srp_iu(data, self.imm_data_offset or None)
         except SrpError as e:
@@ -314,11 +342,12 @@ class SrpChannel:
         elif isinstance(unit, SrpTskMgmt):
             self._handle_tsk_mgmt(unit)
         elif isinstance(unit, SrpILogout):
+            self._reserved -= 1  # not answered
             log.info("%r: initiator logout", self)
             self.stats["logouts"] += 1
             self.close()
         elif isinstance(unit, SrpCredRsp | SrpAerRsp):
-            pass  # acknowledgements of requests this target does not send
+            self._reserved -= 1  # acknowledgements of requests this target does not send
         else:
             self._bad_iu(data, f"unexpected {type(unit).__name__} from an initiator")
 
@@ -406,7 +435,7 @@ class SrpChannel:
         buf = _DataBuf.alloc(self.dev.host, length)
         state.buf = buf
         if not ib_dma_map_sg(self.dev, buf.sgl, DMA_FROM_DEVICE):
-            self._fail(state, "cannot map a data buffer")
+            self._busy(state)
             return
         buf.direction = DMA_FROM_DEVICE
         wrs: list[SendWR] = []
@@ -455,7 +484,7 @@ class SrpChannel:
         state.buf = buf
         buf.write(data)
         if not ib_dma_map_sg(self.dev, buf.sgl, DMA_TO_DEVICE):
-            self._fail(state, "cannot map a data buffer")
+            self._busy(state)
             return
         buf.direction = DMA_TO_DEVICE
         wrs: list[SendWR] = []
@@ -499,6 +528,18 @@ class SrpChannel:
         sense = SenseData.of(key, code).encode()
         self._respond(SrpRsp(tag=tag, req_lim_delta=1, status=ScsiStatus.CHECK_CONDITION,
                              sense=sense))  # fmt: skip
+
+    def _busy(self, state: _Cmd) -> None:
+        """The data buffer could not be mapped (the device's mapping space —
+        swiotlb slots, IOVAs — is used up for now): answer BUSY so the
+        initiator sends the command again, as ``srpt_handle_cmd`` does with
+        ``target_send_busy``; the channel stays up."""
+        log.debug("%r: command %#x: cannot map a data buffer, answering BUSY", self, state.tag)
+        self.stats["busy"] += 1
+        if state.plan is not None:
+            self.target.scsi.release(state.plan)
+        self._finish(state)
+        self._respond(SrpRsp(tag=state.tag, req_lim_delta=1, status=ScsiStatus.BUSY))
 
     def _fail(self, state: _Cmd, why: str) -> None:
         """The data could not move: the command ends, the channel too (an
@@ -560,6 +601,7 @@ class SrpChannel:
             self.close()
             return
         iu = self._free_send.pop()
+        self._reserved = max(0, self._reserved - 1)
         iu.write(data)
         wr_id = self._wr_id(lambda wc: self._sent(iu, state, wc, then))
         send = SendWR(wr_id, IbWrOpcode.SEND, (iu.sge(self.pd.local_dma_lkey, len(data)),),
@@ -585,6 +627,7 @@ class SrpChannel:
             self._finish(state)
         if then is not None:
             then()
+        self._process_wait_list()
 
     def _unmap(self, buf: _DataBuf) -> None:
         if buf.direction is not None:
@@ -686,7 +729,7 @@ class SrpTarget:
         """``logins``, ``logouts``, ``login_rejects``, ``commands``,
         ``responses``, ``rdma_reads`` / ``rdma_writes`` (work requests),
         ``task_management``, ``aborted``, ``bad_iu``, ``external_tables``,
-        ``rdma_errors``, ..."""
+        ``rdma_errors``, ``busy`` (data buffers it could not map), ..."""
         self.channels: list[SrpChannel] = []
         self._pds: dict[IbDevice, ProtectionDomain] = {}
         self.channel = RdmaEventChannel(host, handler=self._cm_event)
