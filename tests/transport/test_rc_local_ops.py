@@ -11,7 +11,7 @@ from softrdma.verbs.enums import IbAccess, IbSendFlags, IbWcOpcode, IbWcStatus
 from softrdma.verbs.enums import IbWrOpcode as Op
 from softrdma.verbs.wr import RdmaWR, RecvWR, RegWR, SendWR, Sge
 
-from .engine_harness import SIGNALED, Pair, opnames, pattern
+from .engine_harness import SIGNALED, DropWhen, Pair, opnames, pattern
 
 
 def test_reg_mr_and_local_inv_in_send_queue_order() -> None:
@@ -164,3 +164,43 @@ def test_fence_waits_for_outstanding_read() -> None:
     # The WRITE sent back what the READ fetched: it waited for it.
     assert remote[0:4096] == local[0:4096] == pattern(4096)
     assert [wc.status for wc in p.send_wcs()] == [IbWcStatus.SUCCESS] * 2
+
+
+def test_go_back_n_does_not_run_a_local_op_twice() -> None:
+    """A REG_MR that ran between two RDMA WRITEs stays done when a lost
+    packet of the first WRITE rewinds the requester to it (rxe's req_retry
+    leaves finished WQEs alone): registering again would hand out a key the
+    consumer may already have invalidated, and a real MR refuses a second
+    registration while valid."""
+    from softrdma.transport.opcodes import Opcode
+
+    lose = DropWhen(lambda pkt: pkt.bth.opcode == Opcode.RC_RDMA_WRITE_MIDDLE)
+    p = Pair(ab=lose)
+    regs: list[int] = []
+    reg_mr = p.mem_a.reg_mr
+    p.mem_a.reg_mr = lambda wr: (regs.append(wr.key), reg_mr(wr))[-1]  # type: ignore[method-assign]
+    src = p.mem_a.reg(4096, fill=pattern(4096))
+    fast = p.mem_a.reg(256, fill=pattern(256, seed=2), access=IbAccess(0))
+    fast.valid = False
+    dst = p.mem_b.reg(8192)
+    new_key = fast.key | 0x5A
+    p.post(RdmaWR(1, Op.RDMA_WRITE, (src.sge(),), remote_addr=dst.iova, rkey=dst.key))
+    p.post(RegWR(2, Op.REG_MR, key=new_key, access=IbAccess.LOCAL_WRITE))
+    p.post(
+        RdmaWR(
+            3,
+            Op.RDMA_WRITE,
+            (Sge(fast.iova, 256, new_key),),
+            remote_addr=dst.iova + 4096,
+            rkey=dst.key,
+        )
+    )
+    p.run_until_completions(3)
+    assert lose.dropped, "no packet was lost: the test shows nothing"
+    assert [(wc.wr_id, wc.status) for wc in p.send_wcs()] == [
+        (1, IbWcStatus.SUCCESS),
+        (2, IbWcStatus.SUCCESS),
+        (3, IbWcStatus.SUCCESS),
+    ]
+    assert regs == [new_key]
+    assert dst[0:4096] == src[0:4096] and dst[4096:4352] == fast[0:256]
