@@ -178,7 +178,12 @@ def test_go_back_n_does_not_run_a_local_op_twice() -> None:
     p = Pair(ab=lose)
     regs: list[int] = []
     reg_mr = p.mem_a.reg_mr
-    p.mem_a.reg_mr = lambda wr: (regs.append(wr.key), reg_mr(wr))[-1]  # type: ignore[method-assign]
+
+    def counted(wr: RegWR) -> None:
+        regs.append(wr.key)
+        reg_mr(wr)
+
+    p.mem_a.reg_mr = counted  # type: ignore[method-assign]
     src = p.mem_a.reg(4096, fill=pattern(4096))
     fast = p.mem_a.reg(256, fill=pattern(256, seed=2), access=IbAccess(0))
     fast.valid = False
