@@ -3,12 +3,14 @@
 Support code, not a test module. Three parts:
 
 * :func:`build_image` debootstraps Debian bookworm (minbase plus the kernel,
-  rdma-core and its tools, perftest, python3 and tini) into a cache directory
-  outside the repository and turns it into a raw ext4 image (``mkfs.ext4 -d``,
-  no loop mount) plus the kernel and initrd. The result is keyed by a hash of
-  the recipe, built once and reused; a changed recipe builds a new one.
+  rdma-core and its tools, perftest, python3, tini, and LIO's targetcli with
+  the D-Bus daemon it needs) into a cache directory outside the repository
+  and turns it into a raw ext4 image (``mkfs.ext4 -d``, no loop mount) plus
+  the kernel and initrd. The result is keyed by a hash of the recipe, built
+  once and reused; a changed recipe builds a new one.
 * :class:`LinuxPeer` boots that image with QEMU (TCG, no KVM needed) on a tap
-  device inside a private network namespace: host side ``10.77.0.2/24``, VM
+  device inside a private network namespace: host side ``10.77.0.2/24``
+  (MAC 52:54:00:77:00:02, fixed like the VM's, so host-side GIDs are), VM
   ``10.77.0.1/24``, MTU 1500, the VM's ``rxe0`` on its NIC. Host-side
   programs that talk to the VM run in that namespace
   (:meth:`LinuxPeer.netns_argv`, :meth:`LinuxPeer.host_popen`).
@@ -82,6 +84,8 @@ PACKAGES: tuple[str, ...] = (
     "procps",
     "iputils-ping",
     "tcpdump",
+    "targetcli-fb",  # LIO's shell (with python3-rtslib-fb); ib_srpt is in the kernel package
+    "dbus",  # targetcli asks the system bus for tcmu-runner's backstores at start
 )
 
 #: Baked into the image as its init: mounts the tools disk (vdb) and runs the
@@ -109,6 +113,9 @@ RUN_DIR_PREFIX = "softrdma-vm-"
 #: MAC of the VM's NIC; the node GUID rxe derives from it is 5054:00ff:fe77:0001,
 #: as in the captures (SRP id_ext 505400fffe770001).
 DEFAULT_VM_MAC = "52:54:00:77:00:01"
+#: MAC of the host end (the tap); softrdma's devices take their GID 0 (and so an
+#: SRP initiator port ID, fe80::5054:ff:fe77:2) from it.
+DEFAULT_HOST_MAC = "52:54:00:77:00:02"
 
 HOST_TOOLS: dict[str, str] = {
     "qemu-system-x86_64": "qemu-system-x86",
@@ -741,6 +748,7 @@ class LinuxPeer:
     prefix_len: int = 24
     mtu: int = 1500
     vm_mac: str = DEFAULT_VM_MAC
+    host_mac: str = DEFAULT_HOST_MAC
     rxe_name: str = "rxe0"
     memory_mib: int = 1024
     cpus: int = 2
@@ -819,6 +827,7 @@ class LinuxPeer:
         _ip(*ns, "link", "set", "lo", "up")
         _ip(*ns, "tuntap", "add", "dev", self.tap, "mode", "tap")
         _ip(*ns, "link", "set", self.tap, "mtu", str(self.mtu))
+        _ip(*ns, "link", "set", self.tap, "address", self.host_mac)
         _ip(*ns, "addr", "add", f"{self.host_ip}/{self.prefix_len}", "dev", self.tap)
         # Quieter link: no IPv6 router/neighbour chatter from the host end.
         subprocess.run(

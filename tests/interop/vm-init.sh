@@ -20,6 +20,9 @@ mkdir -p /dev/pts /dev/shm
 mountpoint -q /dev/pts || mount -t devpts devpts /dev/pts
 mountpoint -q /dev/shm || mount -t tmpfs tmpfs /dev/shm
 mountpoint -q /tmp || mount -t tmpfs tmpfs /tmp
+# configfs (LIO's configuration) may be a module: its mount point exists once it is loaded.
+modprobe -q configfs 2>/dev/null
+mountpoint -q /sys/kernel/config || mount -t configfs configfs /sys/kernel/config 2>/dev/null
 mount -o remount,rw / 2>/dev/null
 
 LOG=/run/softrdma-init.log
