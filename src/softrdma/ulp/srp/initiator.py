@@ -1386,22 +1386,30 @@ class SrpInitiator:
         (the FR pool or the mapping resources are exhausted)."""
         table = self._free_tables.pop()
         serial = req.serial
-        try:
-            m = srp_map_data(
-                self._map_params(ch),
-                req.sgl,
-                req.direction,
-                ch.fr_pool,
-                table,
-                _wr_id(_REG, serial),
-            )
-        except SrpMapError as e:
-            self._free_tables.append(table)
-            if e.transient and (self._active or self._finishing):
+        for attempt in itertools.count():
+            try:
+                m = srp_map_data(
+                    self._map_params(ch),
+                    req.sgl,
+                    req.direction,
+                    ch.fr_pool,
+                    table,
+                    _wr_id(_REG, serial),
+                )
+                break
+            except SrpMapError as e:
+                if e.transient and (self._active or self._finishing):
+                    self._free_tables.append(table)
+                    self.stats.map_busy += 1
+                    return False
+                if not e.transient or attempt >= self.retries:
+                    self._free_tables.append(table)
+                    self._complete(req, e)
+                    return True
+                # TASK SET FULL with nothing else in flight: the midlayer
+                # requeues at once, and the mapping comes out differently
+                # (swiotlb's next-fit has moved on).
                 self.stats.map_busy += 1
-                return False
-            self._complete(req, e)
-            return True
         iu = self._get_tx_iu(ch, "cmd")
         assert iu is not None  # checked by _dispatch
         tag = self._alloc_tag()

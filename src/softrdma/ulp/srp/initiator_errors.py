@@ -71,12 +71,15 @@ class SrpMapError(SrpInitiatorError):
     """``srp_map_data`` refused the command's data buffer: it could not be
     DMA-mapped (``EIO``), it needs more descriptors than fit the SRP_CMD
     without an external table (``EIO``, "Could not fit S/G list into
-    SRP_CMD"), more memory registrations than ``mr_per_cmd`` (``E2BIG``),
-    or a segment no MR can hold (``EINVAL``). ``transient`` marks a
-    shortage that clears when other commands complete (the FR pool is
-    empty, the mapping resources — swiotlb slots, IOVA space, kmap slots —
-    are exhausted): the command then waits instead of failing, as
-    ``srp_queuecommand``'s ``SAM_STAT_TASK_SET_FULL`` makes the midlayer do.
+    SRP_CMD"), or a segment no MR can hold (``EINVAL``). ``transient``
+    marks what ib_srp answers with ``SAM_STAT_TASK_SET_FULL``, which the
+    midlayer requeues: a shortage that clears when other commands complete
+    (the FR pool is empty; the mapping resources — swiotlb slots, IOVA
+    space, kmap slots — are exhausted) or more memory registrations than
+    ``mr_per_cmd`` ("Out of MRs", ``ENOMEM``: bounced segments that break
+    the page list may map differently next time). The command then waits
+    for the others, or, with none in flight, is mapped again up to
+    ``retries`` times, before it fails with this error.
     """
 
     def __init__(self, message: str, err: int = _errno.EIO, *, transient: bool = False) -> None:

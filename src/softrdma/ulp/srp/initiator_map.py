@@ -285,7 +285,9 @@ def _finish_fr(
     DMA segments of ``sgl`` as one MR can take (or, for a single segment
     with a global rkey, the segment itself); returns how many it took."""
     if len(out.frs) >= p.mr_per_cmd:
-        raise SrpMapError(f"Out of MRs (mr_per_cmd = {p.mr_per_cmd})", errno.E2BIG)
+        # -ENOMEM in ib_srp, so TASK SET FULL: retried, not failed (a
+        # bounced segment that broke the page list may land aligned next time).
+        raise SrpMapError(f"Out of MRs (mr_per_cmd = {p.mr_per_cmd})", errno.ENOMEM, transient=True)
     if nents == 1 and p.global_rkey:
         dma, length = sgl.dma_segments()[0]
         return 1, SrpDirectBuf(dma, p.global_rkey, length)
