@@ -11,15 +11,18 @@ Each against the limit a Python program can reach on the same loopback
 in the same run: a raw UDP send + receive loop between two processes with
 datagrams of the same sizes (4,112 and 96 bytes), the receiver answering
 every 64 datagrams so that the sender cannot overrun it (as the RC ACKs
-do). Prints a table and, last, one JSON object.
+do). Prints a table, the issue-10 target (the 1 MiB WRITE against raw UDP,
+at least 0.2) and, last, one JSON object.
 
     python bench/udp.py            # full run
     python bench/udp.py --quick    # fewer iterations, for a smoke test
+    python bench/udp.py --rounds 9 # best of 9 rounds of each (default 5)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -52,48 +55,55 @@ def _addresses() -> tuple[str, str]:
 # -- the raw UDP limit ---------------------------------------------------------------
 
 
-def _raw_receiver(addr: tuple[str, int], size: int, count: int, ready: Connection) -> None:
+def _raw_receiver(
+    addr: tuple[str, int], size: int, count: int, rounds: int, ready: Connection
+) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         s.bind(addr)
+        s.settimeout(30.0)
         ready.send(True)
         got = 0
         peer = None
-        while got < count:
+        while got < count * rounds:
             _, peer = s.recvfrom(65536)
             got += 1
-            if got % WINDOW == 0 or got == count:
+            if got % WINDOW == 0 or got % count == 0:
                 s.sendto(b"a" * 16, peer)
 
 
-def raw_udp_limit(size: int, count: int) -> float:
-    """Datagrams per second of ``size`` bytes from one process to another."""
+def raw_udp_limit(size: int, count: int, rounds: int = 1) -> float:
+    """Datagrams per second of ``size`` bytes from one process to another:
+    the best of ``rounds`` rounds of ``count`` datagrams."""
     ip_a, ip_b = _addresses()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_raw_receiver, args=((ip_b, 47910), size, count, child))
+    proc = ctx.Process(target=_raw_receiver, args=((ip_b, 47910), size, count, rounds, child))
     proc.start()
     try:
         parent.recv()
         payload = b"x" * size
+        best = float("inf")
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind((ip_a, 0))
             s.settimeout(10.0)
             dest = (ip_b, 47910)
-            start = time.perf_counter()
-            sent = 0
-            while sent < count:
-                n = min(WINDOW, count - sent)
-                for _ in range(n):
-                    s.sendto(payload, dest)
-                sent += n
-                s.recv(64)
-            elapsed = time.perf_counter() - start
+            for _ in range(rounds):
+                start = time.perf_counter()
+                sent = 0
+                while sent < count:
+                    n = min(WINDOW, count - sent)
+                    for _ in range(n):
+                        s.sendto(payload, dest)
+                    sent += n
+                    s.recv(64)
+                best = min(best, time.perf_counter() - start)
     finally:
         proc.join(30)
         if proc.is_alive():
             proc.kill()
-    return count / elapsed
+            proc.join(5)
+    return count / best
 
 
 # -- softrdma over UDP --------------------------------------------------------------
@@ -113,13 +123,14 @@ def _target(ip: str, peer_ip: str, conn: Connection) -> None:
         peer_qpn, peer_gid = conn.recv()
         connect_qp(qp, dest_qp_num=peer_qpn, dgid=peer_gid, path_mtu=IbMtu.MTU_4096)
         conn.send("ready")
-        conn.recv()  # stop
+        with contextlib.suppress(EOFError):  # EOF: the measuring process is gone
+            conn.recv()  # stop
         dev.unregister()
 
 
-def rdma_rates(bw_iters: int, msg_iters: int) -> dict[str, float]:
+def rdma_rates(bw_iters: int, msg_iters: int, rounds: int = 1) -> dict[str, float]:
     """WRITE 1 MiB bytes/s and 64-byte WRITEs/s from this process to a target
-    process."""
+    process, each the best of ``rounds`` rounds."""
     ip_a, ip_b = _addresses()
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -160,34 +171,56 @@ def rdma_rates(bw_iters: int, msg_iters: int) -> dict[str, float]:
                 return time.perf_counter() - start
 
             run(MSG, 2, 2)  # warm up
-            bw = bw_iters * MSG / run(MSG, bw_iters, 4)
-            rate = msg_iters / run(SMALL, msg_iters, WINDOW)
+            bw = bw_iters * MSG / min(run(MSG, bw_iters, 4) for _ in range(rounds))
+            rate = msg_iters / min(run(SMALL, msg_iters, WINDOW) for _ in range(rounds))
             parent.send("stop")
             dev.unregister()
     finally:
+        parent.close()  # a target still waiting for "stop" sees EOF and ends
         proc.join(30)
         if proc.is_alive():
             proc.kill()
+            proc.join(5)
     return {"write_1MiB_bytes_per_s": bw, "write_64B_per_s": rate}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measure every figure and limit this many times, keep the best "
+        "(two processes on a shared machine are noisy; default 5, 1 with --quick)",
+    )
     args = parser.parse_args()
     bw_iters, msg_iters = (4, 1024) if args.quick else (20, 8192)
-    big_per_s = raw_udp_limit(BIG_DATAGRAM, bw_iters * 256)
-    small_per_s = raw_udp_limit(SMALL_DATAGRAM, msg_iters)
+    rounds = max(1, args.rounds if args.rounds is not None else (1 if args.quick else 5))
+    big_per_s = raw_udp_limit(BIG_DATAGRAM, bw_iters * 256, rounds)
+    small_per_s = raw_udp_limit(SMALL_DATAGRAM, msg_iters, rounds)
     limits = {
         "raw_udp_4112B_payload_bytes_per_s": big_per_s * 4096,
         "raw_udp_4112B_per_s": big_per_s,
         "raw_udp_96B_per_s": small_per_s,
     }
-    results = rdma_rates(bw_iters, msg_iters)
+    results = rdma_rates(bw_iters, msg_iters, rounds)
     ratios = {
         "write_1MiB": results["write_1MiB_bytes_per_s"]
         / limits["raw_udp_4112B_payload_bytes_per_s"],
         "write_64B": results["write_64B_per_s"] / limits["raw_udp_96B_per_s"],
+    }
+    # The issue-10 target: the 1 MiB WRITE between two processes against raw
+    # UDP of the same datagram size between two processes, at least 0.2.
+    targets = {
+        "udp_write_1MiB_vs_raw_udp_4112B": {
+            "value": results["write_1MiB_bytes_per_s"],
+            "limit": limits["raw_udp_4112B_payload_bytes_per_s"],
+            "unit": "B/s",
+            "ratio": ratios["write_1MiB"],
+            "target": ">= 0.2",
+            "met": ratios["write_1MiB"] >= 0.2,
+        }
     }
     print(f"{'metric':44s} {'value':>16s} {'vs limit':>10s}")
     print(
@@ -203,7 +236,25 @@ def main() -> None:
         f"{limits['raw_udp_4112B_payload_bytes_per_s'] / 1e6:11.1f} MB/s"
     )
     print(f"{'limit: raw UDP 96 B datagrams':44s} {limits['raw_udp_96B_per_s']:13,.0f} /s")
-    print(json.dumps({"limits": limits, "results": results, "ratios": ratios}))
+    print(f"(each figure and limit the best of {rounds} round{'s' if rounds > 1 else ''})")
+    print()
+    print(f"{'issue 10 target':58s} {'ratio':>9s} {'target':>8s}  met")
+    t = targets["udp_write_1MiB_vs_raw_udp_4112B"]
+    print(
+        f"{'UDP, WRITE 1 MiB two processes / raw UDP 4112 B':58s} "
+        f"{t['ratio']:9.4f} {t['target']:>8s}  {'yes' if t['met'] else 'no'}"
+    )
+    print(
+        json.dumps(
+            {
+                "limits": limits,
+                "results": results,
+                "ratios": ratios,
+                "targets": targets,
+                "rounds": rounds,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":
