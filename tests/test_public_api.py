@@ -23,6 +23,8 @@ PACKAGES = [
     "softrdma.ulp.iu",
     "softrdma.ulp.scsi",
     "softrdma.ulp.srp",
+    "softrdma.ulp.iscsi",
+    "softrdma.ulp.iser",
 ]
 
 
