@@ -44,13 +44,78 @@ class FakeMr:
 
 
 @dataclass
+class FakeSgl:
+    """:class:`~softrdma.transport.memory_port.LocalSgl` of the fake: every
+    access walks and checks the SGEs again (what is kept is the list)."""
+
+    mem: FakeMemory
+    sges: tuple[Sge, ...]
+    write: bool
+
+    def gather(self, offset: int, length: int) -> BytesLike:
+        return self.mem.gather(self.sges, offset, length)
+
+    def scatter(self, offset: int, data: BytesLike) -> None:
+        self.mem.scatter(self.sges, offset, data)
+
+
+@dataclass
+class FakeRemoteMr:
+    """:class:`~softrdma.transport.memory_port.RemoteMr` of the fake: each
+    access stays in the checked range and checks the key again."""
+
+    mem: FakeMemory
+    rkey: int
+    va: int
+    length: int
+    access: int
+
+    def _mr(self, va: int, length: int) -> FakeMr:
+        if va < self.va or va + length > self.va + self.length:
+            raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, "outside the checked range")
+        return self.mem._check(self.rkey, va, length, self.access)
+
+    def read(self, va: int, length: int) -> BytesLike:
+        mr = self._mr(va, length)
+        self.mem.remote_reads += 1
+        start = va - mr.iova
+        return bytes(memoryview(mr.buf)[start : start + length])
+
+    def write(self, va: int, data: BytesLike) -> None:
+        mv = memoryview(data).cast("B")
+        mr = self._mr(va, len(mv))
+        self.mem.remote_writes += 1
+        start = va - mr.iova
+        mr.buf[start : start + len(mv)] = mv
+
+    def atomic(self, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
+        if va & 7:
+            raise RemoteAccessError(NakCode.INVALID_REQUEST, "misaligned atomic")
+        mr = self._mr(va, 8)
+        self.mem.atomic_count += 1
+        start = va - mr.iova
+        orig = int.from_bytes(mr.buf[start : start + 8], "little")
+        if compare_swap:
+            new = swap_add if orig == compare else orig
+        else:
+            new = (orig + swap_add) & ((1 << 64) - 1)
+        mr.buf[start : start + 8] = new.to_bytes(8, "little")
+        return orig
+
+
+@dataclass
 class FakeMemory:
-    """One host's MR table (``rxe_mr.c`` lookup + ``mr_check_range``)."""
+    """One host's MR table (``rxe_mr.c`` lookup + ``mr_check_range``).
+
+    ``sgl_maps`` and ``rkey_checks`` count the translations the engines ask
+    for: one per work request / request, never one per packet."""
 
     mrs: dict[int, FakeMr] = field(default_factory=dict)
     atomic_count: int = 0
     remote_reads: int = 0
     remote_writes: int = 0
+    sgl_maps: int = 0
+    rkey_checks: int = 0
     invalidated: list[int] = field(default_factory=list)
     next_index: int = 1
 
@@ -119,6 +184,10 @@ class FakeMemory:
             mr.buf[start : start + n] = mv[pos : pos + n]
             pos += n
 
+    def map_sgl(self, sges: Sequence[Sge], write: bool) -> FakeSgl:
+        self.sgl_maps += 1
+        return FakeSgl(self, tuple(sges), write)
+
     def reg_mr(self, wr: RegWR) -> None:
         mr = self.mrs.get(wr.key >> 8)
         if mr is None:
@@ -134,7 +203,8 @@ class FakeMemory:
         mr.valid = False
         self.invalidated.append(key)
 
-    def check_rkey(self, rkey: int, va: int, length: int, access: int) -> None:
+    def _check(self, rkey: int, va: int, length: int, access: int) -> FakeMr:
+        """``lookup_mr`` + ``mr_check_range`` for a remote access."""
         mr = self._lookup(rkey)
         if mr is None:
             raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, f"bad rkey {rkey:#x}")
@@ -142,39 +212,13 @@ class FakeMemory:
             raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, "access not granted")
         if not mr.contains(va, length):
             raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, "out of bounds")
+        return mr
 
-    def remote_read(self, rkey: int, va: int, length: int) -> BytesLike:
-        self.check_rkey(rkey, va, length, IbAccess.REMOTE_READ)
-        mr = self._lookup(rkey)
-        assert mr is not None
-        self.remote_reads += 1
-        start = va - mr.iova
-        return bytes(memoryview(mr.buf)[start : start + length])
-
-    def remote_write(self, rkey: int, va: int, data: BytesLike) -> None:
-        mv = memoryview(data).cast("B")
-        self.check_rkey(rkey, va, len(mv), IbAccess.REMOTE_WRITE)
-        mr = self._lookup(rkey)
-        assert mr is not None
-        self.remote_writes += 1
-        start = va - mr.iova
-        mr.buf[start : start + len(mv)] = mv
-
-    def atomic(self, rkey: int, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
-        if va & 7:
-            raise RemoteAccessError(NakCode.INVALID_REQUEST, "misaligned atomic")
-        self.check_rkey(rkey, va, 8, IbAccess.REMOTE_ATOMIC)
-        mr = self._lookup(rkey)
-        assert mr is not None
-        self.atomic_count += 1
-        start = va - mr.iova
-        orig = int.from_bytes(mr.buf[start : start + 8], "little")
-        if compare_swap:
-            new = swap_add if orig == compare else orig
-        else:
-            new = (orig + swap_add) & ((1 << 64) - 1)
-        mr.buf[start : start + 8] = new.to_bytes(8, "little")
-        return orig
+    def check_rkey(self, rkey: int, va: int, length: int, access: int) -> FakeRemoteMr:
+        if length:
+            self.rkey_checks += 1
+            self._check(rkey, va, length, access)
+        return FakeRemoteMr(self, rkey, va, length, int(access))
 
     def remote_invalidate(self, rkey: int) -> None:
         mr = self._lookup(rkey)

@@ -136,3 +136,11 @@ def test_random_traffic_takes_only_table_transitions_and_most_of_them() -> None:
     }
     reached = seen & normal
     assert len(reached) >= 0.6 * len(normal), sorted(normal - reached)
+
+
+def test_class_ac_error_states_go_only_to_complete() -> None:
+    """The responder's dispatcher tests ``nxt is COMPLETE`` before looking a
+    state up in its class A/C set; that is only right while every one of
+    those states goes to COMPLETE and nowhere else."""
+    for state in responder._CLASS_AC:
+        assert RESPONDER[state].next == {RespState.COMPLETE}, state.name

@@ -9,24 +9,32 @@ kernel virtual addresses. Every key, PD, permission and bounds check, and
 the DMA reachability of the whole range, is done before the first byte
 moves, so a refused request changes nothing.
 
+Keys are translated once per message, not per packet: a :class:`LocalSgl`
+keeps each SGE's MR from the first packet that reaches it, a
+:class:`RemoteMr` the MR an R_Key named when the request was checked. Per
+packet they only check that the MR is unchanged (see :class:`_SgeMap`),
+walk its page list and copy.
+
 Kernel counterparts: ``rxe_mr.c`` (``copy_data``, ``lookup_mr``,
-``mr_check_range``, ``rxe_mr_do_atomic_op``), ``rxe_resp.c``
-(``check_rkey``), ``rxe_req.c`` (``rxe_do_local_ops``).
+``mr_check_range``, ``rxe_mr_copy``, ``rxe_mr_do_atomic_op``),
+``rxe_resp.c`` (``check_rkey``, ``qp->resp.mr``), ``rxe_req.c``
+(``rxe_do_local_ops``).
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from softrdma.dma.errors import DmaAccessError
+from softrdma.dma.types import DmaBackend
 from softrdma.memory.layout import BytesLike
 from softrdma.transport.headers import NakCode
 from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.verbs.device import IBK_LOCAL_DMA_LKEY
-from softrdma.verbs.enums import IbAccess, IbWcStatus
-from softrdma.verbs.mr import MrKeyError
+from softrdma.verbs.enums import IbAccess, IbMrType, IbWcStatus
+from softrdma.verbs.mr import MemoryRegion, MrKeyError, MrState
 from softrdma.verbs.wr import RegWR, Sge
 
 if TYPE_CHECKING:
@@ -35,10 +43,48 @@ if TYPE_CHECKING:
 
 _U64 = struct.Struct("<Q")  # atomics act on a host-order (little-endian) u64
 _MASK64 = (1 << 64) - 1
-_T = TypeVar("_T")
 # Plain ints for the per-packet checks (IntFlag arithmetic is slow).
 _LOCAL_WRITE = int(IbAccess.LOCAL_WRITE)
-_REMOTE_MODIFY = int(IbAccess.REMOTE_WRITE | IbAccess.REMOTE_ATOMIC)
+_REMOTE_WRITE = int(IbAccess.REMOTE_WRITE)
+_REMOTE_ATOMIC = int(IbAccess.REMOTE_ATOMIC)
+_REMOTE_MODIFY = _REMOTE_WRITE | _REMOTE_ATOMIC
+_VALID = MrState.VALID
+_DMA_MR = IbMrType.DMA
+_ACCESS_ERR = NakCode.REMOTE_ACCESS_ERR
+_LOC_PROT_ERR = IbWcStatus.LOC_PROT_ERR
+
+Segments = list[tuple[int, int]]
+"""DMA address runs, ``(dma, length)``, that do not cross an MR page."""
+
+PROBE_AHEAD = 256 * 1024
+"""How much of an SGE a local reachability probe covers at once, where a
+probe has no effects: 64 packets of 4 KiB share one probe, and a short
+message into a large buffer probes no more than this of it."""
+
+
+def _translate(mr: MemoryRegion, iova: int, length: int) -> Segments:
+    """The DMA runs behind ``[iova, iova + length)`` of a checked MR, as
+    :meth:`MemoryRegion.dma_segments` (``rxe_mr_copy``'s page walk) but a
+    list."""
+    if mr.type == _DMA_MR:
+        return [(iova, length)]
+    return _page_runs(mr.page_list, mr.page_size, mr.iova, iova, length)
+
+
+def _page_runs(pages: list[int], size: int, mr_iova: int, iova: int, length: int) -> Segments:
+    """The page-list walk of a fast-registration MR, the one-page case
+    first: a packet rarely crosses a page."""
+    index, offset = divmod(iova - (mr_iova & ~(size - 1)), size)
+    if offset + length <= size:
+        return [(pages[index] + offset, length)]
+    out: Segments = []
+    while length > 0:
+        chunk = min(size - offset, length)
+        out.append((pages[index] + offset, chunk))
+        length -= chunk
+        index += 1
+        offset = 0
+    return out
 
 
 class QpMemory:
@@ -53,97 +99,75 @@ class QpMemory:
         self._reserved_lkey = (
             device.local_dma_lkey if device.attrs.kernel_cap_flags & IBK_LOCAL_DMA_LKEY else None
         )
+        # Whether a reachability probe has no effects (an IOMMU records a
+        # fault): see LocalSgl.
+        self._probe_once = self.dma.backend is not DmaBackend.IOMMU
 
     # -- address translation --------------------------------------------------
 
-    def _local_segments(
-        self, sges: Sequence[Sge], offset: int, length: int, write: bool
-    ) -> list[tuple[int, int]]:
-        """DMA segments for ``length`` bytes at ``offset`` into the SGE list,
-        every key and range checked and every segment reachable."""
-        total = sum(s.length for s in sges)
-        if offset + length > total:
-            raise LocalAccessError(
-                IbWcStatus.LOC_LEN_ERR, f"{offset + length} bytes into SGEs holding {total}"
-            )
-        access = _LOCAL_WRITE if write else 0
-        out: list[tuple[int, int]] = []
-        pos = 0
-        for sge in sges:
-            if length <= 0:
-                break
-            if pos + sge.length <= offset:
-                pos += sge.length
-                continue
-            start = max(offset - pos, 0)
-            take = min(sge.length - start, length)
-            addr = sge.addr + start
-            if sge.lkey == self._reserved_lkey:
-                out.append((addr, take))
-            else:
-                try:
-                    mr = self.mrs.lookup(sge.lkey, self.pd, access, remote=False)
-                except MrKeyError as e:
-                    raise LocalAccessError(IbWcStatus.LOC_PROT_ERR, str(e)) from e
-                if not mr.check_range(addr, take):
-                    raise LocalAccessError(
-                        IbWcStatus.LOC_PROT_ERR,
-                        f"lkey {sge.lkey:#x}: {addr:#x}+{take:#x} outside the MR",
-                    )
-                out.extend(mr.dma_segments(addr, take))
-            length -= take
-            pos += sge.length
-        self._probe(out, write, local=True)
-        return out
+    def _local_mr(self, lkey: int, access: int) -> MemoryRegion:
+        """``lookup_mr`` for an SGE: LOC_PROT_ERR if the key fails."""
+        try:
+            return self.mrs.lookup(lkey, self.pd, access, remote=False)
+        except MrKeyError as e:
+            raise LocalAccessError(_LOC_PROT_ERR, str(e)) from e
 
-    def _remote_segments(
-        self, rkey: int, va: int, length: int, access: int
-    ) -> list[tuple[int, int]]:
+    def _remote_mr(self, rkey: int, va: int, length: int, access: int) -> MemoryRegion:
+        """``lookup_mr`` + ``mr_check_range`` for a remote access."""
         try:
             mr = self.mrs.lookup(rkey, self.pd, access, remote=True)
         except MrKeyError as e:
-            raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, str(e)) from e
+            raise RemoteAccessError(_ACCESS_ERR, str(e)) from e
         if not mr.check_range(va, length):
             raise RemoteAccessError(
-                NakCode.REMOTE_ACCESS_ERR, f"rkey {rkey:#x}: {va:#x}+{length:#x} outside the MR"
+                _ACCESS_ERR, f"rkey {rkey:#x}: {va:#x}+{length:#x} outside the MR"
             )
-        return list(mr.dma_segments(va, length))
+        return mr
 
-    def _probe(self, segments: list[tuple[int, int]], write: bool, local: bool) -> None:
+    def _probe(self, segments: Segments, write: bool, local: bool) -> None:
         try:
             for dma, n in segments:
                 self.dma.dma_probe(dma, n, write)
         except DmaAccessError as e:
             if local:
-                raise LocalAccessError(IbWcStatus.LOC_PROT_ERR, f"DMA fault: {e}") from e
-            raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, f"DMA fault: {e}") from e
+                raise LocalAccessError(_LOC_PROT_ERR, f"DMA fault: {e}") from e
+            raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
 
-    def _read(self, segments: list[tuple[int, int]]) -> BytesLike:
+    def _read(self, segments: Segments) -> BytesLike:
+        # Most packets are one segment: one DMA read, no join.
+        dma_read = self.dma.dma_read
         if len(segments) == 1:
             dma, n = segments[0]
-            return self.dma.dma_read(dma, n)
-        return b"".join([self.dma.dma_read(dma, n) for dma, n in segments])
+            return dma_read(dma, n)
+        return b"".join([dma_read(dma, n) for dma, n in segments])
 
-    def _write(self, segments: list[tuple[int, int]], data: BytesLike) -> None:
+    def _write(self, segments: Segments, data: BytesLike) -> None:
+        dma_write = self.dma.dma_write
+        if len(segments) == 1:
+            dma_write(segments[0][0], data)
+            return
         view = memoryview(data).cast("B")
         pos = 0
         for dma, n in segments:
-            self.dma.dma_write(dma, view[pos : pos + n])
+            dma_write(dma, view[pos : pos + n])
             pos += n
 
     # -- MemoryPort: local ----------------------------------------------------------
 
+    def map_sgl(self, sges: Sequence[Sge], write: bool) -> LocalSgl:
+        """An SGE list translated once per work request (see :class:`LocalSgl`)."""
+        return LocalSgl(self, sges, write)
+
     def gather(self, sges: Sequence[Sge], offset: int, length: int) -> BytesLike:
-        """``copy_data(..., RXE_FROM_MR_OBJ)``."""
+        """``copy_data(..., RXE_FROM_MR_OBJ)`` for a one-off access."""
         if length == 0:
             return b""
-        return self._read(self._local_segments(sges, offset, length, write=False))
+        return LocalSgl(self, sges, False, probe_ahead=0).gather(offset, length)
 
     def scatter(self, sges: Sequence[Sge], offset: int, data: BytesLike) -> None:
-        """``copy_data(..., RXE_TO_MR_OBJ)``."""
-        n = len(data)
-        if n:
-            self._write(self._local_segments(sges, offset, n, write=True), data)
+        """``copy_data(..., RXE_TO_MR_OBJ)`` for a one-off access."""
+        if len(data):
+            LocalSgl(self, sges, True, probe_ahead=0).scatter(offset, data)
 
     def reg_mr(self, wr: RegWR) -> None:
         """``rxe_reg_fast_mr``."""
@@ -161,44 +185,16 @@ class QpMemory:
 
     # -- MemoryPort: remote -------------------------------------------------------------
 
-    def check_rkey(self, rkey: int, va: int, length: int, access: int) -> None:
+    def check_rkey(self, rkey: int, va: int, length: int, access: int) -> RemoteMr:
         """``check_rkey``: key, PD, permission, bounds and DMA reachability
-        of the whole range; zero-length requests are not checked (C9-88)."""
+        of the whole range, once per request; the MR is kept in the handle
+        (``qp->resp.mr``). Zero-length requests are not checked (C9-88)."""
+        access = int(access)
         if length == 0:
-            return
-        segments = self._remote_segments(rkey, va, length, access)
-        self._probe(segments, bool(int(access) & _REMOTE_MODIFY), local=False)
-
-    def remote_read(self, rkey: int, va: int, length: int) -> BytesLike:
-        if length == 0:
-            return b""
-        return self._guard(
-            lambda: self._read(self._remote_segments(rkey, va, length, IbAccess.REMOTE_READ))
-        )
-
-    def remote_write(self, rkey: int, va: int, data: BytesLike) -> None:
-        if len(data):
-            segs = self._remote_segments(rkey, va, len(data), IbAccess.REMOTE_WRITE)
-            self._guard(lambda: self._write(segs, data))
-
-    def atomic(self, rkey: int, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
-        """``rxe_mr_do_atomic_op``: 8 aligned bytes, REMOTE_ATOMIC."""
-        segs = self._remote_segments(rkey, va, 8, IbAccess.REMOTE_ATOMIC)
-        if va & 7 or len(segs) != 1 or segs[0][0] & 7:
-            raise RemoteAccessError(NakCode.INVALID_REQUEST, f"misaligned atomic at {va:#x}")
-        dma = segs[0][0]
-
-        def run() -> int:
-            (orig,) = _U64.unpack(self.dma.dma_read(dma, 8))
-            if compare_swap:
-                new = swap_add if orig == compare else orig
-            else:
-                new = (orig + swap_add) & _MASK64
-            if new != orig or not compare_swap:
-                self.dma.dma_write(dma, _U64.pack(new))
-            return int(orig)
-
-        return self._guard(run)
+            return RemoteMr(self, rkey, va, 0, access, None)
+        mr = self._remote_mr(rkey, va, length, access)
+        self._probe(_translate(mr, va, length), bool(access & _REMOTE_MODIFY), local=False)
+        return RemoteMr(self, rkey, va, length, access, mr)
 
     def remote_invalidate(self, rkey: int) -> None:
         """``invalidate_rkey`` for SEND_WITH_INVALIDATE."""
@@ -207,11 +203,296 @@ class QpMemory:
         except MrKeyError as e:
             raise RemoteAccessError(NakCode.REMOTE_OP_ERR, str(e)) from e
 
-    @staticmethod
-    def _guard(fn: Callable[[], _T]) -> _T:
-        """A DMA fault while executing (e.g. an IOMMU mapping removed between
-        two packets of one WRITE) is a remote access error."""
+
+class _SgeMap:
+    """One SGE as the first packet reaching it found it: its MR (``None``
+    for the reserved lkey) with the access flags and page list it had then
+    — an MR is unchanged while it is valid under the same key with these
+    (``invalidate`` / ``dereg_mr`` leave it not valid, ``map_mr_sg``, only
+    possible while not valid, replaces the page list, ``REG_MR`` the access
+    flags) — whether the whole SGE lies inside the MR, and the window of
+    it (offsets ``[probe_lo, probe_hi)``) last found reachable."""
+
+    __slots__ = ("access", "in_range", "mr", "paged", "pages", "probe_hi", "probe_lo")
+
+    def __init__(self, mr: MemoryRegion | None, in_range: bool) -> None:
+        self.mr = mr
+        self.access: object = None if mr is None else mr.access
+        self.pages: list[int] = [] if mr is None else mr.page_list
+        self.paged = mr is not None and mr.type != _DMA_MR
+        self.in_range = in_range
+        self.probe_lo = self.probe_hi = 0
+
+
+class LocalSgl:
+    """The SGE list of one work request, each SGE looked up once — when a
+    packet first reaches it, so a bad lkey fails the same packet as in
+    rxe's ``copy_data``, which looks every SGE up again per packet — and
+    kept for the rest of the message, retries included.
+
+    Per packet it only checks that each MR it touches is unchanged (else it
+    looks the key up again, as a new lookup per packet would, and fails
+    the same way), walks the page list and copies. A cursor makes finding
+    the packet's first SGE constant time for in-order packets.
+
+    Reachability is checked before the first byte of each packet moves. A
+    probe that has no effects (every backend but an IOMMU, which records a
+    fault) is done for up to :data:`PROBE_AHEAD` bytes of the SGE at a
+    time and skipped for the packets inside that window; if the window is
+    not all reachable, the packet alone is probed, so it fails exactly
+    where a probe per packet failed. An IOMMU is probed per packet, as
+    before. A mapping lost after its probe faults the copy itself, a local
+    protection error all the same.
+    """
+
+    __slots__ = (
+        "_access",
+        "_ahead",
+        "_idx",
+        "_maps",
+        "_port",
+        "_pos",
+        "_probe_once",
+        "_sges",
+        "_total",
+        "_write",
+    )
+
+    def __init__(
+        self, port: QpMemory, sges: Sequence[Sge], write: bool, probe_ahead: int = PROBE_AHEAD
+    ) -> None:
+        self._port = port
+        self._ahead = probe_ahead  # 0 for a one-off access: nothing to share a probe with
+        # (made once per message, often for one packet: kept cheap)
+        self._sges = sges = sges if type(sges) is tuple else tuple(sges)
+        self._write = write
+        self._access = _LOCAL_WRITE if write else 0
+        self._total = sges[0].length if len(sges) == 1 else sum([s.length for s in sges])
+        self._probe_once = port._probe_once
+        self._maps: list[_SgeMap | None] = [None] * len(sges)
+        self._idx = 0  # the cursor: an SGE index and the list offset where it starts
+        self._pos = 0
+
+    def _map(self, i: int) -> _SgeMap:
+        """Look SGE ``i`` up (``lookup_mr``; LOC_PROT_ERR if it fails)."""
+        sge = self._sges[i]
+        if sge.lkey == self._port._reserved_lkey:
+            m = _SgeMap(None, True)
+        else:
+            mr = self._port._local_mr(sge.lkey, self._access)
+            m = _SgeMap(mr, mr.check_range(sge.addr, sge.length))
+        self._maps[i] = m
+        return m
+
+    def _probe_window(self, m: _SgeMap, sge: Sge, start: int, take: int, runs: Segments) -> None:
+        """Probe ``runs`` (the ``take`` bytes at ``start`` into ``sge``)
+        before they move, as part of a window of up to :data:`PROBE_AHEAD`
+        bytes when the SGE is all inside its MR; a window that fails is no
+        error, the piece alone decides (only used where a probe has no
+        effects)."""
+        port = self._port
+        end = min(sge.length, start + self._ahead)
+        if m.in_range and end > start + take:
+            addr = sge.addr + start
+            mr = m.mr
+            window = [(addr, end - start)] if mr is None else _translate(mr, addr, end - start)
+            try:
+                port._probe(window, self._write, local=True)
+            except LocalAccessError:
+                pass  # the piece alone decides, below
+            else:
+                m.probe_lo, m.probe_hi = start, end
+                return
+        port._probe(runs, self._write, local=True)
+
+    def _segments(self, offset: int, length: int) -> Segments:
+        """DMA segments for ``length`` bytes at ``offset`` into the list,
+        every key and range checked and every segment reachable."""
+        if offset + length > self._total:
+            raise LocalAccessError(
+                IbWcStatus.LOC_LEN_ERR,
+                f"{offset + length} bytes into SGEs holding {self._total}",
+            )
+        sges = self._sges
+        maps = self._maps
+        i, pos = self._idx, self._pos
+        if offset < pos:  # a retry rewound: walk again from the start
+            i = pos = 0
+        while pos + sges[i].length <= offset:
+            pos += sges[i].length
+            i += 1
+        self._idx, self._pos = i, pos
+        start = offset - pos
+        out: Segments = []
+        unprobed: Segments | None = None
+        while length > 0:
+            sge = sges[i]
+            take = sge.length - start
+            if take > 0:
+                if take > length:
+                    take = length
+                addr = sge.addr + start
+                m = maps[i]
+                if m is None:
+                    m = self._map(i)
+                else:
+                    mr = m.mr
+                    if mr is not None and not (
+                        mr.state is _VALID
+                        and mr.lkey == sge.lkey
+                        and mr.access is m.access
+                        and mr.page_list is m.pages
+                    ):
+                        m = self._map(i)  # the MR changed: look it up again
+                mr = m.mr
+                if not m.in_range:
+                    assert mr is not None
+                    if not mr.check_range(addr, take):
+                        raise LocalAccessError(
+                            _LOC_PROT_ERR,
+                            f"lkey {sge.lkey:#x}: {addr:#x}+{take:#x} outside the MR",
+                        )
+                if m.paged:
+                    assert mr is not None
+                    runs = _page_runs(m.pages, mr.page_size, mr.iova, addr, take)
+                else:
+                    runs = [(addr, take)]
+                out += runs
+                if not self._probe_once:
+                    unprobed = runs if unprobed is None else unprobed + runs
+                elif not (m.probe_lo <= start and start + take <= m.probe_hi):
+                    self._probe_window(m, sge, start, take, runs)
+                length -= take
+            start = 0
+            i += 1
+        if unprobed is not None:
+            self._port._probe(unprobed, self._write, local=True)
+        return out
+
+    def gather(self, offset: int, length: int) -> BytesLike:
+        """``copy_data(..., RXE_FROM_MR_OBJ)``."""
+        if length == 0:
+            return b""
+        segments = self._segments(offset, length)
         try:
-            return fn()
+            return self._port._read(segments)
         except DmaAccessError as e:
-            raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, f"DMA fault: {e}") from e
+            raise LocalAccessError(_LOC_PROT_ERR, f"DMA fault: {e}") from e
+
+    def scatter(self, offset: int, data: BytesLike) -> None:
+        """``copy_data(..., RXE_TO_MR_OBJ)``."""
+        n = len(data)
+        if not n:
+            return
+        segments = self._segments(offset, n)
+        try:
+            self._port._write(segments, data)
+        except DmaAccessError as e:
+            raise LocalAccessError(_LOC_PROT_ERR, f"DMA fault: {e}") from e
+
+
+class RemoteMr:
+    """An R_Key range checked once per request and kept for its packets
+    (rxe ``qp->resp.mr``; rxe looks the key up again for every WRITE packet
+    and READ burst). Each access stays inside the checked range and first
+    checks that the MR is unchanged (as :class:`_SgeMap`); if it was
+    invalidated, deregistered or re-registered since, the key is looked up
+    again with every check, as a new request's would be, and refused the
+    same way. A DMA fault while copying (an IOMMU mapping removed between
+    two packets) is a remote access error."""
+
+    __slots__ = (
+        "_access",
+        "_end",
+        "_mr",
+        "_mr_access",
+        "_paged",
+        "_pages",
+        "_port",
+        "_rkey",
+        "_start",
+    )
+
+    def __init__(
+        self,
+        port: QpMemory,
+        rkey: int,
+        va: int,
+        length: int,
+        access: int,
+        mr: MemoryRegion | None,
+    ) -> None:
+        self._port = port
+        self._rkey = rkey
+        self._access = access
+        self._start = va
+        self._end = va + length
+        self._bind(mr)
+
+    def _bind(self, mr: MemoryRegion | None) -> None:
+        self._mr = mr
+        self._mr_access: object = None if mr is None else mr.access
+        self._pages: list[int] = [] if mr is None else mr.page_list
+        self._paged = mr is not None and mr.type != _DMA_MR
+
+    def _segments(self, va: int, length: int) -> Segments:
+        if va < self._start or va + length > self._end:
+            raise RemoteAccessError(
+                _ACCESS_ERR,
+                f"rkey {self._rkey:#x}: {va:#x}+{length:#x} outside the checked "
+                f"{self._start:#x}..{self._end:#x}",
+            )
+        mr = self._mr
+        assert mr is not None  # an empty range has no non-empty access
+        if not (
+            mr.state is _VALID
+            and mr.rkey == self._rkey
+            and mr.access is self._mr_access
+            and mr.page_list is self._pages
+        ):
+            # Changed since the check: look it up as a new request would.
+            mr = self._port._remote_mr(self._rkey, va, length, self._access)
+            self._bind(mr)
+        if self._paged:
+            return _page_runs(self._pages, mr.page_size, mr.iova, va, length)
+        return [(va, length)]
+
+    def read(self, va: int, length: int) -> BytesLike:
+        """``rxe_mr_copy(..., RXE_FROM_MR_OBJ)`` for a READ response."""
+        if length == 0:
+            return b""
+        segments = self._segments(va, length)
+        try:
+            return self._port._read(segments)
+        except DmaAccessError as e:
+            raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
+
+    def write(self, va: int, data: BytesLike) -> None:
+        """``rxe_mr_copy(..., RXE_TO_MR_OBJ)`` for a WRITE packet."""
+        n = len(data)
+        if not n:
+            return
+        segments = self._segments(va, n)
+        try:
+            self._port._write(segments, data)
+        except DmaAccessError as e:
+            raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
+
+    def atomic(self, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
+        """``rxe_mr_do_atomic_op``: 8 aligned bytes, REMOTE_ATOMIC."""
+        segs = self._segments(va, 8)
+        if va & 7 or len(segs) != 1 or segs[0][0] & 7:
+            raise RemoteAccessError(NakCode.INVALID_REQUEST, f"misaligned atomic at {va:#x}")
+        dma = segs[0][0]
+        device = self._port.dma
+        try:
+            (orig,) = _U64.unpack(device.dma_read(dma, 8))
+            if compare_swap:
+                new = swap_add if orig == compare else orig
+            else:
+                new = (orig + swap_add) & _MASK64
+            if new != orig or not compare_swap:
+                device.dma_write(dma, _U64.pack(new))
+        except DmaAccessError as e:
+            raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
+        return int(orig)

@@ -40,7 +40,7 @@ from softrdma.transport.roce import (
 from softrdma.transport.ud import UdQp
 from softrdma.transport.wqe import CqSide, OutPacket, Output, QpFatal, SendWqe, check_send_wr
 from softrdma.verbs.device import DeviceAttr, IbDevice, IbEvent
-from softrdma.verbs.enums import IbEventType, IbQpAttrMask, IbQpState, IbQpType, IbSendFlags
+from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbSendFlags
 from softrdma.verbs.errors import PostError
 from softrdma.verbs.qp import QpAttr, QueuePair
 from softrdma.verbs.wr import RecvWR, SendWR
@@ -89,7 +89,13 @@ class RoceDevice(IbDevice):
         self._kicked: set[int] = set()
         self._saddr = link.address.packed
         self._routes: dict[bytes, bytes] = {}
-        self._sports: dict[int, int] = {}
+        self._rc_paths: dict[int, tuple[bytes, int]] = {}
+        """RC QPN -> (peer's packed address, UDP source port), fixed while
+        the QP is not modified (rxe keeps both in the QP once connected)."""
+        self._rc_rx: dict[int, tuple[RcQp, QueuePair, bytes]] = {}
+        """RC QPN -> (engine, QP, peer's packed address): what
+        :meth:`receive_roce` looks up per packet, until the QP is modified
+        or destroyed."""
 
     # -- QP lifecycle (ib_device_ops) --------------------------------------------
 
@@ -108,8 +114,9 @@ class RoceDevice(IbDevice):
         """``rxe_modify_qp``: the engine takes the attributes and the state."""
         engine = self._engines[qp.qp_num]
         engine.modify(attr, mask)
-        if mask & IbQpAttrMask.AV:
-            self._sports.pop(qp.qp_num, None)  # the path changed
+        # the path or the state may have changed: look them up again
+        self._rc_paths.pop(qp.qp_num, None)
+        self._rc_rx.pop(qp.qp_num, None)
         if engine.state in (IbQpState.RESET, IbQpState.ERR):
             self._cancel_timer(qp.qp_num)
         self._kick(qp.qp_num)  # deliver a flush, start sending
@@ -144,6 +151,8 @@ class RoceDevice(IbDevice):
 
     def ops_destroy_qp(self, qp: QueuePair) -> None:
         self._cancel_timer(qp.qp_num)
+        self._rc_paths.pop(qp.qp_num, None)
+        self._rc_rx.pop(qp.qp_num, None)
         self._engines.pop(qp.qp_num, None)
         self._kicked.discard(qp.qp_num)
 
@@ -204,8 +213,18 @@ class RoceDevice(IbDevice):
         """Transmit, complete, and report events; return when the link is done
         with the last packet (None: at once)."""
         done = None
-        for op in out.packets:
-            done = self._transmit(qp, op)
+        packets = out.packets
+        if packets:
+            self.stats["sent_pkts"] += len(packets)
+            transmit = self.link.transmit
+            path = None
+            for op in packets:
+                if op.dest is None:  # RC: to the connected peer
+                    if path is None:
+                        path = self._rc_paths.get(qp.qp_num) or self._rc_path(qp)
+                    done = transmit(op.pkt, path[0], path[1])
+                else:
+                    done = self._transmit_ud(qp, op)
         for c in out.completions:
             if c.side is CqSide.SEND:
                 qp.send_cq.push(c.wc)
@@ -220,28 +239,24 @@ class RoceDevice(IbDevice):
 
     # -- the wire (rxe_net.c) -------------------------------------------------------
 
-    def _transmit(self, qp: QueuePair, op: OutPacket) -> float | None:
-        if op.dest is None:
-            ah = qp.hw.attr.ah_attr
-            assert ah is not None
-            dgid = ah.dgid
-            sport = self._sports.get(qp.qp_num) or self._rc_sport(qp)
-        else:
-            assert op.dest.wr.ah is not None
-            dgid = op.dest.wr.ah.attr.dgid
-            sport = rxe_qp_src_port(qp.qp_num)
-        self.stats["sent_pkts"] += 1
+    def _transmit_ud(self, qp: QueuePair, op: OutPacket) -> float | None:
+        """A UD packet to the address vector of its work request, from the
+        QPN's fixed source port (``rxe_qp_src_port``)."""
+        assert op.dest is not None and op.dest.wr.ah is not None
+        dgid = op.dest.wr.ah.attr.dgid
+        sport = rxe_qp_src_port(qp.qp_num)
         return self.link.transmit(op.pkt, self._route(dgid), sport)
 
-    def _rc_sport(self, qp: QueuePair) -> int:
-        """An RC QP's UDP source port, fixed once it is connected (rxe sets
-        it in ``rxe_modify_qp`` from the flow label or the two QPNs)."""
+    def _rc_path(self, qp: QueuePair) -> tuple[bytes, int]:
+        """An RC QP's peer address and UDP source port, fixed once it is
+        connected (rxe sets the port in ``rxe_modify_qp`` from the flow label
+        or the two QPNs, and routes once per address vector)."""
         attr = qp.hw.attr
         ah = attr.ah_attr
         assert ah is not None
         sport = rdma_get_udp_sport(ah.flow_label, qp.qp_num, attr.dest_qp_num)
-        self._sports[qp.qp_num] = sport
-        return sport
+        path = self._rc_paths[qp.qp_num] = (self._route(ah.dgid), sport)
+        return path
 
     def _route(self, dgid: bytes) -> bytes:
         """The packed destination address of a GID (rxe's ``rxe_find_route``
@@ -259,10 +274,22 @@ class RoceDevice(IbDevice):
             self.stats["rx_wrong_address"] += 1
             return
         pkt = rf.packet
-        if pkt.bth.pkey != 0xFFFF:
+        bth = pkt.bth
+        if bth.pkey != 0xFFFF:
             self.stats["rx_bad_pkey"] += 1
             return
-        qpn = pkt.bth.dest_qp
+        qpn = bth.dest_qp
+        rc = self._rc_rx.get(qpn)
+        if rc is not None:  # a connected RC QP seen before: checks below, cached
+            rc_engine, rc_qp, peer = rc
+            if rf.saddr != peer:
+                self.stats["rx_wrong_peer"] += 1
+                return
+            self.stats["rcvd_pkts"] += 1
+            now = self.scheduler.time()
+            rc_engine.receive(pkt, now)
+            self._poll(rc_qp, rc_engine, now)
+            return
         engine = self._engines.get(qpn)
         if engine is None and qpn == 1:
             # A management datagram: the MAD layer and the CM open on first
@@ -279,7 +306,12 @@ class RoceDevice(IbDevice):
             engine.receive(pkt, now, sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
         else:
             ah = engine.attr.ah_attr
-            if ah is None or rf.saddr != self._route(ah.dgid):
+            if ah is None:
+                self.stats["rx_wrong_peer"] += 1
+                return
+            peer = self._route(ah.dgid)
+            self._rc_rx[qpn] = (engine, qp, peer)
+            if rf.saddr != peer:
                 self.stats["rx_wrong_peer"] += 1
                 return
             self.stats["rcvd_pkts"] += 1

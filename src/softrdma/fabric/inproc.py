@@ -9,6 +9,19 @@ destination IP address with a slice at the IP header's offset (802.1Q tag
 and IPv6 included) and routes on it, like a switch with a static neighbour
 table.
 
+Lazy serialisation
+------------------
+A :class:`~softrdma.fabric.inproc_link.FabricLink` hands its frames over as
+:class:`~softrdma.transport.roce.RoceFrame` objects
+(:meth:`PortAttachment.transmit_roce`) and the fabric gives the object to a
+receiving link as it is: no encoding, ICRC or decoding on the way. The bytes
+are built — exactly what ``encode_roce_v2`` gives — only where something
+looks at them: a tap (sender's, fabric-wide or the receiver's), a drop
+filter, a corruption fault (a corrupted frame then reaches the receiver as
+bytes and fails its checks there), or a port that takes only bytes. Faults
+draw the same random numbers either way, so a seed gives the same result
+with and without a tap.
+
 Timing
 ------
 Everything happens in the simulated time of an
@@ -52,6 +65,7 @@ from typing import TYPE_CHECKING, Protocol
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.pcap import Closing, PathOrFile, PcapWriter
 from softrdma.time.sim import SimLoop
+from softrdma.transport.roce import RoceFrame, encode_roce_v2
 
 if TYPE_CHECKING:
     from softrdma.fabric.inproc_link import FabricLink
@@ -234,15 +248,26 @@ class PortAttachment:
         "mac",
         "port",
         "receive",
+        "receive_roce",
         "stats",
         "taps",
         "tx_free",
     )
 
-    def __init__(self, fabric: Fabric, port: FabricPort, key: bytes, mac: bytes) -> None:
+    def __init__(
+        self,
+        fabric: Fabric,
+        port: FabricPort,
+        key: bytes,
+        mac: bytes,
+        receive_roce: Callable[[RoceFrame], None] | None = None,
+    ) -> None:
         self._fabric = fabric
         self.port = port
         self.receive: Callable[[bytes], None] = port.receive_frame
+        self.receive_roce = receive_roce
+        """Where a frame handed over unencoded (:meth:`transmit_roce`) is
+        delivered as it is; None: the port only takes bytes."""
         self.key = key
         """The packed primary address."""
         self.mac = mac
@@ -264,6 +289,17 @@ class PortAttachment:
         """Put a complete Ethernet frame on the wire (``rxe_send``); returns
         its arrival time (when it has left the wire)."""
         return self._fabric._xmit(self, frame)
+
+    def transmit_roce(self, frame: RoceFrame, nbytes: int) -> float:
+        """Put a RoCEv2 frame on the wire without encoding it (lazy
+        serialisation); ``nbytes`` is its encoded length. The bytes are built
+        only if something looks at them — a tap, a drop filter, a corruption
+        fault, a port that takes only bytes — and are then exactly what
+        :func:`~softrdma.transport.roce.encode_roce_v2` gives. The caller
+        hands the frame over: neither it nor its packet may change after
+        this (a duplicate delivers the same object twice). Returns the
+        arrival time, as :meth:`transmit`."""
+        return self._fabric._xmit_roce(self, frame, nbytes)
 
     def detach(self) -> None:
         """Same as :meth:`Fabric.detach` of this port."""
@@ -405,6 +441,7 @@ class Fabric(Closing):
         self._loop = loop if loop is not None else SimLoop()
         self._post = self._loop.post_at  # bound once: the per-frame path
         self._deliver_cb = self._deliver
+        self._deliver_roce_cb = self._deliver_roce
         self.stats = FabricStats()
         self._latency = 0.0
         self._sec_per_byte = 0.0
@@ -481,11 +518,16 @@ class Fabric(Closing):
 
     # --- ports ----------------------------------------------------------------------
 
-    def attach(self, port: FabricPort) -> PortAttachment:
+    def attach(
+        self, port: FabricPort, *, receive_roce: Callable[[RoceFrame], None] | None = None
+    ) -> PortAttachment:
         """Connect ``port`` to the segment; frames to ``port.ip`` are then
-        delivered to ``port.receive_frame``. Raises :class:`FabricError` if
-        the port is attached already, its address is in use, or its MAC is
-        not 6 bytes."""
+        delivered to ``port.receive_frame``. With ``receive_roce``, RoCEv2
+        frames sent unencoded (:meth:`PortAttachment.transmit_roce`) are
+        handed to it as they are, intact ones included when they were
+        encoded for a tap (corrupted ones still arrive as bytes). Raises
+        :class:`FabricError` if the port is attached already, its address is
+        in use, or its MAC is not 6 bytes."""
         if id(port) in self._by_port:
             raise FabricError(f"port {port!r} is already attached")
         key = _packed(port.ip)
@@ -496,7 +538,7 @@ class Fabric(Closing):
         mac = bytes(port.mac)
         if len(mac) != 6:
             raise FabricError(f"a MAC address is 6 bytes, port {port!r} has {len(mac)}")
-        att = PortAttachment(self, port, key, mac)
+        att = PortAttachment(self, port, key, mac, receive_roce)
         self._routes[key] = att
         self._by_port[id(port)] = att
         self._link_faults.clear()
@@ -558,7 +600,39 @@ class Fabric(Closing):
             raise FabricError(f"port {port!r} is not attached to this fabric")
         self._xmit(att, frame)
 
-    def _xmit(self, src: PortAttachment, frame: FrameBytes) -> float:
+    def _xmit_roce(self, src: PortAttachment, rf: RoceFrame, n: int) -> float:
+        """:meth:`_xmit` of a frame not yet encoded: encoded at once if a tap
+        or a bytes-only destination wants it, later if a filter or a
+        corruption fault does, else never."""
+        dst = self._routes.get(rf.daddr)
+        if self._taps or src.taps or (dst is not None and (dst.taps or dst.receive_roce is None)):
+            return self._xmit(src, encode_roce_v2(rf), rf)
+        if not src.attached:
+            raise FabricError(f"port {src.port!r} is detached from the fabric")
+        now = self._loop.now
+        self.stats.sent += 1
+        ps = src.stats
+        ps.tx_frames += 1
+        ps.tx_bytes += n
+        # serialization and latency, as in _xmit
+        start = src.tx_free
+        if start < now:
+            start = now
+        done = start + n * self._sec_per_byte
+        src.tx_free = done
+        arrival = done + self._latency
+        if arrival < src.last_arrival:
+            arrival = src.last_arrival
+        src.last_arrival = arrival
+        if dst is None:
+            self.stats.unroutable += 1
+        elif self._faulty:
+            self._xmit_faulty(src, dst, None, arrival, rf, n)
+        else:
+            self._post(arrival, self._deliver_roce_cb, dst, rf, None, n)
+        return arrival
+
+    def _xmit(self, src: PortAttachment, frame: FrameBytes, rf: RoceFrame | None = None) -> float:
         if type(frame) is not bytes:
             frame = bytes(frame)
         if not src.attached:
@@ -603,10 +677,15 @@ class Fabric(Closing):
             dst = None
         if dst is None:
             self.stats.unroutable += 1
-        elif self._faulty:
-            self._xmit_faulty(src, dst, frame, arrival)
-        else:
+            return arrival
+        if rf is not None and dst.receive_roce is None:
+            rf = None  # the destination takes bytes only
+        if self._faulty:
+            self._xmit_faulty(src, dst, frame, arrival, rf, n)
+        elif rf is None:
             self._post(arrival, self._deliver_cb, dst, frame)
+        else:
+            self._post(arrival, self._deliver_roce_cb, dst, rf, frame, n)
         return arrival
 
     def _deliver(self, dst: PortAttachment, frame: bytes) -> None:
@@ -623,44 +702,92 @@ class Fabric(Closing):
                 tap._record(frame, now)
         dst.receive(frame)
 
-    def _xmit_faulty(
-        self, src: PortAttachment, dst: PortAttachment, frame: bytes, arrival: float
+    def _deliver_roce(
+        self, dst: PortAttachment, rf: RoceFrame, frame: bytes | None, nbytes: int
     ) -> None:
+        """:meth:`_deliver` of an intact frame sent unencoded: the receiver
+        gets the frame object; ``frame`` is its bytes if they were built."""
+        if not dst.attached:
+            self.stats.unroutable += 1
+            return
+        self.stats.delivered += 1
+        ps = dst.stats
+        ps.rx_frames += 1
+        ps.rx_bytes += nbytes
+        if dst.taps:  # a tap opened while the frame was in flight
+            if frame is None:
+                frame = encode_roce_v2(rf)
+            now = self._loop.now
+            for tap in dst.taps:
+                tap._record(frame, now)
+        receive = dst.receive_roce
+        if receive is not None:
+            receive(rf)
+        else:
+            dst.receive(encode_roce_v2(rf) if frame is None else frame)
+
+    def _xmit_faulty(
+        self,
+        src: PortAttachment,
+        dst: PortAttachment,
+        frame: bytes | None,
+        arrival: float,
+        rf: RoceFrame | None = None,
+        nbytes: int = 0,
+    ) -> None:
+        """Filters and random faults; ``frame`` is None for a frame sent
+        unencoded (``rf``), encoded here only for a filter or a corruption,
+        so that the random draws are the same either way."""
         stats = self.stats
-        for flt in self._filters:
-            if flt.predicate(frame):
-                flt.dropped += 1
-                if flt.remaining is not None:
-                    flt.remaining -= 1
-                    if flt.remaining <= 0:
-                        self._remove_filter(flt)
+        filters = self._filters
+        if filters:
+            if frame is None:
+                assert rf is not None
+                frame = encode_roce_v2(rf)
+            for flt in filters:
+                if flt.predicate(frame):
+                    flt.dropped += 1
+                    if flt.remaining is not None:
+                        flt.remaining -= 1
+                        if flt.remaining <= 0:
+                            self._remove_filter(flt)
+                    stats.dropped += 1
+                    return
+        f = self._faults_for(src, dst)
+        post = self._loop.post_at
+        if f.active:
+            rng = self._rng(src.key, dst.key)
+            if f.drop and rng.random() < f.drop:
                 stats.dropped += 1
                 return
-        f = self._faults_for(src, dst)
-        loop = self._loop
-        if not f.active:
-            loop.post_at(arrival, self._deliver, dst, frame)
-            return
-        rng = self._rng(src.key, dst.key)
-        if f.drop and rng.random() < f.drop:
-            stats.dropped += 1
-            return
-        if f.corrupt and rng.random() < f.corrupt:
-            bad = _corrupt(frame, rng)
-            if bad is not None:
-                frame = bad
-                stats.corrupted += 1
-        duplicate = f.duplicate and rng.random() < f.duplicate
-        if f.reorder and rng.random() < f.reorder:
-            stats.reordered += 1
-            loop.post_at(
-                arrival + f.reorder_delay * (1.0 - rng.random()), self._deliver, dst, frame
-            )
+            if f.corrupt and rng.random() < f.corrupt:
+                if frame is None:
+                    assert rf is not None
+                    frame = encode_roce_v2(rf)
+                bad = _corrupt(frame, rng)
+                if bad is not None:
+                    frame = bad
+                    rf = None  # the receiver must decode the broken bytes
+                    stats.corrupted += 1
+            duplicate = f.duplicate and rng.random() < f.duplicate
+            if f.reorder and rng.random() < f.reorder:
+                stats.reordered += 1
+                when = arrival + f.reorder_delay * (1.0 - rng.random())
+            else:
+                when = arrival
         else:
-            loop.post_at(arrival, self._deliver, dst, frame)
+            duplicate = False
+            when = arrival
+        # a duplicate is the same object or bytes again: receivers never
+        # modify what they are given
+        for t in (when, arrival) if duplicate else (when,):
+            if rf is None:
+                assert frame is not None
+                post(t, self._deliver, dst, frame)
+            else:
+                post(t, self._deliver_roce, dst, rf, frame, nbytes)
         if duplicate:
             stats.duplicated += 1
-            loop.post_at(arrival, self._deliver, dst, frame)
 
     # --- faults ---------------------------------------------------------------------
 

@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 from softrdma.fabric.link import LinkBase, LinkReceiver, mac_for_ip
 from softrdma.time.sim import SimLoop
 from softrdma.transport.errors import RejectedPacket
-from softrdma.transport.packet import Packet
-from softrdma.transport.roce import IpIdentGenerator, RoceFrame, decode_roce_v2, encode_roce_v2
+from softrdma.transport.packet import HEADER_LENGTHS, Packet
+from softrdma.transport.roce import ROCE_V2_UDP_DPORT, RoceFrame, decode_roce_v2, encode_roce_v2
 
 if TYPE_CHECKING:
     from softrdma.fabric.inproc import Fabric
@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 __all__ = ["FabricLink"]
 
 _BROADCAST = b"\xff" * 6
+# Ethernet + IPv4 + UDP headers and the ICRC around the transport packet
+_FRAMING = 14 + 20 + 8 + 4
 
 
 class FabricLink(LinkBase):
@@ -32,15 +34,22 @@ class FabricLink(LinkBase):
     :class:`~softrdma.fabric.inproc.Fabric` (create it with
     :meth:`Fabric.open_link <softrdma.fabric.inproc.Fabric.open_link>`).
     It is also the fabric's :class:`~softrdma.fabric.inproc.FabricPort`:
-    it turns packets into Ethernet frames and frames back into packets."""
+    it hands packets to the fabric as :class:`RoceFrame` objects, which
+    reach the receiving link's device as they are (their ``icrc`` unset:
+    nothing was encoded), and decodes the frames that arrive as bytes
+    (corrupted ones, or frames from a port that sends bytes)."""
 
     def __init__(self, fabric: Fabric, ip: IPv4Address, receiver: LinkReceiver, mtu: int) -> None:
         super().__init__(fabric.loop, ip, mac_for_ip(ip), mtu)
         self._fabric = fabric
         self._receiver = receiver
-        self._ip_ident = IpIdentGenerator()
+        # next IPv4 ID per destination (__ip_select_ident; IpIdentGenerator
+        # inlined: one per frame)
+        self._ip_ids: dict[bytes, int] = {}
         self._neighbours: dict[bytes, bytes] = {}
-        self._port = fabric.attach(self)
+        self._port = fabric.attach(self, receive_roce=receiver.receive_roce)
+        # PortAttachment.transmit_roce minus one call, per frame
+        self._xmit_roce = fabric._xmit_roce
 
     # -- Link -----------------------------------------------------------------------
 
@@ -60,20 +69,66 @@ class FabricLink(LinkBase):
         return f"in-process fabric, {self._ip}, MTU {self._mtu}, ICRC over the full frame"
 
     def transmit(self, packet: Packet, daddr: bytes, sport: int) -> float:
-        """Build the Ethernet / IPv4 / UDP frame around ``packet`` and put it
-        on the segment (an unknown neighbour gets the broadcast MAC: the
-        fabric routes on the IP address and counts it unroutable). Returns
-        when the frame is off the wire: its arrival time."""
+        """Put the Ethernet / IPv4 / UDP frame around ``packet`` on the
+        segment (an unknown neighbour gets the broadcast MAC: the fabric
+        routes on the IP address and counts it unroutable). Returns when the
+        frame is off the wire: its arrival time.
+
+        The frame travels as a :class:`RoceFrame` and is encoded only if
+        something on the fabric needs its bytes (lazy serialisation, see
+        :meth:`PortAttachment.transmit_roce
+        <softrdma.fabric.inproc.PortAttachment.transmit_roce>`). What the
+        receiver gets is fixed now, as if encoded now: a payload that is not
+        ``bytes`` may be a view of memory the sender writes later, so it is
+        copied here (once, as the encoder's join did) into a packet of the
+        receiver's own. A packet with a ``bytes`` payload is handed on as it
+        is: the engines build a new packet for every transmission and never
+        change one they have handed to the link."""
+        ids = self._ip_ids
+        ip_id = ids.get(daddr, 0)
+        ids[daddr] = (ip_id + 1) & 0xFFFF
+        payload = packet.payload
+        if type(payload) is not bytes:
+            payload = bytes(payload)  # the one copy of the payload
+            packet = Packet(
+                packet.bth,
+                payload,
+                packet.reth,
+                packet.aeth,
+                packet.atmeth,
+                packet.atmack,
+                packet.immdt,
+                packet.ieth,
+                packet.deth,
+                packet.cnp,
+            )
+        n = len(payload)
+        opcode = packet.bth.opcode
+        try:
+            hlen = HEADER_LENGTHS[opcode] if opcode >= 0 else 0
+        except (IndexError, TypeError):
+            hlen = 0
         frame = RoceFrame(
             packet,
             self._saddr,
             daddr,
             sport,
-            eth_dst=self._neighbour(daddr),
-            eth_src=self._mac,
-            ip_id=self._ip_ident(self._saddr, daddr),
+            ROCE_V2_UDP_DPORT,
+            self._neighbours.get(daddr) or self._neighbour(daddr),
+            self._mac,
+            None,
+            0,
+            64,
+            ip_id,
+            True,
+            0,
+            False,
+            b"",
+            None,
         )
-        return self._port.transmit(encode_roce_v2(frame))
+        if not hlen:  # not an opcode we can encode: HeaderFieldError, as before
+            return self._port.transmit(encode_roce_v2(frame))
+        return self._xmit_roce(self._port, frame, _FRAMING + hlen + n + (-n & 3))
 
     def _neighbour(self, daddr: bytes) -> bytes:
         mac = self._neighbours.get(daddr)

@@ -46,7 +46,9 @@ class LinkReceiver(Protocol):
     called on the link's scheduler, holding its lock."""
 
     def receive_roce(self, frame: RoceFrame) -> None:
-        """A RoCEv2 packet addressed to this link, its ICRC checked."""
+        """A RoCEv2 packet addressed to this link: its ICRC checked if it
+        travelled as bytes, or, on the in-process fabric when nothing needed
+        bytes, the sender's frame itself (``icrc`` None: never serialised)."""
         ...
 
     def receive_error(self, reason: str) -> None:

@@ -64,7 +64,7 @@ from softrdma.transport.headers import RNR_NAK_USEC, AethType, NakCode
 from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode, OpcodeInfo
 from softrdma.transport.packet import Packet
-from softrdma.transport.psn import psn_add, psn_diff
+from softrdma.transport.psn import PSN_HALF, PSN_MASK, psn_add, psn_diff
 from softrdma.transport.qp_base import send_wc
 from softrdma.transport.wqe import (
     WQE_DONE,
@@ -82,7 +82,7 @@ from softrdma.verbs.enums import IbEventType, IbWcStatus
 if TYPE_CHECKING:
     from softrdma.transport.rc import RcQp
 
-__all__ = ["COMPLETER", "RNR_RETRY_INFINITE", "CompState", "Step", "receive", "run"]
+__all__ = ["COMPLETER", "RETIRABLE", "RNR_RETRY_INFINITE", "CompState", "Step", "receive", "run"]
 
 RNR_RETRY_INFINITE = 7
 """``rnr_retry`` 7 means retry forever (IBTA 9.7.5.2.8; rxe_comp.c)."""
@@ -150,7 +150,9 @@ _NAK_STATUS: dict[int, IbWcStatus] = {
     NakCode.REMOTE_OP_ERR: IbWcStatus.REM_OP_ERR,
 }
 _SUCCESS = IbWcStatus.SUCCESS
-_RETIRABLE = frozenset({WQE_DONE, WQE_ERROR})
+RETIRABLE = frozenset({WQE_DONE, WQE_ERROR})
+"""WQE states the completer retires without a packet (done without an ACK,
+or failed locally)."""
 
 
 class _Pass:
@@ -189,7 +191,7 @@ def run(qp: RcQp, now: float, timeout: bool) -> None:
         # local operation) or failed moves; otherwise GET_WQE -> EXIT -> DONE
         # changes nothing, so skip the pass (it runs after every poll).
         head = qp.sq_head
-        if head >= len(qp.sq) or qp.sq[head].state not in _RETIRABLE:
+        if head >= len(qp.sq) or qp.sq[head].state not in RETIRABLE:
             return
     _dispatch(_Pass(qp, None, None, now))
 
@@ -215,7 +217,7 @@ def _rearm(qp: RcQp, now: float) -> None:
     req = qp.req
     if req.wait_for_rnr_timer or qp.ack_timeout is None:
         return
-    if psn_diff(req.psn, qp.comp.psn) > 0:
+    if 0 < (req.psn - qp.comp.psn) & PSN_MASK < PSN_HALF:  # psn_diff(...) > 0
         req.retrans_deadline = now + qp.ack_timeout
     else:
         req.retrans_deadline = None
@@ -251,9 +253,11 @@ def _check_psn(p: _Pass) -> CompState:
     pkt, wqe = p.pkt, p.wqe
     assert pkt is not None and wqe is not None
     psn = pkt.bth.psn
-    if psn_diff(psn, qp.req.sent_psn) >= 0:
+    # psn_diff written out (every response comes here): d < PSN_HALF is
+    # "at or ahead", 0 < d < PSN_HALF "ahead".
+    if (psn - qp.req.sent_psn) & PSN_MASK < PSN_HALF:
         return DONE  # beyond every PSN sent: forged or stale, not an ACK
-    if psn_diff(psn, wqe.last_psn) > 0:
+    if 0 < (psn - wqe.last_psn) & PSN_MASK < PSN_HALF:
         # The response is past the oldest WQE: a SEND/WRITE is implicitly
         # acknowledged; a READ/atomic lost its response and is retried.
         if wqe.state is WQE_PENDING:
@@ -262,7 +266,7 @@ def _check_psn(p: _Pass) -> CompState:
             reset_retry_counters(qp)
             return COMP_WQE
         return DONE
-    diff = psn_diff(psn, qp.comp.psn)
+    diff = ((psn - qp.comp.psn + PSN_HALF) & PSN_MASK) - PSN_HALF
     if diff < 0:
         if (
             qp.comp.opcode in _READ_IN_PROGRESS
@@ -361,18 +365,23 @@ def _do_read(p: _Pass) -> CompState:
     payload = pkt.payload
     n = len(payload)
     remaining = wqe.length - wqe.offset
+    ends = info.is_last or info.is_only
     # Every response but the last carries exactly one MTU; anything else
     # would put data at the wrong offset (rxe does not check this).
-    if (n != remaining) if info.ends_message else (n != qp.mtu or n >= remaining):
+    if (n != remaining) if ends else (n != qp.mtu or n >= remaining):
         return _bad_response(wqe)
     if n:
+        # Translated by the first response, kept for the rest and retries.
+        sgl = wqe.sgl
+        if sgl is None:
+            sgl = wqe.sgl = qp.mem.map_sgl(wqe.wr.sg_list, True)
         try:
-            qp.mem.scatter(wqe.wr.sg_list, wqe.offset, payload)
+            sgl.scatter(wqe.offset, payload)
         except LocalAccessError as e:
             wqe.status = e.status
             return ERROR
         wqe.offset += n
-    return COMP_ACK if info.ends_message else UPDATE_COMP
+    return COMP_ACK if ends else UPDATE_COMP
 
 
 def _do_atomic(p: _Pass) -> CompState:
@@ -447,9 +456,10 @@ def _update_comp(p: _Pass) -> CompState:
     pkt, info = p.pkt, p.info
     assert pkt is not None and info is not None
     comp = p.qp.comp
-    comp.opcode = -1 if info.ends_message else pkt.bth.opcode
-    if psn_diff(pkt.bth.psn, comp.psn) >= 0:
-        comp.psn = psn_add(pkt.bth.psn)
+    psn = pkt.bth.psn
+    comp.opcode = -1 if info.is_last or info.is_only else pkt.bth.opcode
+    if (psn - comp.psn) & PSN_MASK < PSN_HALF:  # psn_diff(psn, comp.psn) >= 0
+        comp.psn = (psn + 1) & PSN_MASK
     return DONE
 
 

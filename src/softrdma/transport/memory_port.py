@@ -6,13 +6,22 @@ access and bounds checks) and its own way to move bytes — a hardware HCA
 through its bus device's DMA, a CPU-copy device through kernel virtual
 addresses — so one engine serves every device kind.
 
+Translation is done once per message, not once per packet: the engines
+keep what :meth:`MemoryPort.map_sgl` and :meth:`MemoryPort.check_rkey` hand
+back — a :class:`LocalSgl` in the send WQE or the receive being filled, a
+:class:`RemoteMr` in the responder's state (rxe's ``qp->resp.mr``) — and
+use it for every packet of the message. Both stay honest when the MR
+changes under them: each access first checks that the MR is still the one
+that was checked, and if it was invalidated, deregistered or re-registered
+in between, looks it up again with every check, as a new request would.
+
 Failures are exceptions carrying what the transport must do with them:
 :class:`LocalAccessError` the completion status of the local work request,
 :class:`RemoteAccessError` the NAK code the responder answers with.
 
 Kernel counterparts: ``rxe_mr.c`` (``copy_data``, ``lookup_mr``,
-``mr_check_range``, ``rxe_mr_do_atomic_op``), ``rxe_resp.c``
-(``check_rkey``).
+``mr_check_range``, ``rxe_mr_copy``, ``rxe_mr_do_atomic_op``),
+``rxe_resp.c`` (``check_rkey``, ``qp->resp.mr``, ``rxe_recheck_mr``).
 """
 
 from __future__ import annotations
@@ -46,6 +55,46 @@ class RemoteAccessError(Exception):
         super().__init__(f"NAK {nak.name}: {why}")
 
 
+class LocalSgl(Protocol):
+    """The SGE list of one work request, translated once and kept for every
+    packet of the message (rxe ``copy_data`` walks and looks up the SGEs
+    again for each packet). Made by :meth:`MemoryPort.map_sgl`."""
+
+    def gather(self, offset: int, length: int) -> BytesLike:
+        """Read ``length`` bytes starting ``offset`` bytes into the list
+        (``copy_data(..., RXE_FROM_MR_OBJ)``); errors as
+        :meth:`MemoryPort.gather`."""
+        ...
+
+    def scatter(self, offset: int, data: BytesLike) -> None:
+        """Write ``data`` starting ``offset`` bytes into the list
+        (``copy_data(..., RXE_TO_MR_OBJ)``); errors as
+        :meth:`MemoryPort.scatter`."""
+        ...
+
+
+class RemoteMr(Protocol):
+    """An R_Key range that passed :meth:`MemoryPort.check_rkey`, kept for the
+    rest of its message (rxe ``qp->resp.mr``). Accesses must stay inside the
+    checked range; an MR changed since the check is looked up again and
+    refused as a new request would be (:class:`RemoteAccessError`)."""
+
+    def read(self, va: int, length: int) -> BytesLike:
+        """Read for an RDMA READ response (``rxe_mr_copy`` from the MR)."""
+        ...
+
+    def write(self, va: int, data: BytesLike) -> None:
+        """Write for an RDMA WRITE (``rxe_mr_copy`` to the MR)."""
+        ...
+
+    def atomic(self, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
+        """Execute a CMP_AND_SWP (``compare_swap``) or FETCH_AND_ADD on the
+        8 bytes at ``va``; returns the original value
+        (``rxe_mr_do_atomic_op``). A misaligned target is
+        ``INVALID_REQUEST``."""
+        ...
+
+
 class MemoryPort(Protocol):
     """A device's memory, as the transport engines see it."""
 
@@ -63,6 +112,14 @@ class MemoryPort(Protocol):
         (``LOC_LEN_ERR`` when the data does not fit)."""
         ...
 
+    def map_sgl(self, sges: Sequence[Sge], write: bool) -> LocalSgl:
+        """The SGE list of a work request, for :meth:`LocalSgl.gather`
+        (``write`` False) or :meth:`LocalSgl.scatter` (``write`` True, the
+        lkeys need LOCAL_WRITE). Checks nothing yet: each SGE is looked up
+        when a packet first reaches it, so a bad lkey fails the same packet
+        it fails in :meth:`gather` / :meth:`scatter`."""
+        ...
+
     def reg_mr(self, wr: RegWR) -> None:
         """Execute IB_WR_REG_MR. Raises :class:`LocalAccessError`."""
         ...
@@ -73,25 +130,12 @@ class MemoryPort(Protocol):
 
     # -- remote: requests from the peer ----------------------------------
 
-    def check_rkey(self, rkey: int, va: int, length: int, access: int) -> None:
+    def check_rkey(self, rkey: int, va: int, length: int, access: int) -> RemoteMr:
         """Validate a remote access of ``length`` bytes at ``va`` with the
-        ``IbAccess`` bits in ``access``, before any byte moves. Zero-length
-        requests are not checked (IBTA C9-88). Raises
-        :class:`RemoteAccessError`."""
-        ...
-
-    def remote_read(self, rkey: int, va: int, length: int) -> BytesLike:
-        """Read for an RDMA READ response (after :meth:`check_rkey`)."""
-        ...
-
-    def remote_write(self, rkey: int, va: int, data: BytesLike) -> None:
-        """Write for an RDMA WRITE (after :meth:`check_rkey`)."""
-        ...
-
-    def atomic(self, rkey: int, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
-        """Execute a CMP_AND_SWP (``compare_swap``) or FETCH_AND_ADD on the
-        8 bytes at ``va``; returns the original value. Checks rkey, bounds,
-        REMOTE_ATOMIC and 8-byte alignment (``INVALID_REQUEST``)."""
+        ``IbAccess`` bits in ``access``, before any byte moves, and hand back
+        the checked MR for the message's packets (rxe ``check_rkey`` setting
+        ``qp->resp.mr``). Zero-length requests are not checked (IBTA C9-88):
+        their handle allows no access. Raises :class:`RemoteAccessError`."""
         ...
 
     def remote_invalidate(self, rkey: int) -> None:

@@ -46,7 +46,7 @@ from softrdma.transport.opcodes import (
 )
 
 # MalformedPacket / UnknownOpcode are re-exported: they are what decode raises.
-__all__ = ["MalformedPacket", "Packet", "UnknownOpcode", "pad_count"]
+__all__ = ["HEADER_LENGTHS", "MalformedPacket", "Packet", "UnknownOpcode", "pad_count"]
 
 _PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
 
@@ -110,6 +110,10 @@ class _Plan:
 _PLANS: tuple[_Plan | None, ...] = tuple(
     None if info is None else _Plan(info) for info in OPCODE_TABLE
 )
+
+HEADER_LENGTHS: tuple[int, ...] = tuple(0 if p is None else p.length for p in _PLANS)
+"""BTH + extension header bytes of each opcode, 0 for an unknown one (rxe
+``rxe_opcode[].length``): a packet's encoded length without encoding it."""
 
 
 @dataclass(slots=True, eq=True)

@@ -52,8 +52,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from softrdma.transport import completer, requester, responder
+from softrdma.transport.completer import RETIRABLE
 from softrdma.transport.errors import LocalProtocolError
-from softrdma.transport.memory_port import MemoryPort
+from softrdma.transport.memory_port import LocalSgl, MemoryPort, RemoteMr
 from softrdma.transport.opcodes import OPCODE_TABLE, OpcodeInfo, Transport
 from softrdma.transport.packet import Packet
 from softrdma.transport.qp_base import QpBase
@@ -124,7 +125,9 @@ class CompInfo:
 class RespRes:
     """A responder resource (rxe ``struct resp_res``): what a READ or atomic
     needs to be answered again when its request is repeated. There are
-    ``max_dest_rd_atomic`` of them, reused round robin."""
+    ``max_dest_rd_atomic`` of them, reused round robin. A READ's ``mr`` is
+    the checked R_Key range its reply reads from (rxe hands ``qp->resp.mr``
+    over to the reply), checked again before a replay."""
 
     __slots__ = (
         "cur_psn",
@@ -132,6 +135,7 @@ class RespRes:
         "is_read",
         "last_psn",
         "length",
+        "mr",
         "orig",
         "replay",
         "resid",
@@ -150,6 +154,7 @@ class RespRes:
         self.orig = 0
         self.replay = False
         self.started = False
+        self.mr: RemoteMr | None = None
 
 
 @dataclass(slots=True)
@@ -160,8 +165,11 @@ class RespInfo:
     executed; ``msn`` — completed messages, carried in every AETH;
     ``opcode`` — the last request opcode executed (-1 between messages);
     ``sent_psn_nak`` — a sequence NAK is out; ``wqe`` / ``recv_offset`` —
-    the receive WQE being filled; ``va`` / ``rkey`` / ``resid`` / ``length``
-    — the RETH / AtomicETH of the message in progress; ``resources`` /
+    the receive WQE being filled, ``sgl`` its SGE list as translated by the
+    first packet; ``va`` / ``rkey`` / ``resid`` / ``length`` — the RETH /
+    AtomicETH of the message in progress, ``mr`` the range ``check_rkey``
+    checked for it (rxe ``qp->resp.mr``), kept for the message's packets;
+    ``resources`` /
     ``res_head`` / ``res`` — the READ / atomic resources; ``cur`` — a READ
     whose reply is unfinished, ``queue`` — requests waiting behind it.
     Per packet: ``aeth_syndrome``, ``status``, ``local_status``, ``nak``."""
@@ -172,7 +180,9 @@ class RespInfo:
     opcode: int = -1
     sent_psn_nak: bool = False
     wqe: RecvWR | None = None
+    sgl: LocalSgl | None = None
     recv_offset: int = 0
+    mr: RemoteMr | None = None
     va: int = 0
     rkey: int = 0
     resid: int = 0
@@ -327,13 +337,21 @@ class RcQp(QpBase):
             timeout = req.retrans_deadline is not None and now >= req.retrans_deadline
             if timeout:
                 req.retrans_deadline = None
-            completer.run(self, now, timeout)
-            while self.state in _REQUESTER_STATES:
+            # Both engines return at once when they have nothing to do; that
+            # is most polls (one per packet), so their checks are made here
+            # and the calls saved: the completer runs without a packet only
+            # for a fired timer or a head WQE that is done or failed, the
+            # requester only for a retry or a WQE it has not finished.
+            sq = self.sq
+            if timeout or (self.sq_head < len(sq) and sq[self.sq_head].state in RETIRABLE):
+                completer.run(self, now, timeout)
+            while self.state in _REQUESTER_STATES and (req.need_retry or req.wqe_index < len(sq)):
                 head = self.sq_head
                 requester.run(self, now)
-                completer.run(self, now, False)
+                if self.sq_head < len(sq) and sq[self.sq_head].state in RETIRABLE:
+                    completer.run(self, now, False)
                 # Loop only while completions unblock fenced WQEs.
-                if self.sq_head == head or req.wqe_index >= len(self.sq):
+                if self.sq_head == head or req.wqe_index >= len(sq):
                     break
             if self.state is IbQpState.SQD and not self.drained_sent and requester.drained(self):
                 self.drained_sent = True

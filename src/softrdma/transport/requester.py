@@ -37,7 +37,7 @@ from softrdma.transport.headers import AtomicEth, Ieth, ImmDt, Reth
 from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
-from softrdma.transport.psn import psn_add, psn_diff
+from softrdma.transport.psn import PSN_HALF, PSN_MASK, psn_add, psn_diff
 from softrdma.transport.wqe import (
     WQE_DONE,
     WQE_ERROR,
@@ -211,7 +211,8 @@ def run(qp: RcQp, now: float) -> None:
         if wqe.length > MAX_MSG_SIZE:
             _error(wqe, IbWcStatus.LOC_LEN_ERR)
             break
-        if psn_diff(req.psn, qp.comp.psn) >= MAX_UNACKED_PSNS:
+        # psn_diff(req.psn, comp.psn) >= MAX_UNACKED_PSNS, written out (per packet)
+        if MAX_UNACKED_PSNS <= (req.psn - qp.comp.psn) & PSN_MASK < PSN_HALF:
             break
         if mask & (WR_SEND | WR_WRITE):
             if not _send_write(qp, wqe, now):
@@ -233,7 +234,7 @@ def run(qp: RcQp, now: float) -> None:
             break
     # The high-water mark of what was sent, which the completer checks
     # responses against (once per run: within one, the PSN only moves on).
-    if psn_diff(req.psn, req.sent_psn) > 0:
+    if 0 < (req.psn - req.sent_psn) & PSN_MASK < PSN_HALF:  # psn_diff(...) > 0
         req.sent_psn = req.psn
 
 
@@ -274,9 +275,13 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
     """Emit the packets of a SEND / RDMA WRITE that the window allows
     (rxe_req.c ``next_opcode_rc``, ``init_req_packet``, ``finish_packet``,
     ``update_wqe_state``, ``update_wqe_psn``, ``update_state``). Returns
-    False when the requester must stop (window full or error)."""
+    False when the requester must stop (window full or error).
+
+    The per-packet progress (PSN, AckReq count, the WQE's offset, resid and
+    iova) is kept in locals and stored when the loop stops, and the PSN
+    arithmetic of :mod:`~softrdma.transport.psn` is written out: this loop
+    runs once per packet sent."""
     req = qp.req
-    comp = qp.comp
     mtu = qp.mtu
     dest_qp = qp.attr.dest_qp_num
     pkey = qp.pkey
@@ -285,16 +290,24 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
     wr = wqe.wr
     is_write = bool(mask & WR_WRITE)
     inline = wqe.inline_data
-    sges = wr.sg_list
-    gather = qp.mem.gather
+    # The SGEs are translated once per WQE and kept, retries included
+    # (rxe's copy_data looks them up again for every packet).
+    sgl = wqe.sgl
+    if sgl is None and inline is None:
+        sgl = wqe.sgl = qp.mem.map_sgl(wr.sg_list, False)
     packets = qp.out.packets
     # SE only on the last packet of a SEND or WRITE_WITH_IMM (init_req_packet).
     se_ok = bool(wqe.send_flags & _SOLICITED) and bool(mask & (WR_SEND | WR_IMM))
     _arm(qp, now)
     wqe.started = True
+    comp_psn = qp.comp.psn  # nothing acknowledges while this loop runs
+    psn = req.psn
+    noack = req.noack_pkts
+    resid = wqe.resid
+    off = wqe.offset
+    iova = wqe.iova
     while True:
-        resid = wqe.resid
-        start_msg = wqe.offset == 0
+        start_msg = off == 0
         if resid <= mtu:
             n = resid
             end = True
@@ -303,25 +316,25 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
             n = mtu
             end = False
             opcode = first_op if start_msg else middle_op
-        off = wqe.offset
         if not n:
             payload: bytes | bytearray | memoryview = b""
-        elif inline is not None:
-            payload = memoryview(inline)[off : off + n]
-        else:
+        elif sgl is not None:
             try:
-                payload = gather(sges, off, n)
+                payload = sgl.gather(off, n)
             except LocalAccessError as e:
+                req.psn, req.noack_pkts = psn, noack
+                wqe.resid, wqe.offset, wqe.iova = resid, off, iova
                 _error(wqe, e.status)
                 return False
-        psn = req.psn
-        noack = req.noack_pkts + 1
+        else:
+            assert inline is not None
+            payload = memoryview(inline)[off : off + n]
+        noack += 1
         if end or noack >= MAX_PKT_PER_ACK:
             ack_req = True
-            req.noack_pkts = 0
+            noack = 0
         else:
             ack_req = False
-            req.noack_pkts = noack
         pkt = Packet.build(
             opcode,
             dest_qp=dest_qp,
@@ -330,7 +343,7 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
             pkey=pkey,
             se=end and se_ok,
             ack_req=ack_req,
-            reth=Reth(wqe.iova, wqe.rkey, resid) if start_msg and is_write else None,
+            reth=Reth(iova, wqe.rkey, resid) if start_msg and is_write else None,
             immdt=ImmDt(wr.imm_data) if end and mask & WR_IMM else None,
             ieth=Ieth(wr.invalidate_rkey) if end and mask & WR_INV else None,
         )
@@ -338,17 +351,20 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
         if start_msg:
             wqe.first_psn = psn
             wqe.last_psn = psn_add(psn, max(1, -(-resid // mtu)) - 1)
-        req.psn = psn_add(psn)
-        wqe.resid = resid - n
-        wqe.offset = off + n
+        psn = (psn + 1) & PSN_MASK
+        resid -= n
+        off += n
         if is_write:
-            wqe.iova += n
-        if end:
-            wqe.state = WQE_PENDING
-            req.wqe_index += 1
-            return True
-        wqe.state = WQE_PROCESSING
-        if psn_diff(req.psn, comp.psn) >= MAX_UNACKED_PSNS:
+            iova += n
+        # psn_diff(psn, comp_psn) >= MAX_UNACKED_PSNS, written out
+        if end or MAX_UNACKED_PSNS <= (psn - comp_psn) & PSN_MASK < PSN_HALF:
+            req.psn, req.noack_pkts = psn, noack
+            wqe.resid, wqe.offset, wqe.iova = resid, off, iova
+            if end:
+                wqe.state = WQE_PENDING
+                req.wqe_index += 1
+                return True
+            wqe.state = WQE_PROCESSING
             return False
 
 

@@ -79,7 +79,7 @@ from softrdma.transport.headers import (
 from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.transport.opcodes import Opcode, OpcodeInfo
 from softrdma.transport.packet import Packet
-from softrdma.transport.psn import psn_add, psn_diff, psn_in_range
+from softrdma.transport.psn import PSN_HALF, PSN_MASK, psn_add, psn_diff, psn_in_range
 from softrdma.transport.wqe import Completion, CqSide, OutPacket
 from softrdma.verbs.enums import IbAccess, IbEventType, IbWcFlags, IbWcOpcode, IbWcStatus
 from softrdma.verbs.wr import WorkCompletion
@@ -262,7 +262,9 @@ def _dispatch(p: _Pass, state: RespState) -> None:
         nxt = handler(p)
         if nxt not in allowed:  # an engine bug, never the peer's doing
             raise AssertionError(f"responder: {state.name} -> {nxt.name} is not in the table")
-        if state in _CLASS_AC:
+        # A class A/C error state always goes on to COMPLETE (the table
+        # says so): test the cheap identity first, on every transition.
+        if nxt is COMPLETE and state in _CLASS_AC:
             goto_error = _class_ac_event(state, resp)
         state = nxt
     if resp.cur is None:
@@ -276,7 +278,7 @@ def _dispatch(p: _Pass, state: RespState) -> None:
 
 def _check_psn(p: _Pass) -> RespState:
     resp = p.resp
-    diff = psn_diff(p.pkt.bth.psn, resp.psn)
+    diff = ((p.pkt.bth.psn - resp.psn + PSN_HALF) & PSN_MASK) - PSN_HALF  # psn_diff, per packet
     if diff > 0:
         if resp.sent_psn_nak:
             return CLEANUP
@@ -326,7 +328,11 @@ def _check_resource(p: _Pass) -> RespState:
     if info.consumes_recv_wqe:
         if not qp.rq:
             return ERR_RNR
-        p.resp.wqe = qp.rq[0]
+        wqe = qp.rq[0]
+        resp = p.resp
+        if resp.wqe is not wqe:
+            resp.wqe = wqe
+            resp.sgl = None  # translated when the first payload lands
     return CHK_LENGTH
 
 
@@ -353,7 +359,9 @@ def _check_length(p: _Pass) -> RespState:
 
 def _check_rkey(p: _Pass) -> RespState:
     """rxe_resp.c ``check_rkey``: the whole range of the RETH / AtomicETH is
-    validated on the first packet, before any byte is written."""
+    validated on the first packet, before any byte is written, and the
+    checked MR kept in ``resp.mr`` for the message's packets (rxe's
+    ``qp->resp.mr``; rxe looks the key up again on every packet)."""
     info = p.info
     pkt = p.pkt
     resp = p.resp
@@ -364,14 +372,14 @@ def _check_rkey(p: _Pass) -> RespState:
             resp.va = reth.va
             resp.rkey = reth.rkey
             resp.resid = resp.length = reth.dma_len
-        access = IbAccess.REMOTE_READ if info.is_read else IbAccess.REMOTE_WRITE
+        access = _REMOTE_READ if info.is_read else _REMOTE_WRITE
     elif info.is_atomic:
         atmeth = pkt.atmeth
         assert atmeth is not None
         resp.va = atmeth.va
         resp.rkey = atmeth.rkey
         resp.resid = 8
-        access = IbAccess.REMOTE_ATOMIC
+        access = _REMOTE_ATOMIC
     else:
         return EXECUTE
     if info.is_write:
@@ -380,10 +388,11 @@ def _check_rkey(p: _Pass) -> RespState:
         if len(pkt.payload) != (mtu if resp.resid > mtu else resp.resid):
             return ERR_LENGTH
     if pkt.reth is not None and pkt.reth.dma_len == 0:
+        resp.mr = None
         return EXECUTE  # zero-length READ/WRITE: no R_Key check (C9-88)
     if pkt.reth is not None or info.is_atomic:
         try:
-            p.qp.mem.check_rkey(resp.rkey, resp.va, resp.resid, access)
+            resp.mr = p.qp.mem.check_rkey(resp.rkey, resp.va, resp.resid, access)
         except RemoteAccessError as e:
             resp.nak = e.nak
             return ERR_RKEY_VIOLATION
@@ -407,8 +416,13 @@ def _execute(p: _Pass) -> RespState:
         wqe = resp.wqe
         assert wqe is not None  # check_resource() took it
         if n:
+            # The receive's SGEs are translated by its first packet and
+            # kept for the rest of the message.
+            sgl = resp.sgl
+            if sgl is None:
+                sgl = resp.sgl = mem.map_sgl(wqe.sg_list, True)
             try:
-                mem.scatter(wqe.sg_list, resp.recv_offset, payload)
+                sgl.scatter(resp.recv_offset, payload)
             except LocalAccessError as e:
                 resp.local_status = e.status
                 # A receive buffer too small is an invalid request (rxe
@@ -419,13 +433,17 @@ def _execute(p: _Pass) -> RespState:
             resp.recv_offset += n
     elif info.is_write:
         if n:
+            mr = resp.mr
+            assert mr is not None  # check_rkey() kept it for the message
             try:
-                mem.remote_write(resp.rkey, resp.va, payload)
+                mr.write(resp.va, payload)
             except RemoteAccessError as e:
                 resp.nak = e.nak
                 return ERR_RKEY_VIOLATION
             resp.va += n
             resp.resid -= n
+        if info.is_last or info.is_only:
+            resp.mr = None  # rxe cleanup() drops qp->resp.mr
     elif info.is_read:
         # The MSN counts the READ now (C9-148).
         resp.msn = psn_add(resp.msn)
@@ -439,10 +457,11 @@ def _execute(p: _Pass) -> RespState:
             mem.remote_invalidate(ieth.inv_rkey)
         except (RemoteAccessError, LocalAccessError):
             return ERR_INVALIDATE_RKEY
+    bth = pkt.bth
     if info.is_last or info.is_only:
-        resp.msn = psn_add(resp.msn)
-    resp.psn = resp.ack_psn = psn_add(pkt.bth.psn)
-    resp.opcode = pkt.bth.opcode
+        resp.msn = (resp.msn + 1) & PSN_MASK  # psn_add, per packet
+    resp.psn = resp.ack_psn = (bth.psn + 1) & PSN_MASK
+    resp.opcode = bth.opcode
     resp.status = _SUCCESS
     return COMPLETE if info.completes else ACKNOWLEDGE
 
@@ -463,8 +482,11 @@ def _prepare_res(p: _Pass, is_read: bool) -> RespRes:
         res.resid = res.length = resp.resid
         res.rkey = resp.rkey
         res.last_psn = psn_add(psn, max(1, -(-resp.resid // p.qp.mtu)) - 1)
+        res.mr = resp.mr  # the reply reads through the checked MR (rxe hands it over)
     else:
         res.last_psn = psn
+        res.mr = None
+    resp.mr = None
     return res
 
 
@@ -488,7 +510,7 @@ def _read_reply(p: _Pass) -> RespState:
     elif not res.started and res.resid:
         # A replay: the MR may have changed since (rxe_recheck_mr).
         try:
-            qp.mem.check_rkey(res.rkey, res.va, res.resid, IbAccess.REMOTE_READ)
+            res.mr = qp.mem.check_rkey(res.rkey, res.va, res.resid, _REMOTE_READ)
         except RemoteAccessError as e:
             resp.cur = None
             resp.nak = e.nak
@@ -496,13 +518,12 @@ def _read_reply(p: _Pass) -> RespState:
     mtu = qp.mtu
     dest_qp = qp.attr.dest_qp_num
     pkey = qp.pkey
-    remote_read = qp.mem.remote_read
+    mr = res.mr
     packets = qp.out.packets
     aeth = Aeth(_ACK_SYN, resp.msn)
     # FIRST / ONLY only at the READ's first PSN.
     first_packet = not res.started and res.cur_psn == res.first_psn
     res.started = True
-    rkey = res.rkey
     va = res.va
     resid = res.resid
     psn = res.cur_psn
@@ -516,8 +537,9 @@ def _read_reply(p: _Pass) -> RespState:
         else:
             opcode = last
         if n:
+            assert mr is not None  # check_rkey() checked the non-empty range
             try:
-                data = remote_read(rkey, va, n)
+                data = mr.read(va, n)
             except RemoteAccessError as e:
                 resp.cur = None
                 resp.nak = e.nak
@@ -535,7 +557,7 @@ def _read_reply(p: _Pass) -> RespState:
         packets.append(OutPacket(pkt_out))
         va += n
         resid -= n
-        psn = psn_add(psn)
+        psn = (psn + 1) & PSN_MASK  # psn_add, per packet
         first_packet = False
         if resid <= 0:
             break
@@ -559,10 +581,10 @@ def _atomic_reply(p: _Pass) -> RespState:
     res = resp.res
     if res is None:
         atmeth = pkt.atmeth
-        assert atmeth is not None
+        mr = resp.mr
+        assert atmeth is not None and mr is not None  # check_rkey() kept the MR
         try:
-            orig = p.qp.mem.atomic(
-                resp.rkey,
+            orig = mr.atomic(
                 resp.va,
                 pkt.bth.opcode == Opcode.RC_COMPARE_SWAP,
                 atmeth.compare,
@@ -618,6 +640,7 @@ def _do_complete(p: _Pass) -> RespState:
         qp.out.completions.append(Completion(CqSide.RECV, wc, pkt.bth.se))
         qp.rq.popleft()
         resp.wqe = None
+        resp.sgl = None
         resp.recv_offset = 0
     return ACKNOWLEDGE
 

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from softrdma.transport.memory_port import LocalSgl
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
 from softrdma.verbs.enums import (
@@ -218,7 +219,11 @@ class SendWqe:
     * ``iova`` — remote address of the next byte (WRITE/READ/atomic);
     * ``has_rd_atomic`` — holds one of the ``max_rd_atomic`` credits;
     * ``started`` — the requester has begun it (a retry rewinds ``state`` but
-      not this); SQD lets only started WQEs run to completion.
+      not this); SQD lets only started WQEs run to completion;
+    * ``sgl`` — the SGE list translated by the first engine to touch it (the
+      requester gathering a SEND / WRITE, the completer scattering a READ
+      response), kept for every packet and for retries: rxe's ``copy_data``
+      does that translation for each packet.
     """
 
     __slots__ = (
@@ -236,6 +241,7 @@ class SendWqe:
         "resid",
         "rkey",
         "send_flags",
+        "sgl",
         "signaled",
         "started",
         "state",
@@ -270,6 +276,7 @@ class SendWqe:
         self.iova = self.remote_addr
         self.has_rd_atomic = False
         self.started = False
+        self.sgl: LocalSgl | None = None
 
     @classmethod
     def from_wr(
@@ -367,12 +374,22 @@ class Output:
     ``rcvd_seq_err``, ``duplicate_request``, ...); usually the device's own
     counter, shared by all its QPs, and never reset by :meth:`take`."""
 
+    _empty: Output | None = field(default=None, repr=False, compare=False)
+    """What :meth:`take` hands out when nothing was gathered."""
+
     def __bool__(self) -> bool:
         return bool(self.packets or self.completions or self.events)
 
     def take(self) -> Output:
         """Hand over everything gathered so far and start empty again (the
-        engines keep one :class:`Output` and fill it as they run)."""
-        result = Output(self.packets, self.completions, self.events, self.counters)
+        engines keep one :class:`Output` and fill it as they run). Most polls
+        gather nothing (a responder is polled for every packet and ACKs one
+        in 64): they all get the same empty :class:`Output`, not new ones."""
+        packets, completions, events = self.packets, self.completions, self.events
+        if not (packets or completions or events):
+            empty = self._empty
+            if empty is None or empty.packets or empty.completions or empty.events:
+                empty = self._empty = Output(counters=self.counters)  # (never a filled one)
+            return empty
         self.packets, self.completions, self.events = [], [], []
-        return result
+        return Output(packets, completions, events, self.counters)

@@ -5,7 +5,9 @@
 :mod:`.proto` holds the byte-exact iSER header (``struct iser_ctrl``), the
 Hello / HelloReply messages, the CM private data (``struct iser_cm_hdr``)
 and the framing of one iSCSI PDU per SEND; the PDUs themselves are
-:mod:`softrdma.ulp.iscsi`'s.
+:mod:`softrdma.ulp.iscsi`'s. :mod:`.target` is the target,
+:class:`IserTarget` (LIO's ``ib_isert`` with ``iscsi_target`` over the
+shared SCSI core).
 """
 
 from softrdma.ulp.iser.proto import (
@@ -30,8 +32,18 @@ from softrdma.ulp.iser.proto import (
     decode_iser_send,
     encode_iser_send,
 )
+from softrdma.ulp.iser.target import (
+    ISERT_DEFAULT_PORT,
+    ISERT_MAX_RDMA_READ,
+    ISERT_QP_MAX_RECV_DTOS,
+    IserConn,
+    IserTarget,
+)
 
 __all__ = [
+    "ISERT_DEFAULT_PORT",
+    "ISERT_MAX_RDMA_READ",
+    "ISERT_QP_MAX_RECV_DTOS",
     "ISER_HDR_LEN",
     "ISER_HELLO",
     "ISER_HELLORPLY",
@@ -42,6 +54,7 @@ __all__ = [
     "ISER_ZBVA_NOT_SUP",
     "IserCmFlag",
     "IserCmHdr",
+    "IserConn",
     "IserEncodeError",
     "IserError",
     "IserFlag",
@@ -50,6 +63,7 @@ __all__ = [
     "IserHelloReply",
     "IserOpcode",
     "IserProtocolError",
+    "IserTarget",
     "decode_iser_send",
     "encode_iser_send",
 ]

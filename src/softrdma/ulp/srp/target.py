@@ -45,11 +45,9 @@ from softrdma.cm.cma import (
     RdmaConnParam,
     RdmaEventChannel,
 )
-from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE, DmaDirection
+from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE
 from softrdma.memory.host import Host
-from softrdma.memory.layout import PAGE_SIZE, get_order
-from softrdma.memory.page import Page
-from softrdma.memory.scatterlist import Scatterlist
+from softrdma.ulp.databuf import DataBuf
 from softrdma.ulp.iu import IuBuf, IuMapError, alloc_iu_ring, free_iu_ring
 from softrdma.ulp.scsi import (
     AdditionalSense,
@@ -121,7 +119,6 @@ SRP_MAX_RSP_SIZE = 256
 SRPT_SQ_SIZE = 4096
 """``srpt_sq_size``: send-queue entries (responses and RDMA operations)."""
 _MAX_SGE = 16
-_CHUNK_ORDER = 4  # data buffers in 64 KiB physically contiguous chunks (sgl_alloc_order)
 
 # SRP task management response codes (srp.h SRP_TSK_MGMT_*).
 _TMF_CODE = {
@@ -151,54 +148,12 @@ class ChState(enum.Enum):
 
 
 @dataclass
-class _DataBuf:
-    """The target's data buffer of one command (``sgl_alloc_order``): chunks
-    of host pages in a scatterlist, mapped for the device while RDMA moves
-    it."""
-
-    host: Host
-    pages: list[tuple[Page, int]]
-    sgl: Scatterlist
-    length: int
-    direction: DmaDirection | None = None
-
-    @classmethod
-    def alloc(cls, host: Host, length: int) -> _DataBuf:
-        pages, entries = [], []
-        left = length
-        while left > 0:
-            order = get_order(min(left, PAGE_SIZE << _CHUNK_ORDER))
-            page = host.alloc_pages(order, owner="srpt")
-            n = min(left, PAGE_SIZE << order)
-            pages.append((page, order))
-            entries.append((page, 0, n))
-            left -= n
-        return cls(host, pages, Scatterlist.from_pages(entries), length)
-
-    def write(self, data: bytes | memoryview) -> None:
-        """Fill it by CPU (before mapping it TO_DEVICE)."""
-        pos = 0
-        for entry in self.sgl:
-            self.host.cpu_write_phys(entry.phys, data[pos : pos + entry.length])
-            pos += entry.length
-
-    def read(self) -> bytes:
-        """Its contents by CPU (after unmapping a FROM_DEVICE mapping)."""
-        return b"".join(bytes(self.host.cpu_read_phys(e.phys, e.length)) for e in self.sgl)
-
-    def free(self) -> None:
-        for page, order in self.pages:
-            self.host.free_pages(page, order)
-        self.pages = []
-
-
-@dataclass
 class _Cmd:
     """``struct srpt_send_ioctx``: one command in flight."""
 
     tag: int
     plan: CommandPlan | None = None
-    buf: _DataBuf | None = None
+    buf: DataBuf | None = None
     data_out: bytes | None = None
     expected: int = 0
 
@@ -432,7 +387,7 @@ class SrpChannel:
     def _fetch(self, state: _Cmd, descs: tuple[SrpDirectBuf, ...], length: int) -> None:
         """``srpt_rdma_read``: RDMA READ the write data from the initiator's
         descriptors into a data buffer, then execute."""
-        buf = _DataBuf.alloc(self.dev.host, length)
+        buf = DataBuf.alloc(self.dev.host, length, "srpt")
         state.buf = buf
         if not ib_dma_map_sg(self.dev, buf.sgl, DMA_FROM_DEVICE):
             self._busy(state)
@@ -480,7 +435,7 @@ class SrpChannel:
         if not data:
             self._complete(state, result)
             return
-        buf = _DataBuf.alloc(self.dev.host, len(data))
+        buf = DataBuf.alloc(self.dev.host, len(data), "srpt")
         state.buf = buf
         buf.write(data)
         if not ib_dma_map_sg(self.dev, buf.sgl, DMA_TO_DEVICE):
@@ -629,7 +584,7 @@ class SrpChannel:
             then()
         self._process_wait_list()
 
-    def _unmap(self, buf: _DataBuf) -> None:
+    def _unmap(self, buf: DataBuf) -> None:
         if buf.direction is not None:
             ib_dma_unmap_sg(self.dev, buf.sgl, buf.direction)
             buf.direction = None
