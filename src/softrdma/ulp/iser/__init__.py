@@ -7,9 +7,18 @@ Hello / HelloReply messages, the CM private data (``struct iser_cm_hdr``)
 and the framing of one iSCSI PDU per SEND; the PDUs themselves are
 :mod:`softrdma.ulp.iscsi`'s. :mod:`.target` is the target,
 :class:`IserTarget` (LIO's ``ib_isert`` with ``iscsi_target`` over the
-shared SCSI core).
+shared SCSI core); :mod:`.initiator` the initiator, :class:`IserInitiator`
+(``ib_iser`` under libiscsi, as a block device).
 """
 
+from softrdma.ulp.iser.initiator import (
+    ISER_DEF_CAN_QUEUE,
+    ISER_DEF_MAX_SECTORS,
+    IserInitiator,
+    IserInitiatorError,
+    IserIo,
+    IserRequest,
+)
 from softrdma.ulp.iser.proto import (
     ISER_HDR_LEN,
     ISER_HELLO,
@@ -44,6 +53,8 @@ __all__ = [
     "ISERT_DEFAULT_PORT",
     "ISERT_MAX_RDMA_READ",
     "ISERT_QP_MAX_RECV_DTOS",
+    "ISER_DEF_CAN_QUEUE",
+    "ISER_DEF_MAX_SECTORS",
     "ISER_HDR_LEN",
     "ISER_HELLO",
     "ISER_HELLORPLY",
@@ -61,8 +72,12 @@ __all__ = [
     "IserHdr",
     "IserHello",
     "IserHelloReply",
+    "IserInitiator",
+    "IserInitiatorError",
+    "IserIo",
     "IserOpcode",
     "IserProtocolError",
+    "IserRequest",
     "IserTarget",
     "decode_iser_send",
     "encode_iser_send",
