@@ -750,15 +750,19 @@ def linux_iser_initiator(
     overrides: Mapping[str, str] | None = None,
 ) -> KeyNegotiator:
     """An initiator negotiator making open-iscsi's iSER offer
-    (:data:`LINUX_ISER_OFFER` after the four declarations)."""
+    (:data:`LINUX_ISER_OFFER` after the declarations). A Discovery session
+    names no target (RFC 7143: TargetName is only for Normal sessions)."""
+    declared = ["InitiatorName", "InitiatorAlias", "TargetName", "SessionType"]
+    if session_type == "Discovery":
+        declared.remove("TargetName")
     local: dict[str, str] = {
         "InitiatorName": initiator_name,
         "InitiatorAlias": initiator_alias,
-        "TargetName": target_name,
         "SessionType": session_type,
         **dict(LINUX_ISER_OFFER),
         **(overrides or {}),
     }
-    propose = ["InitiatorName", "InitiatorAlias", "TargetName", "SessionType"]
-    propose += [name for name, _ in LINUX_ISER_OFFER]
+    if "TargetName" in declared:
+        local["TargetName"] = target_name
+    propose = declared + [name for name, _ in LINUX_ISER_OFFER]
     return KeyNegotiator("initiator", local, propose)

@@ -770,6 +770,12 @@ class IscsiTargetConnection:
         self._end(why)
         return IscsiStep(events=[ConnectionDropped(why)])
 
+    def transport_closed(self, why: str = "transport closed") -> None:
+        """The transport under this connection went away (a DREQ, an RDMA
+        error): the connection ends and, with its last connection, the
+        session leaves the portal (``iscsit_close_connection``)."""
+        self._end(why)
+
     def _end(self, why: str) -> None:
         self.state = IscsiTargetState.FREE
         self.closed_why = why

@@ -628,7 +628,7 @@ class IserConn:
             return
         self.state = ConnState.RELEASED
         if self.conn.state is not IscsiTargetState.FREE:
-            self.conn._end("transport closed")  # the session leaves the portal
+            self.conn.transport_closed()
         if self.nexus is not None:
             for _ in self.target.scsi.remove_nexus(self.nexus):
                 self.stats["aborted"] += 1
