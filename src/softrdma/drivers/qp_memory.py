@@ -102,6 +102,11 @@ class QpMemory:
         # Whether a reachability probe has no effects (an IOMMU records a
         # fault): see LocalSgl.
         self._probe_once = self.dma.backend is not DmaBackend.IOMMU
+        # An IOMMU copy of one DMA segment translates it whole before moving
+        # a byte and faults exactly as a probe would (same range, direction
+        # and fault record): its probe is the copy's own. Not with the
+        # DMA-API debug checker, which sees an access before it faults.
+        self._copy_probes_one = not self._probe_once and self.dma.debug is None
 
     # -- address translation --------------------------------------------------
 
@@ -241,13 +246,15 @@ class LocalSgl:
     time and skipped for the packets inside that window; if the window is
     not all reachable, the packet alone is probed, so it fails exactly
     where a probe per packet failed. An IOMMU is probed per packet, as
-    before. A mapping lost after its probe faults the copy itself, a local
-    protection error all the same.
+    before (by the copy itself when the packet is one DMA segment and no
+    DMA-API debug checker watches). A mapping lost after its probe faults
+    the copy itself, a local protection error all the same.
     """
 
     __slots__ = (
         "_access",
         "_ahead",
+        "_copy_probes_one",
         "_idx",
         "_maps",
         "_port",
@@ -269,6 +276,7 @@ class LocalSgl:
         self._access = _LOCAL_WRITE if write else 0
         self._total = sges[0].length if len(sges) == 1 else sum([s.length for s in sges])
         self._probe_once = port._probe_once
+        self._copy_probes_one = port._copy_probes_one
         self._maps: list[_SgeMap | None] = [None] * len(sges)
         self._idx = 0  # the cursor: an SGE index and the list offset where it starts
         self._pos = 0
@@ -365,7 +373,7 @@ class LocalSgl:
                 length -= take
             start = 0
             i += 1
-        if unprobed is not None:
+        if unprobed is not None and not (len(unprobed) == 1 and self._copy_probes_one):
             self._port._probe(unprobed, self._write, local=True)
         return out
 

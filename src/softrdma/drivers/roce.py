@@ -30,7 +30,7 @@ from softrdma.dma.device import Device
 from softrdma.drivers.qp_memory import QpMemory
 from softrdma.fabric.link import Link, Network
 from softrdma.time.base import Handle
-from softrdma.transport.rc import RcQp
+from softrdma.transport.rc import REQUESTER_STATES, RcQp
 from softrdma.transport.roce import (
     RoceFrame,
     rdma_get_udp_sport,
@@ -195,7 +195,14 @@ class RoceDevice(IbDevice):
             engine.reply_hold = at
             deadline = at if deadline is None else min(deadline, at)
         timer = self._timers.get(qpn)
-        if timer is not None and not timer.done:
+        if timer is None:
+            if deadline is not None:
+                self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
+            return
+        self._set_timer(qpn, timer, deadline, now)
+
+    def _set_timer(self, qpn: int, timer: Handle, deadline: float | None, now: float) -> None:
+        if not timer.done:
             if deadline is not None and timer.when == max(deadline, now):
                 return
             timer.cancel()
@@ -288,7 +295,29 @@ class RoceDevice(IbDevice):
             self.stats["rcvd_pkts"] += 1
             now = self.scheduler.time()
             rc_engine.receive(pkt, now)
-            self._poll(rc_qp, rc_engine, now)
+            # _poll() and _arm_timer() written out for a connected RC QP:
+            # this runs for every packet received.
+            out = rc_engine.poll(now)
+            resume = (
+                self._handle(rc_qp, out) if out.packets or out.completions or out.events else None
+            )
+            resp = rc_engine.resp
+            if resp.cur is not None or resp.queue:
+                self._arm_timer(qpn, rc_engine, resume, now)
+                return
+            deadline = None
+            if rc_engine.state in REQUESTER_STATES:
+                req = rc_engine.req
+                deadline = req.retrans_deadline
+                b = req.rnr_deadline
+                if deadline is None or (b is not None and b < deadline):
+                    deadline = b
+            timer = self._timers.get(qpn)
+            if timer is None:
+                if deadline is not None:
+                    self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
+                return
+            self._set_timer(qpn, timer, deadline, now)
             return
         engine = self._engines.get(qpn)
         if engine is None and qpn == 1:

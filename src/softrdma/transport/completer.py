@@ -80,7 +80,7 @@ from softrdma.transport.wqe import (
 from softrdma.verbs.enums import IbEventType, IbWcStatus
 
 if TYPE_CHECKING:
-    from softrdma.transport.rc import RcQp
+    from softrdma.transport.rc import CompInfo, RcQp
 
 __all__ = ["COMPLETER", "RETIRABLE", "RNR_RETRY_INFINITE", "CompState", "Step", "receive", "run"]
 
@@ -177,8 +177,55 @@ class _Pass:
 def receive(qp: RcQp, pkt: Packet, info: OpcodeInfo, now: float) -> None:
     """Process one response packet (rxe ``rxe_comp_queue_pkt`` +
     ``rxe_completer`` with a packet)."""
-    qp.comp.timeout = False
-    _dispatch(_Pass(qp, pkt, info, now))
+    comp = qp.comp
+    comp.timeout = False
+    p = _Pass(qp, pkt, info, now)
+    if pkt.bth.opcode == RC_RDMA_READ_RESPONSE_MIDDLE and comp.opcode in _READ_IN_PROGRESS:
+        psn_before = comp.psn
+        _dispatch(p, _read_middle_fast(p, comp), psn_before)
+    else:
+        _dispatch(p)
+
+
+def _read_middle_fast(p: _Pass, comp: CompInfo) -> CompState:
+    """The table's fixed outcome for the expected READ RESPONSE MIDDLE of the
+    oldest WQE, a pending READ: GET_WQE → CHECK_PSN → CHECK_ACK → READ →
+    UPDATE_COMP → DONE in one pass. Anything the walk would decide
+    differently returns ``GET_WQE`` (untouched) to walk the table from, or
+    ``ERROR`` when the scatter faults."""
+    qp = p.qp
+    pkt = p.pkt
+    assert pkt is not None
+    head = qp.sq_head
+    if head >= len(qp.sq):
+        return GET_WQE
+    wqe = qp.sq[head]
+    psn = pkt.bth.psn
+    payload = pkt.payload
+    n = len(payload)
+    sgl = wqe.sgl
+    if (
+        wqe.state is not WQE_PENDING
+        or psn != comp.psn
+        or (psn - qp.req.sent_psn) & PSN_MASK < PSN_HALF
+        or 0 < (psn - wqe.last_psn) & PSN_MASK < PSN_HALF
+        or not wqe.mask & WR_READ
+        or n != qp.mtu
+        or n >= wqe.length - wqe.offset
+        or sgl is None
+    ):
+        return GET_WQE
+    p.wqe = wqe
+    reset_retry_counters(qp)
+    try:
+        sgl.scatter(wqe.offset, payload)
+    except LocalAccessError as e:
+        wqe.status = e.status
+        return ERROR
+    wqe.offset += n
+    comp.opcode = RC_RDMA_READ_RESPONSE_MIDDLE
+    comp.psn = (psn + 1) & PSN_MASK
+    return DONE
 
 
 def run(qp: RcQp, now: float, timeout: bool) -> None:
@@ -196,10 +243,10 @@ def run(qp: RcQp, now: float, timeout: bool) -> None:
     _dispatch(_Pass(qp, None, None, now))
 
 
-def _dispatch(p: _Pass) -> None:
+def _dispatch(p: _Pass, state: CompState = GET_WQE, psn_before: int | None = None) -> None:
     comp = p.qp.comp
-    psn_before = comp.psn
-    state = GET_WQE
+    if psn_before is None:
+        psn_before = comp.psn
     table = COMPLETER
     while state is not DONE:
         handler, allowed = table[state]

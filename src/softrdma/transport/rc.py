@@ -72,6 +72,8 @@ __all__ = ["CompInfo", "RcQp", "ReqInfo", "RespInfo", "RespRes", "local_ack_time
 
 _RC = Transport.RC
 _REQUESTER_STATES = frozenset({IbQpState.RTS, IbQpState.SQD})
+REQUESTER_STATES = _REQUESTER_STATES
+"""The states the requester and completer run in (for the driver's timer)."""
 _RESPONDER_STATES = frozenset({IbQpState.RTR, IbQpState.RTS, IbQpState.SQD})
 _FLUSH = IbWcStatus.WR_FLUSH_ERR
 

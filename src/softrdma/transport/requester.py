@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from softrdma.transport.headers import AtomicEth, Ieth, ImmDt, Reth
+from softrdma.transport.headers import AtomicEth, Bth, Ieth, ImmDt, Reth
 from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
@@ -335,19 +335,27 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
             noack = 0
         else:
             ack_req = False
-        pkt = Packet.build(
-            opcode,
-            dest_qp=dest_qp,
-            psn=psn,
-            payload=payload,
-            pkey=pkey,
-            se=end and se_ok,
-            ack_req=ack_req,
-            reth=Reth(iova, wqe.rkey, resid) if start_msg and is_write else None,
-            immdt=ImmDt(wr.imm_data) if end and mask & WR_IMM else None,
-            ieth=Ieth(wr.invalidate_rkey) if end and mask & WR_INV else None,
-        )
-        packets.append(OutPacket(pkt))
+        if start_msg or end:
+            pkt = Packet.build(
+                opcode,
+                dest_qp=dest_qp,
+                psn=psn,
+                payload=payload,
+                pkey=pkey,
+                se=end and se_ok,
+                ack_req=ack_req,
+                reth=Reth(iova, wqe.rkey, resid) if start_msg and is_write else None,
+                immdt=ImmDt(wr.imm_data) if end and mask & WR_IMM else None,
+                ieth=Ieth(wr.invalidate_rkey) if end and mask & WR_INV else None,
+            )
+        else:
+            # A MIDDLE packet: BTH and payload only, what build() would make
+            # (its pad is 0: the payload is a full MTU).
+            bth = tuple.__new__(
+                Bth, (opcode, dest_qp, psn, pkey, False, False, 0, 0, False, False, ack_req)
+            )
+            pkt = Packet(bth, payload)
+        packets.append(tuple.__new__(OutPacket, (pkt, None)))  # OutPacket(pkt), unchecked
         if start_msg:
             wqe.first_psn = psn
             wqe.last_psn = psn_add(psn, max(1, -(-resid // mtu)) - 1)

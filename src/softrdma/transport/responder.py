@@ -73,6 +73,7 @@ from softrdma.transport.headers import (
     Aeth,
     AethType,
     AtomicAckEth,
+    Bth,
     NakCode,
     aeth_syndrome,
 )
@@ -184,6 +185,8 @@ _WRITE_CONT = frozenset(
     }
 )
 _SEND_OPEN = frozenset({Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE})
+_WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
+_WRITE_FAST = frozenset({Opcode.RC_RDMA_WRITE_MIDDLE, Opcode.RC_RDMA_WRITE_LAST})
 _WRITE_OPEN = frozenset({Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE})
 _READ_RESPONSES = (
     Opcode.RC_RDMA_READ_RESPONSE_ONLY,
@@ -232,7 +235,57 @@ def receive(qp: RcQp, pkt: Packet, info: OpcodeInfo) -> None:
     if resp.cur is not None or resp.queue:
         resp.queue.append((pkt, info))
         return
-    _dispatch(_Pass(qp, pkt, info), CHK_PSN)
+    if pkt.bth.opcode in _WRITE_FAST and resp.opcode in _WRITE_OPEN and resp.mr is not None:
+        state = _write_fast(qp, resp, pkt)
+        if state is None:
+            return
+    else:
+        state = CHK_PSN
+    _dispatch(_Pass(qp, pkt, info), state)
+
+
+def _write_fast(qp: RcQp, resp: RespInfo, pkt: Packet) -> RespState | None:
+    """The table's fixed outcome for an in-order RDMA WRITE MIDDLE / LAST
+    (no immediate) continuing a WRITE whose RETH was checked: CHK_PSN →
+    CHK_OP_SEQ → CHK_OP_VALID → CHK_RESOURCE → CHK_LENGTH → CHK_RKEY →
+    EXECUTE → ACKNOWLEDGE → CLEANUP in one pass. Anything the walk would
+    decide differently returns the state to walk from (``CHK_PSN``, or
+    ``ERR_RKEY_VIOLATION`` when the write itself faults)."""
+    bth = pkt.bth
+    psn = bth.psn
+    payload = pkt.payload
+    n = len(payload)
+    mtu = qp.mtu
+    resid = resp.resid
+    if (
+        psn != resp.psn
+        or not qp.access & _REMOTE_WRITE
+        or n != (mtu if resid > mtu else resid)
+        or (n != mtu if bth.opcode == _WRITE_MIDDLE else (n == 0 or n > mtu))
+    ):
+        return CHK_PSN
+    resp.aeth_syndrome = _ACK_SYN
+    resp.status = _SUCCESS
+    resp.local_status = None
+    resp.sent_psn_nak = False
+    mr = resp.mr
+    assert mr is not None
+    try:
+        mr.write(resp.va, payload)
+    except RemoteAccessError as e:
+        resp.nak = e.nak
+        return ERR_RKEY_VIOLATION
+    resp.va += n
+    resp.resid = resid - n
+    if bth.opcode != _WRITE_MIDDLE:
+        resp.mr = None  # rxe cleanup() drops qp->resp.mr
+        resp.msn = (resp.msn + 1) & PSN_MASK
+    resp.psn = resp.ack_psn = (psn + 1) & PSN_MASK
+    resp.opcode = bth.opcode
+    if bth.ack_req:
+        _send_ack(qp, _ACK_SYN, psn)
+    resp.res = None  # rxe cleanup()
+    return None
 
 
 def run(qp: RcQp) -> None:
@@ -546,15 +599,17 @@ def _read_reply(p: _Pass) -> RespState:
                 return ERR_RKEY_VIOLATION
         else:
             data = b""
-        pkt_out = Packet.build(
-            opcode,
-            dest_qp=dest_qp,
-            psn=psn,
-            payload=data,
-            pkey=pkey,
-            aeth=aeth if opcode != middle else None,
-        )
-        packets.append(OutPacket(pkt_out))
+        if opcode == middle:
+            # BTH and payload only, what build() would make (a full MTU: pad 0).
+            bth = tuple.__new__(
+                Bth, (middle, dest_qp, psn, pkey, False, False, 0, 0, False, False, False)
+            )
+            pkt_out = Packet(bth, data)
+        else:
+            pkt_out = Packet.build(
+                opcode, dest_qp=dest_qp, psn=psn, payload=data, pkey=pkey, aeth=aeth
+            )
+        packets.append(tuple.__new__(OutPacket, (pkt_out, None)))  # OutPacket(pkt_out)
         va += n
         resid -= n
         psn = (psn + 1) & PSN_MASK  # psn_add, per packet
