@@ -69,6 +69,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Protocol
 
 import softrdma
 from softrdma.dma.platform import Platform
@@ -81,7 +82,7 @@ from softrdma.fabric.link import Network
 from softrdma.fabric.udp import UdpNetwork
 from softrdma.memory.host import Host, MiB
 from softrdma.ulp.scsi import VERSION_SRP, FileBackstore, ScsiTarget
-from softrdma.ulp.srp.initiator import SRP_MAX_SECTORS, BlockIo, SrpInitiator
+from softrdma.ulp.srp.initiator import SRP_MAX_SECTORS, SrpInitiator
 from softrdma.ulp.srp.target import SrpTarget
 
 BLOCK = 512  # logical block size of the image
@@ -159,6 +160,30 @@ class Image:
         return k * BIG, self.chunks[k]
 
 
+class Io(Protocol):
+    """A block I/O in flight (SRP's ``BlockIo``, iSER's ``IserIo``)."""
+
+    @property
+    def done(self) -> bool: ...
+
+    def result(self) -> bytes | None: ...
+
+
+class BlockDevice(Protocol):
+    """What the workloads use of an initiator: SRP's, or iSER's through an
+    adapter (bench/iser.py)."""
+
+    def read_capacity(self) -> tuple[int, int]: ...
+
+    def submit_read(self, lba: int, nblocks: int) -> Io: ...
+
+    def submit_write(self, lba: int, data: bytes) -> Io: ...
+
+    def sync(self) -> None: ...
+
+    def wait_for(self, pred: Callable[[], bool], timeout: float | None = None) -> bool: ...
+
+
 # -- baselines: system calls on the image ------------------------------------------------
 
 
@@ -220,19 +245,19 @@ def baselines(image: Image, plan: Plan, reps: int = 3) -> dict[str, float]:
 
 
 def _run_window(
-    ini: SrpInitiator,
+    ini: BlockDevice,
     count: int,
     depth: int,
     size: int,
     budget: float,
-    submit: Callable[[int], BlockIo],
-    check: Callable[[int, BlockIo], None],
+    submit: Callable[[int], Io],
+    check: Callable[[int, Io], None],
     finish: Callable[[], None] | None = None,
 ) -> Rate:
     """Keep ``depth`` I/Os in flight (``submit(i)`` makes the i-th) until
     ``count`` are done or ``budget`` seconds have passed; ``check`` each
     one as it completes; ``finish`` at the end, inside the timed span."""
-    window: deque[tuple[int, BlockIo]] = deque()
+    window: deque[tuple[int, Io]] = deque()
     submitted = done = 0
     t0 = time.perf_counter()
     stop = t0 + budget
@@ -255,10 +280,10 @@ def _run_window(
     return Rate(done, size, time.perf_counter() - t0, truncated)
 
 
-def srp_random_reads(ini: SrpInitiator, image: Image, plan: Plan, depth: int) -> Rate:
+def srp_random_reads(ini: BlockDevice, image: Image, plan: Plan, depth: int) -> Rate:
     offsets = image.offsets
 
-    def check(i: int, b: BlockIo) -> None:
+    def check(i: int, b: Io) -> None:
         off = offsets[i]
         data = b.result()
         if data is None or data != image.data[off : off + SMALL]:
@@ -275,9 +300,9 @@ def srp_random_reads(ini: SrpInitiator, image: Image, plan: Plan, depth: int) ->
     )
 
 
-def srp_seq_reads(ini: SrpInitiator, image: Image, plan: Plan) -> Rate:
+def srp_seq_reads(ini: BlockDevice, image: Image, plan: Plan) -> Rate:
 
-    def check(i: int, b: BlockIo) -> None:
+    def check(i: int, b: Io) -> None:
         off, want = image.chunk(i)
         if b.result() != want:
             raise RuntimeError(f"SRP read at {off}: wrong data")
@@ -293,12 +318,12 @@ def srp_seq_reads(ini: SrpInitiator, image: Image, plan: Plan) -> Rate:
     )
 
 
-def srp_seq_writes(ini: SrpInitiator, image: Image, plan: Plan) -> Rate:
-    def submit(i: int) -> BlockIo:
+def srp_seq_writes(ini: BlockDevice, image: Image, plan: Plan) -> Rate:
+    def submit(i: int) -> Io:
         off, data = image.chunk(i)
         return ini.submit_write(off // BLOCK, data)
 
-    def check(i: int, b: BlockIo) -> None:
+    def check(i: int, b: Io) -> None:
         b.result()
 
     return _run_window(
@@ -306,8 +331,8 @@ def srp_seq_writes(ini: SrpInitiator, image: Image, plan: Plan) -> Rate:
     )
 
 
-def workloads(ini: SrpInitiator, image: Image, plan: Plan) -> dict[str, Rate]:
-    """Every SRP measurement on a logged-in initiator."""
+def workloads(ini: BlockDevice, image: Image, plan: Plan) -> dict[str, Rate]:
+    """Every measurement on a logged-in initiator (SRP or iSER)."""
     capacity = ini.read_capacity()
     if capacity != (image.size // BLOCK, BLOCK):
         raise RuntimeError(f"the target serves {capacity}, not the image")
@@ -407,11 +432,12 @@ def _stats(ini: SrpInitiator) -> dict[str, int]:
 # -- two processes over loopback UDP -------------------------------------------------------
 
 
-def loopback_pair() -> tuple[str, str]:
-    """Two addresses in 127.0.0.0/8, from the process id (bench/udp.py uses
-    127.88.*, the tests 127.100-249.*)."""
+def loopback_pair(second: int = 89) -> tuple[str, str]:
+    """Two addresses in 127.0.0.0/8, from the process id (this bench uses
+    127.89.*, bench/iser.py 127.90.*, bench/udp.py 127.88.*, the tests
+    127.100-249.*)."""
     third = os.getpid() % 250
-    ips = f"127.89.{third}.2", f"127.89.{third}.3"
+    ips = f"127.{second}.{third}.2", f"127.{second}.{third}.3"
     for ip in ips:
         if not IPv4Address(ip).is_loopback:
             raise AssertionError(ip)
@@ -419,21 +445,19 @@ def loopback_pair() -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def target_process(image: Image, ip: str, tmp: Path) -> Iterator[tuple[int, int, int]]:
-    """``softrdma srp target IMAGE --ip IP`` running: ``(id_ext, ioc_guid,
-    port)`` from its ``add_target`` line. Stopped (SIGTERM, then SIGKILL)
-    on the way out."""
-    log = tmp / "target.log"
+def child_process(argv: list[str], ready: re.Pattern[str], log: Path) -> Iterator[re.Match[str]]:
+    """``argv`` (a Python process, with this softrdma on its path) running
+    until its output, kept in ``log``, matches ``ready``: the match. Stopped
+    (SIGTERM, then SIGKILL) on the way out."""
     env = dict(os.environ)
     src = str(Path(softrdma.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    argv = [sys.executable, "-m", "softrdma", "srp", "target", str(image.path), "--ip", ip]
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         end = time.monotonic() + WAIT
         while True:
-            m = ADD_TARGET.search(log.read_text())
+            m = ready.search(log.read_text())
             if m:
                 break
             if proc.poll() is not None or time.monotonic() > end:
@@ -441,7 +465,7 @@ def target_process(image: Image, ip: str, tmp: Path) -> Iterator[tuple[int, int,
                     f"the target did not start (exit {proc.poll()}):\n{log.read_text()}"
                 )
             time.sleep(0.05)
-        yield int(m.group(1), 16), int(m.group(2), 16), int(m.group(4))
+        yield m
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -450,6 +474,15 @@ def target_process(image: Image, ip: str, tmp: Path) -> Iterator[tuple[int, int,
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(WAIT)
+
+
+@contextlib.contextmanager
+def target_process(image: Image, ip: str, tmp: Path) -> Iterator[tuple[int, int, int]]:
+    """``softrdma srp target IMAGE --ip IP`` running: ``(id_ext, ioc_guid,
+    port)`` from its ``add_target`` line."""
+    argv = [sys.executable, "-m", "softrdma", "srp", "target", str(image.path), "--ip", ip]
+    with child_process(argv, ADD_TARGET, tmp / "target.log") as m:
+        yield int(m.group(1), 16), int(m.group(2), 16), int(m.group(4))
 
 
 def run_udp(image: Image, plan: Plan, tmp: Path) -> tuple[dict[str, Rate], dict[str, int]]:
@@ -530,9 +563,9 @@ BASELINE_TEXT = {
     "at a time, page cache warm, each result compared with the expected bytes; best of 3; IO/s",
     "pread_1MiB_seq": "os.pread of 1 MiB in order over the whole image, page cache warm, each "
     "result compared with the expected bytes; best of 3; bytes/s",
-    "pwrite_1MiB_seq_fsync": "os.pwrite of the same number of 1 MiB blocks as the SRP run, in "
-    "order, then one os.fsync of the image, timed together (the SRP write run likewise ends "
-    "with SYNCHRONIZE CACHE = the target's fsync); best of 3; bytes/s",
+    "pwrite_1MiB_seq_fsync": "os.pwrite of the same number of 1 MiB blocks as the measured "
+    "run, in order, then one os.fsync of the image, timed together (the SRP / iSER write run "
+    "likewise ends with SYNCHRONIZE CACHE = the target's fsync); best of 3; bytes/s",
 }
 
 
@@ -607,47 +640,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="softrdma-bench-srp-") as tmpdir:
         tmp = Path(tmpdir)
         image = make_image(tmp, plan.image_bytes, max(plan.random_ios, plan.baseline_random_ios))
-        rounds = [baselines(image, plan)]  # before, between and after the set-ups
-        rates: dict[str, dict[str, Rate]] = {}
-        stats: dict[str, dict[str, int]] = {}
-        for setup in setups:
-            if setup == "udp":
-                rates[setup], stats[setup] = run_udp(image, plan, tmp)
-            else:
-                rates[setup], stats[setup] = run_inproc(setup, image, plan)
-            rounds.append(baselines(image, plan))
-        profile = profile_read(image, plan, 12) if args.profile else None
-    limits = {k: max(r[k] for r in rounds) for k in rounds[0]}
-    metrics: dict[str, dict[str, object]] = {}
-    for i, (setup, rs) in enumerate(rates.items()):
-        around = {k: max(rounds[i][k], rounds[i + 1][k]) for k in limits}
-        for name, r in rs.items():
-            base = _baseline_key(name)
-            per_io = name.startswith("read_4KiB")
-            value = r.per_s if per_io else r.bytes_per_s
-            metrics[f"{setup}.{name}"] = {
-                "value": value,
-                "unit": "IO/s" if per_io else "bytes/s",
-                "baseline": base,
-                "baseline_value": around[base],
-                "ratio": value / around[base],
-                "ios": r.ios,
-                "seconds": r.seconds,
-                "truncated_by_time": r.truncated,
-            }
-    elapsed = time.perf_counter() - started
-
-    print(f"{'setup':9s} {'metric':26s} {'value':>14s} {'baseline':>16s} {'ratio':>8s}")
-    for key, m in metrics.items():
-        setup, name = key.split(".", 1)
-        print(
-            f"{setup:9s} {name:26s} {_show(m['value'], m['unit'])} "
-            f"{_show(m['baseline_value'], m['unit']):>16s} {m['ratio']:8.4f}"
+        rounds, rates, stats = measure(
+            image, plan, setups, lambda x: run_setup(x, image, plan, tmp)
         )
-    for k, v in limits.items():
-        unit = "IO/s" if k.startswith("pread_4KiB") else "bytes/s"
-        each = ", ".join(_show(r[k], unit).split()[0] for r in rounds)
-        print(f"{'baseline':9s} {k:26s} {_show(v, unit)}  (best; rounds: {each})")
+        profile = profile_read(image, plan, 12) if args.profile else None
+    limits, metrics = ratios(rates, rounds)
+    elapsed = time.perf_counter() - started
+    print_table(metrics, limits, rounds)
     if profile is not None:
         print("profile: in-process cpu pair, 1 MiB sequential reads, by own time")
         for row in _rows(profile["functions_by_own_time"]):
@@ -681,21 +680,100 @@ def main() -> None:
     }
     result: dict[str, object] = {
         "config": config,
-        "baselines": {
-            k: {
-                "value": v,
-                "unit": "IO/s" if k.startswith("pread_4KiB") else "bytes/s",
-                "rounds": [r[k] for r in rounds],
-                "includes": BASELINE_TEXT[k],
-            }
-            for k, v in limits.items()
-        },
+        "baselines": baselines_json(limits, rounds),
         "metrics": metrics,
         "initiator_stats": stats,
     }
     if profile is not None:
         result["profile"] = profile
     print(json.dumps(result))
+
+
+def run_setup(
+    setup: str, image: Image, plan: Plan, tmp: Path
+) -> tuple[dict[str, Rate], dict[str, int]]:
+    if setup == "udp":
+        return run_udp(image, plan, tmp)
+    return run_inproc(setup, image, plan)
+
+
+# -- shared with bench/iser.py: baselines around set-ups, ratios, table, JSON --------------
+
+Stats = dict[str, int]
+Rounds = list[dict[str, float]]
+
+
+def measure(
+    image: Image,
+    plan: Plan,
+    setups: list[str],
+    run: Callable[[str], tuple[dict[str, Rate], Stats]],
+) -> tuple[Rounds, dict[str, dict[str, Rate]], dict[str, Stats]]:
+    """The baselines before the first set-up, between set-ups and after the
+    last, and each set-up's rates and initiator statistics (``run(setup)``)."""
+    rounds = [baselines(image, plan)]  # before, between and after the set-ups
+    rates: dict[str, dict[str, Rate]] = {}
+    stats: dict[str, Stats] = {}
+    for setup in setups:
+        rates[setup], stats[setup] = run(setup)
+        rounds.append(baselines(image, plan))
+    return rounds, rates, stats
+
+
+def ratios(
+    rates: dict[str, dict[str, Rate]], rounds: Rounds
+) -> tuple[dict[str, float], dict[str, dict[str, object]]]:
+    """The best baselines, and every figure with its ratio to the better of
+    the baselines measured just before and just after its set-up."""
+    limits = {k: max(r[k] for r in rounds) for k in rounds[0]}
+    metrics: dict[str, dict[str, object]] = {}
+    for i, (setup, rs) in enumerate(rates.items()):
+        around = {k: max(rounds[i][k], rounds[i + 1][k]) for k in limits}
+        for name, r in rs.items():
+            base = _baseline_key(name)
+            per_io = name.startswith("read_4KiB")
+            value = r.per_s if per_io else r.bytes_per_s
+            metrics[f"{setup}.{name}"] = {
+                "value": value,
+                "unit": "IO/s" if per_io else "bytes/s",
+                "baseline": base,
+                "baseline_value": around[base],
+                "ratio": value / around[base],
+                "ios": r.ios,
+                "seconds": r.seconds,
+                "truncated_by_time": r.truncated,
+            }
+    return limits, metrics
+
+
+def print_table(
+    metrics: dict[str, dict[str, object]], limits: dict[str, float], rounds: Rounds
+) -> None:
+    print(f"{'setup':9s} {'metric':26s} {'value':>14s} {'baseline':>16s} {'ratio':>8s}")
+    for key, m in metrics.items():
+        setup, name = key.split(".", 1)
+        ratio = m["ratio"]
+        assert isinstance(ratio, float)
+        print(
+            f"{setup:9s} {name:26s} {_show(m['value'], m['unit'])} "
+            f"{_show(m['baseline_value'], m['unit']):>16s} {ratio:8.4f}"
+        )
+    for k, v in limits.items():
+        unit = "IO/s" if k.startswith("pread_4KiB") else "bytes/s"
+        each = ", ".join(_show(r[k], unit).split()[0] for r in rounds)
+        print(f"{'baseline':9s} {k:26s} {_show(v, unit)}  (best; rounds: {each})")
+
+
+def baselines_json(limits: dict[str, float], rounds: Rounds) -> dict[str, object]:
+    return {
+        k: {
+            "value": v,
+            "unit": "IO/s" if k.startswith("pread_4KiB") else "bytes/s",
+            "rounds": [r[k] for r in rounds],
+            "includes": BASELINE_TEXT[k],
+        }
+        for k, v in limits.items()
+    }
 
 
 def _depths(text: str) -> tuple[int, ...]:

@@ -152,3 +152,26 @@ def test_srp_benchmark_smoke() -> None:
         assert metric["value"] > 0 and metric["ratio"] > 0 and metric["baseline"]
     for stats in result["initiator_stats"].values():
         assert stats["commands"] == stats["completed"] > 0 and stats["wc_errors"] == 0
+
+
+def test_iser_benchmark_smoke() -> None:
+    """``bench/iser.py --quick`` runs every iSER workload on every set-up (the
+    udp one with the target in a child process) and reports each against
+    its ``os.pread`` / ``os.pwrite`` limit (shape only)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "iser.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"config", "baselines", "metrics", "initiator_stats"}
+    names = {f"read_4KiB_random_qd{d}" for d in (16, 32)} | {"read_1MiB_seq", "write_1MiB_seq_sync"}
+    assert set(result["metrics"]) == {f"{s}.{n}" for s in ("cpu", "hw-iommu", "udp") for n in names}
+    for metric in result["metrics"].values():
+        assert metric["value"] > 0 and metric["ratio"] > 0 and metric["baseline"]
+    assert set(result["initiator_stats"]) == {"cpu", "hw-iommu", "udp"}
+    for stats in result["initiator_stats"].values():
+        assert stats["logins"] == stats["logouts"] == 1
+        assert stats["reads"] > 0 and stats["writes"] > 0 and stats["reg_mr"] > 0
