@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
     )
     srp_demo = demo_sub.add_parser("srp", help="SRP on every device pairing, data verified")
-    from softrdma.cli import devinfo, rc_pingpong, rping, srp
+    from softrdma.cli import devinfo, iser, rc_pingpong, rping, srp
     from softrdma.cli.srp_demo import build_demo_parser
 
     build_demo_parser(srp_demo)
@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         "rping": (rping, "RDMA CM connection and RDMA ping-pong, like rping"),
         "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
         "srp": (srp, "SRP (SCSI RDMA Protocol): a target like ib_srpt, an initiator like ib_srp"),
+        "iser": (iser, "iSER (iSCSI Extensions for RDMA): a target like LIO's ib_isert"),
     }
     for name, (module, text) in tools.items():
         module.build_parser(sub.add_parser(name, help=text, description=text))
@@ -44,7 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from softrdma.cli import demo_dma, demo_rdma, devinfo, rc_pingpong, rping, srp, srp_demo
+    from softrdma.cli import (
+        demo_dma,
+        demo_rdma,
+        devinfo,
+        iser,
+        rc_pingpong,
+        rping,
+        srp,
+        srp_demo,
+    )
 
     if args.command == "rc-pingpong":
         return rc_pingpong.run(args, parser)
@@ -54,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return devinfo.run(args, parser)
     if args.command == "srp":
         return srp.run(args, parser)
+    if args.command == "iser":
+        return iser.run(args, parser)
     if args.command != "demo":
         return 2
     status = 0

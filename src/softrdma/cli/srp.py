@@ -44,23 +44,31 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import re
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address
-from types import FrameType
-from typing import NoReturn, TextIO
+from typing import TextIO
 
-from softrdma.cli.netdev import DEVICES, OpenDevice, add_device_options, open_device
+from softrdma.cli.netdev import OpenDevice
+from softrdma.cli.target_common import (
+    Failed,
+    LogLines,
+    OneLineParser,
+    add_image_target_options,
+    describe_image,
+    message,
+    one_line_errors,
+    open_image,
+    open_target_device,
+    parse_guid,
+    parse_port,
+    parse_size,
+    stop_signals,
+)
 from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType
 from softrdma.errors import SoftRdmaError
-from softrdma.fabric.udp import UdpLink
-from softrdma.ulp.scsi import BLOCK_SIZES, VERSION_SRP, FileBackstore, ScsiTarget, ScsiUsageError
+from softrdma.ulp.scsi import VERSION_SRP, FileBackstore, ScsiTarget, ScsiUsageError
 from softrdma.ulp.srp.proto import SrpError, SrpLoginReq
 from softrdma.ulp.srp.target import SRPT_DEFAULT_PORT, ChState, SrpChannel, SrpTarget
 
@@ -82,70 +90,6 @@ SYNC_INTERVAL = 0.5
 """How often the serving loop looks for channels that ended outside an RDMA
 CM event (every ending it can see is logged at the event)."""
 
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-class _Parser(argparse.ArgumentParser):
-    """A subcommand's parser: a bad argument is one line on stderr
-    (``softrdma srp target: ...``) and exit status 1, as every other error
-    of the tool; arguments nobody takes are bad arguments too."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(1, f"{self.prog}: {message}\n")
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        ns, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return ns, extras
-
-
-def parse_size(text: str) -> int:
-    """A size in bytes: a number with an optional binary unit (``64M``,
-    ``64MiB``, ``512k``, ``1G``, ``4096``)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", text)
-    if not m or int(m.group(1)) == 0:
-        raise argparse.ArgumentTypeError(f"invalid size: {text!r} (e.g. 64M, 1G, 1048576)")
-    return int(m.group(1)) * _UNITS[m.group(2).lower()]
-
-
-def parse_guid(text: str) -> int:
-    """A 64-bit identifier in hex, as ``add_target`` takes it
-    (``505400fffe770001``, ``0x...``, or colon-separated groups)."""
-    digits = text.strip().removeprefix("0x").removeprefix("0X").replace(":", "")
-    if not re.fullmatch(r"[0-9a-fA-F]{1,16}", digits):
-        raise argparse.ArgumentTypeError(f"invalid 64-bit hex identifier: {text!r}")
-    return int(digits, 16)
-
-
-def _parse_port(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise argparse.ArgumentTypeError(f"invalid port: {text!r} (1..65535)")
-    return int(text)
-
-
-def _parse_ip(text: str) -> IPv4Address:
-    try:
-        ip = IPv4Address(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid IPv4 address: {text!r}") from None
-    if ip.is_unspecified or ip.is_multicast or ip == IPv4Address("255.255.255.255"):
-        raise argparse.ArgumentTypeError(f"{ip}: a target needs one address of this host")
-    return ip
-
-
-def _one_line_errors(parser: argparse.ArgumentParser) -> None:
-    """Make ``parser`` report its own errors (a missing or unknown
-    subcommand) as :class:`_Parser` does."""
-
-    def error(message: str) -> NoReturn:
-        parser.exit(1, f"{parser.prog}: {message}\n")
-
-    parser.error = error  # type: ignore[method-assign]
-
-
 # -- the command line ------------------------------------------------------------------
 
 
@@ -156,9 +100,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         "SRP (SCSI RDMA Protocol) over softrdma's RDMA CM: a target and an initiator on the "
         "real network, and a demo on the simulated fabric."
     )
-    _one_line_errors(p)
+    one_line_errors(p)
     sub = p.add_subparsers(
-        dest="srp_command", metavar="SUBCOMMAND", required=True, parser_class=_Parser
+        dest="srp_command", metavar="SUBCOMMAND", required=True, parser_class=OneLineParser
     )
     for name, (build, _, text) in SUBCOMMANDS.items():
         build(sub.add_parser(name, help=text, description=text))
@@ -167,25 +111,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 def build_target_parser(p: argparse.ArgumentParser) -> None:
     """The options of ``softrdma srp target``."""
-    p.add_argument("image", metavar="IMAGE", help="the disk image to serve as LUN 0 (a file)")
-    add_device_options(p)
-    for action in p._actions:  # a target has no peer to route to: --ip is required
-        if action.dest == "ip":
-            action.required = True
-            action.type = _parse_ip
-            action.help = "local IPv4 address to serve on (the RoCE device's address)"
+    add_image_target_options(p)
     p.add_argument(
         "--port",
-        type=_parse_port,
+        type=parse_port,
         default=SRPT_DEFAULT_PORT,
         help=f"RDMA CM port to listen on (default {SRPT_DEFAULT_PORT}, as ib_srpt)",
-    )
-    p.add_argument(
-        "--block-size",
-        type=int,
-        choices=BLOCK_SIZES,
-        default=512,
-        help="logical block size in bytes (default 512)",
     )
     p.add_argument(
         "--id-ext",
@@ -199,15 +130,6 @@ def build_target_parser(p: argparse.ArgumentParser) -> None:
         metavar="HEX",
         help="I/O controller GUID (default: the device's node GUID, as ib_srpt)",
     )
-    p.add_argument(
-        "--create-size",
-        type=parse_size,
-        metavar="SIZE",
-        help="create IMAGE (sparse) with SIZE bytes if it does not exist (64M, 1G, ...); "
-        "an existing IMAGE must have that size",
-    )
-    p.add_argument("--read-only", action="store_true", help="serve the image write-protected")
-    p.add_argument("--pcap", metavar="FILE", help="write every frame sent and received")
 
 
 def run(
@@ -224,50 +146,8 @@ def run(
 # -- the target --------------------------------------------------------------------------
 
 
-class _Failed(Exception):
-    """A one-line error of the tool."""
-
-
-def _timestamp() -> str:
-    now = time.time()
-    return (
-        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
-    )
-
-
-def _message(e: BaseException) -> str:
-    """An exception as one line: an OSError's text without ``[Errno N]``."""
-    text = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-    filename = e.filename if isinstance(e, OSError) else None
-    text = f"{filename}: {text}" if filename else text
-    return " ".join(str(text).split())
-
-
 def _who(port_id: bytes, addr: object, port: int) -> str:
     return f"initiator 0x{port_id.hex()} from {addr}:{port}"
-
-
-def _open_image(args: argparse.Namespace) -> FileBackstore:
-    """The backstore: IMAGE as it is, or created sparse with ``--create-size``."""
-    path: str = args.image
-    size: int | None = args.create_size
-    bs: int = args.block_size
-    if size is not None and size % bs:
-        raise _Failed(f"--create-size {size}: not a multiple of the {bs}-byte block size")
-    if not os.path.exists(path):
-        if size is None:
-            raise _Failed(f"{path}: no such image (--create-size SIZE makes one)")
-        if args.read_only:
-            raise _Failed(f"{path}: no such image (a --read-only target does not create one)")
-        FileBackstore(path, bs, size=size, create=True).close()
-    if os.path.isdir(path):
-        raise _Failed(f"{path}: is a directory, not an image")
-    backstore = FileBackstore(path, bs, read_only=args.read_only)
-    length = os.stat(path).st_size
-    if size is not None and os.path.isfile(path) and length != size:
-        backstore.close()
-        raise _Failed(f"{path}: exists with {length} bytes, not the --create-size {size}")
-    return backstore
 
 
 @dataclass(eq=False)
@@ -298,8 +178,7 @@ class _SessionLog(logging.Handler):
     def __init__(self, target: SrpTarget, out: TextIO) -> None:
         super().__init__(logging.INFO)
         self.target = target
-        self.out = out
-        self._lock = threading.Lock()
+        self.lines = LogLines(out)
         self._known: dict[SrpChannel, _Session] = {}
         self._count = 0
         self._reject_reason: str | None = None
@@ -309,26 +188,24 @@ class _SessionLog(logging.Handler):
     # -- output
 
     def line(self, text: str) -> None:
-        with self._lock:
-            self.out.write(f"{_timestamp()} {text}\n")
-            self.out.flush()
+        self.lines.line(text)
 
     def emit(self, record: logging.LogRecord) -> None:
         """A record of ``softrdma.srpt``: a reason for a channel's end, the
         reason of a rejected login, or a warning to show."""
         try:
-            message = record.getMessage()
+            msg = record.getMessage()
         except Exception:  # a bad record must not stop the target
             return
         subject = record.args[0] if isinstance(record.args, tuple) and record.args else None
         if isinstance(subject, SrpChannel):
             session = self._known.get(subject)
             if session is not None and session.live:
-                session.note = message.split(": ", 1)[-1]
-        elif message.startswith("rejected SRP_LOGIN_REQ: "):
-            self._reject_reason = message.removeprefix("rejected SRP_LOGIN_REQ: ")
+                session.note = msg.split(": ", 1)[-1]
+        elif msg.startswith("rejected SRP_LOGIN_REQ: "):
+            self._reject_reason = msg.removeprefix("rejected SRP_LOGIN_REQ: ")
         if record.levelno >= logging.WARNING:
-            self.line(f"srpt: {message}")
+            self.line(f"srpt: {msg}")
 
     # -- events
 
@@ -403,12 +280,12 @@ def run_target(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     a one-line error."""
     prog = "softrdma srp target"
     try:
-        backstore = _open_image(args)
-    except _Failed as e:
+        backstore = open_image(args)
+    except Failed as e:
         err.write(f"{prog}: {e}\n")
         return 1
     except (ScsiUsageError, OSError) as e:
-        err.write(f"{prog}: {_message(e)}\n")
+        err.write(f"{prog}: {message(e)}\n")
         return 1
     try:
         return _serve_image(args, backstore, out, err, prog)
@@ -420,18 +297,13 @@ def _serve_image(
     args: argparse.Namespace, backstore: FileBackstore, out: TextIO, err: TextIO, prog: str
 ) -> int:
     ip: IPv4Address = args.ip
-    if args.ib_dev not in DEVICES:
-        err.write(f"{prog}: no device {args.ib_dev!r} (one of {', '.join(DEVICES)})\n")
-        return 1
     try:
-        opened = open_device(args, ip)
-    except (SoftRdmaError, OSError, ValueError) as e:
-        err.write(f"{prog}: {_message(e)}\n")
+        opened = open_target_device(args)
+    except Failed as e:
+        err.write(f"{prog}: {e}\n")
         return 1
     try:
         dev = opened.device
-        if args.pcap and isinstance(dev.link, UdpLink):
-            dev.link.capture(args.pcap)
         scsi = ScsiTarget(transport_version=VERSION_SRP)
         scsi.add_lun(0, backstore)
         with dev.lock:
@@ -440,7 +312,7 @@ def _serve_image(
                 ioc_guid=args.ioc_guid,
             )  # fmt: skip
     except (SoftRdmaError, OSError) as e:
-        err.write(f"{prog}: {_message(e)}\n")
+        err.write(f"{prog}: {message(e)}\n")
         opened.close()
         return 1
     try:
@@ -451,59 +323,41 @@ def _serve_image(
 
 def _serve(target: SrpTarget, opened: OpenDevice, backstore: FileBackstore, out: TextIO) -> int:
     dev = opened.device
-    mode = "read-only" if backstore.read_only else "read-write"
-    size = backstore.size
-    human = f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
     srpt = logging.getLogger("softrdma.srpt")
     old_level, old_propagate = srpt.level, srpt.propagate
     log = _SessionLog(target, out)
     srpt.addHandler(log)
     srpt.setLevel(logging.INFO)
     srpt.propagate = False
-    caught: list[int] = []
-    stop = threading.Event()
-
-    def note(signum: int, frame: FrameType | None) -> None:
-        caught.append(signum)
-        stop.set()
-
-    handlers = {s: signal.signal(s, note) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        log.line(
-            f"serving {backstore.path} as LUN 0: {backstore.num_blocks} blocks of "
-            f"{backstore.block_size} bytes ({human}, {mode})"
-        )
-        log.line(
-            f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM), target port ID "
-            f"0x{target.target_port_id.hex()}"
-        )
-        with log._lock:
-            out.write(f"add_target: {target.add_target_line(str(dev.ip))}\n")
-            out.flush()
-        while not stop.wait(SYNC_INTERVAL):
+        with stop_signals() as signals:
+            log.line(describe_image(backstore))
+            log.line(
+                f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM), target port ID "
+                f"0x{target.target_port_id.hex()}"
+            )
+            log.lines.raw(f"add_target: {target.add_target_line(str(dev.ip))}")
+            while not signals.stop.wait(SYNC_INTERVAL):
+                with dev.lock:
+                    log.sync()
             with dev.lock:
                 log.sync()
-        name = signal.Signals(caught[0]).name
-        with dev.lock:
-            log.sync()
-            n = len(target.channels)
-            log.line(f"stopping ({name}): logging out {n} initiator{'s' * (n != 1)}")
-            log.sync("target stopping")
-            for ch in list(target.channels):
-                ch.close()
-            log.sync()
-        dev.wait(lambda: not target.channels, LOGOUT_GRACE)
-        with dev.lock:
-            log.sync()
-            target.close()
-            log.sync("target stopping (no DREP from the initiator)")
-        opened.close()  # the CM's last messages leave before the device goes
-        backstore.flush()
-        log.line("stopped")
-        return 0
+                n = len(target.channels)
+                log.line(f"stopping ({signals.name}): logging out {n} initiator{'s' * (n != 1)}")
+                log.sync("target stopping")
+                for ch in list(target.channels):
+                    ch.close()
+                log.sync()
+            dev.wait(lambda: not target.channels, LOGOUT_GRACE)
+            with dev.lock:
+                log.sync()
+                target.close()
+                log.sync("target stopping (no DREP from the initiator)")
+            opened.close()  # the CM's last messages leave before the device goes
+            backstore.flush()
+            log.line("stopped")
+            return 0
     finally:
-        for signum, h in handlers.items():
-            signal.signal(signum, h)
         log.detach()
         srpt.removeHandler(log)
         srpt.setLevel(old_level)
