@@ -69,7 +69,6 @@ from softrdma.ulp.iscsi.proto import IscsiLoginRequest
 from softrdma.ulp.iscsi.session import (
     ConnectionClosed,
     ConnectionDropped,
-    IscsiStep,
     IscsiUsageError,
     LoginCompleted,
     LoginFailed,
@@ -191,8 +190,8 @@ class _Session:
 
 def _login_who(conn: IserConn, address: str) -> str:
     """The initiator of a connection that did not log in: what its first
-    Login Request said (``conn.conn._first``, when there is one)."""
-    first = getattr(conn.conn, "_first", None)
+    Login Request said, when there is one."""
+    first = conn.conn.first_login
     name, isid = "?", None
     if isinstance(first, IscsiLoginRequest):
         isid = first.isid
@@ -205,9 +204,9 @@ def _login_who(conn: IserConn, address: str) -> str:
 class _SessionLog:
     """Logs logins, logouts and rejected logins, one line each.
 
-    It wraps the target's RDMA CM handler (on the progress thread holding
-    the device's lock) and, for each new connection, the step handler of
-    its iSCSI machine: a :class:`LoginCompleted` is a login, a
+    It wraps the target's RDMA CM handler and is the target's observer of
+    its connections' iSCSI events (both on the progress thread holding the
+    device's lock): a :class:`LoginCompleted` is a login, a
     :class:`LoginFailed` a rejected login, a :class:`LogoutRequested` or
     the end of the connection a logout. Warnings of ``softrdma.isert`` are
     printed too (:meth:`emit`)."""
@@ -219,6 +218,7 @@ class _SessionLog:
         self._count = 0
         self._handler = target.channel.handler
         target.channel.handler = self._event
+        target.observer = self._observe
 
     def line(self, text: str) -> None:
         self.lines.line(text)
@@ -243,28 +243,25 @@ class _SessionLog:
         self._count += 1
         address = f"{c.cm_id.dst_addr}:{c.cm_id.dst_port}"
         session = self._known[c] = _Session(self._count, address)
-        handle = c._handle_step
-
-        def observed(step: IscsiStep) -> None:
-            for ev in step.events:
-                if isinstance(ev, LoginCompleted):
-                    session.who = (
-                        f"initiator {ev.initiator_name} ISID 0x{ev.isid:012x} from {address}"
-                    )
-                    session.live = True
-                    kind = "" if ev.session_type == "Normal" else f", {ev.session_type} session"
-                    self.line(f"login: {session.who} (connection {session.number}{kind})")
-                elif isinstance(ev, LoginFailed):
-                    session.rejected = True
-                    self.line(f"login rejected: {_login_who(c, address)}: {ev.reason}")
-                elif isinstance(ev, LogoutRequested):
-                    session.reason = session.reason or "logged out by the initiator"
-                elif isinstance(ev, ConnectionClosed | ConnectionDropped):
-                    session.reason = session.reason or ev.why
-            handle(step)
-
-        c._handle_step = observed  # type: ignore[method-assign]
         return session
+
+    def _observe(self, c: IserConn, ev: object) -> None:
+        """The target's observer: one connection's iSCSI events."""
+        session = self._known.get(c) or self._watch(c)
+        if isinstance(ev, LoginCompleted):
+            session.who = (
+                f"initiator {ev.initiator_name} ISID 0x{ev.isid:012x} from {session.address}"
+            )
+            session.live = True
+            kind = "" if ev.session_type == "Normal" else f", {ev.session_type} session"
+            self.line(f"login: {session.who} (connection {session.number}{kind})")
+        elif isinstance(ev, LoginFailed):
+            session.rejected = True
+            self.line(f"login rejected: {_login_who(c, session.address)}: {ev.reason}")
+        elif isinstance(ev, LogoutRequested):
+            session.reason = session.reason or "logged out by the initiator"
+        elif isinstance(ev, ConnectionClosed | ConnectionDropped):
+            session.reason = session.reason or ev.why
 
     def sync(self, reason: str | None = None) -> None:
         """Watch the new connections, log those that are gone (call holding
@@ -284,6 +281,7 @@ class _SessionLog:
 
     def detach(self) -> None:
         self.target.channel.handler = self._handler
+        self.target.observer = None
 
 
 class _WarningLog(logging.Handler):

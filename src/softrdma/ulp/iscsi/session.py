@@ -770,6 +770,12 @@ class IscsiTargetConnection:
         self._end(why)
         return IscsiStep(events=[ConnectionDropped(why)])
 
+    @property
+    def first_login(self) -> IscsiLoginRequest | None:
+        """The connection's first Login Request (who the initiator said it
+        was, even when its login failed); None before one arrived."""
+        return self._first
+
     def transport_closed(self, why: str = "transport closed") -> None:
         """The transport under this connection went away (a DREQ, an RDMA
         error): the connection ends and, with its last connection, the

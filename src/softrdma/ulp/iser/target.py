@@ -304,7 +304,10 @@ class IserConn:
     def _handle_step(self, step: IscsiStep) -> None:
         """Send the machine's PDUs in order, then act on its events."""
         ending: str | None = None
+        observer = self.target.observer
         for ev in step.events:
+            if observer is not None:
+                observer(self, ev)
             if isinstance(ev, ConnectionClosed | ConnectionDropped):
                 ending = ev.why
             if isinstance(ev, ConnectionDropped):
@@ -652,7 +655,11 @@ class IserTarget:
 
     ``rq_size`` receive descriptors per connection (the CmdSN window is
     kept within it), ``max_recv_data_segment`` the data segment a receive
-    descriptor holds (TargetRecvDataSegmentLength, 8 KiB as LIO)."""
+    descriptor holds (TargetRecvDataSegmentLength, 8 KiB as LIO).
+    ``observer(conn, event)`` sees every event of every connection's iSCSI
+    machine (``LoginCompleted``, ``LoginFailed``, ``LogoutRequested``,
+    ``ConnectionClosed``, ...) before the target acts on it, on the
+    progress path holding the device's lock: a tool's log."""
 
     def __init__(
         self,
@@ -666,6 +673,7 @@ class IserTarget:
         rq_size: int = ISERT_QP_MAX_RECV_DTOS,
         max_recv_data_segment: int = ISER_DEF_DATA_SEG,
         seed: int | None = None,
+        observer: Callable[[IserConn, object], None] | None = None,
     ) -> None:
         devices = ib_devices(host)
         if not devices:
@@ -683,6 +691,7 @@ class IserTarget:
                 seed=seed,
             )
         self.portal = portal
+        self.observer = observer
         self.stats: Counter[str] = Counter()
         """``connects``, ``logins``, ``logouts``, ``commands``,
         ``rdma_reads`` / ``rdma_writes`` (work requests), ``send_with_inv``,
