@@ -30,7 +30,7 @@ write STag.
 
 Everything runs on the devices' schedulers: the RDMA CM hands events to
 :meth:`IserTarget._cm_event`, the CQ's completion handler defers to
-:meth:`IserConn._process`.
+:class:`~softrdma.ulp.cq_work.CqWork` pass.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from softrdma.cm.cma import (
 )
 from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE
 from softrdma.memory.host import Host
+from softrdma.ulp.cq_work import CqWork
 from softrdma.ulp.databuf import DataBuf
 from softrdma.ulp.iscsi.proto import ISCSI_HDR_LEN, IscsiPdu, IscsiTmfResponseCode
 from softrdma.ulp.iscsi.session import (
@@ -201,12 +202,10 @@ class IserConn:
         self.conn: IscsiTargetConnection = target.portal.connection()
         self.nexus: Nexus | None = None
         self.cmds: dict[int, _Cmd] = {}
-        self._wr_done: dict[int, Callable[[WorkCompletion], None]] = {}
-        self._next_wr = 1
-        self._scheduled = False
         self._pending: list[_Pending] = []
         rq = target.rq_size
-        self.cq: CompletionQueue = self.dev.create_cq(rq + _SQ_SIZE, comp_handler=self._cq_event)
+        self.work = CqWork(self.dev, rq + _SQ_SIZE, on_unclaimed=self._unclaimed)
+        self.cq: CompletionQueue = self.work.cq
         cap = QpCap(max_send_wr=_SQ_SIZE, max_recv_wr=rq, max_send_sge=_MAX_SGE, max_recv_sge=1)
         self.qp: QueuePair = cm_id.create_qp(
             pd, QpInitAttr(IbQpType.RC, self.cq, self.cq, cap, sq_sig_type=IbSigType.REQ_WR)
@@ -219,7 +218,7 @@ class IserConn:
         except IuMapError:
             free_iu_ring(self.recv_ring)
             cm_id.destroy_qp()
-            self.cq.destroy()
+            self.work.destroy()
             raise
         self._free_send = list(self.send_ring)
         for iu in self.recv_ring:
@@ -232,43 +231,17 @@ class IserConn:
     # -- work requests and completions --------------------------------------------
 
     def _wr_id(self, done: Callable[[WorkCompletion], None]) -> int:
-        wr_id = self._next_wr
-        self._next_wr += 1
-        self._wr_done[wr_id] = done
-        return wr_id
+        return self.work.wr_id(done)
 
     def _post_recv(self, iu: IuBuf) -> None:
         wr_id = self._wr_id(lambda wc: self._recv_done(iu, wc))
         self.qp.post_recv(RecvWR(wr_id, (iu.sge(self.pd.local_dma_lkey),)))
 
-    def _cq_event(self, cq: CompletionQueue) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self.dev.scheduler.call_soon(self._process)
-
-    def _process(self) -> None:
-        """The completion work (``isert_recv_done``, ``isert_send_done``,
-        ``isert_rdma_read_done``); an error completion closes the
-        connection (``isert_print_wc`` + ``iscsit_cause_connection_reinstatement``)."""
-        self._scheduled = False
-        while self.state is not ConnState.RELEASED:
-            wcs = self.cq.poll(32)
-            if not wcs:
-                self.cq.req_notify()
-                wcs = self.cq.poll(32)
-                if not wcs:
-                    return
-            for wc in wcs:
-                done = self._wr_done.pop(wc.wr_id, None)
-                if done is not None:
-                    done(wc)
-                elif wc.status not in (IbWcStatus.SUCCESS, IbWcStatus.WR_FLUSH_ERR):
-                    self._rdma_error(f"{wc.opcode.name}: {wc.status.name}")
-                if self._released():
-                    return
-
-    def _released(self) -> bool:
-        return self.state is ConnState.RELEASED
+    def _unclaimed(self, wc: WorkCompletion) -> None:
+        """An unsignaled WR's error completion closes the connection
+        (``isert_print_wc`` + ``iscsit_cause_connection_reinstatement``)."""
+        if wc.status not in (IbWcStatus.SUCCESS, IbWcStatus.WR_FLUSH_ERR):
+            self._rdma_error(f"{wc.opcode.name}: {wc.status.name}")
 
     def _rdma_error(self, why: str) -> None:
         if self.state in (ConnState.CONNECTING, ConnState.UP):
@@ -638,9 +611,8 @@ class IserConn:
         self.cm_id.destroy_qp()
         for cmd in list(self.cmds.values()):
             self._finish(cmd)
-        self._wr_done.clear()
         self._pending.clear()
-        self.cq.destroy()
+        self.work.destroy()
         free_iu_ring(self.recv_ring)
         free_iu_ring(self.send_ring)
         self.cm_id.destroy()

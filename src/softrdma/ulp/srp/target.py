@@ -16,7 +16,7 @@ data descriptors; external descriptor tables are not fetched),
 
 Everything runs on the devices' schedulers holding their lock: the RDMA CM
 hands events to :meth:`SrpTarget._cm_event` (an in-kernel consumer's event
-handler), a CQ's completion handler defers to :meth:`SrpChannel._process`
+handler), a CQ's completion handler defers to a pass of the channel's :class:`~softrdma.ulp.cq_work.CqWork`
 (the kernel's completion work). So the same target serves an in-process
 fabric driven by its initiators' polling, and a real network from the
 progress thread while its process sleeps.
@@ -47,6 +47,7 @@ from softrdma.cm.cma import (
 )
 from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE
 from softrdma.memory.host import Host
+from softrdma.ulp.cq_work import CqWork
 from softrdma.ulp.databuf import DataBuf
 from softrdma.ulp.iu import IuBuf, IuMapError, alloc_iu_ring, free_iu_ring
 from softrdma.ulp.scsi import (
@@ -183,13 +184,9 @@ class SrpChannel:
         self.req_size = login.req_it_iu_len
         self.stats: Counter[str] = target.stats
         self.cmds: dict[int, _Cmd] = {}
-        self._wr_done: dict[int, Callable[[WorkCompletion], None]] = {}
-        self._next_wr = 1
-        self._scheduled = False
         rq = target.rq_size
-        self.cq: CompletionQueue = self.dev.create_cq(
-            rq + SRPT_SQ_SIZE, comp_handler=self._cq_event
-        )
+        self.work = CqWork(self.dev, rq + SRPT_SQ_SIZE)
+        self.cq: CompletionQueue = self.work.cq
         cap = QpCap(max_send_wr=SRPT_SQ_SIZE, max_recv_wr=rq, max_send_sge=_MAX_SGE, max_recv_sge=1)
         self.qp: QueuePair = cm_id.create_qp(
             pd, QpInitAttr(IbQpType.RC, self.cq, self.cq, cap, sq_sig_type=IbSigType.REQ_WR)
@@ -203,7 +200,7 @@ class SrpChannel:
             # srpt_create_ch_ib's error path: nothing of the channel stays.
             free_iu_ring(self.recv_ring)
             cm_id.destroy_qp()
-            self.cq.destroy()
+            self.work.destroy()
             raise
         self._free_send = list(self.send_ring)
         # Send IUs promised to the IUs received and not answered yet, and the
@@ -222,35 +219,11 @@ class SrpChannel:
     # -- work requests and completions ----------------------------------------------
 
     def _wr_id(self, done: Callable[[WorkCompletion], None]) -> int:
-        wr_id = self._next_wr
-        self._next_wr += 1
-        self._wr_done[wr_id] = done
-        return wr_id
+        return self.work.wr_id(done)
 
     def _post_recv(self, iu: IuBuf) -> None:
         wr_id = self._wr_id(lambda wc: self._recv_done(iu, wc))
         self.qp.post_recv(RecvWR(wr_id, (iu.sge(self.pd.local_dma_lkey),)))
-
-    def _cq_event(self, cq: CompletionQueue) -> None:
-        if not self._scheduled:
-            self._scheduled = True
-            self.dev.scheduler.call_soon(self._process)
-
-    def _process(self) -> None:
-        """The channel's completion work (``srpt_recv_done``,
-        ``srpt_send_done``, ``srpt_rdma_read_done``)."""
-        self._scheduled = False
-        while self.state is not ChState.RELEASED:
-            wcs = self.cq.poll(32)
-            if not wcs:
-                self.cq.req_notify()
-                wcs = self.cq.poll(32)
-                if not wcs:
-                    return
-            for wc in wcs:
-                done = self._wr_done.pop(wc.wr_id, None)
-                if done is not None:
-                    done(wc)
 
     # -- receiving IUs ----------------------------------------------------------------
 
@@ -631,8 +604,7 @@ class SrpChannel:
         self.cm_id.destroy_qp()
         for state in list(self.cmds.values()):
             self._finish(state)
-        self._wr_done.clear()
-        self.cq.destroy()
+        self.work.destroy()
         free_iu_ring(self.recv_ring)
         free_iu_ring(self.send_ring)
         self.cm_id.destroy()
