@@ -51,17 +51,17 @@ from typing import TextIO
 
 from softrdma.cli.netdev import OpenDevice
 from softrdma.cli.target_common import (
+    LOGOUT_GRACE,
     Failed,
     LogLines,
     OneLineParser,
     add_image_target_options,
-    describe_image,
     message,
     one_line_errors,
-    open_image,
     open_target_device,
     parse_port,
-    stop_signals,
+    run_image_target,
+    serve_until_stopped,
 )
 from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType
 from softrdma.errors import SoftRdmaError
@@ -76,7 +76,7 @@ from softrdma.ulp.iscsi.session import (
 )
 from softrdma.ulp.iscsi.text import decode_text
 from softrdma.ulp.iser.target import ISERT_DEFAULT_PORT, ConnState, IserConn, IserTarget
-from softrdma.ulp.scsi import VERSION_ISCSI, FileBackstore, ScsiTarget, ScsiUsageError
+from softrdma.ulp.scsi import VERSION_ISCSI, FileBackstore, ScsiTarget
 
 __all__ = [
     "LOGOUT_GRACE",
@@ -88,12 +88,6 @@ __all__ = [
     "run_target",
 ]
 
-LOGOUT_GRACE = 5.0
-"""Seconds a stopping target waits for its initiators' DREPs before it
-releases what is left."""
-SYNC_INTERVAL = 0.5
-"""How often the serving loop looks for connections that ended outside an
-RDMA CM event."""
 
 _IQN = re.compile(r"(iqn\.\d{4}-\d\d\.[^\s:]+(:\S+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16,32})")
 
@@ -303,18 +297,7 @@ def run_target(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``softrdma iser target``: serve until SIGINT or SIGTERM; 0, or 1 after
     a one-line error."""
     prog = "softrdma iser target"
-    try:
-        backstore = open_image(args)
-    except Failed as e:
-        err.write(f"{prog}: {e}\n")
-        return 1
-    except (ScsiUsageError, OSError) as e:
-        err.write(f"{prog}: {message(e)}\n")
-        return 1
-    try:
-        return _serve_image(args, backstore, out, err, prog)
-    finally:
-        backstore.close()
+    return run_image_target(args, err, prog, lambda b: _serve_image(args, b, out, err, prog))
 
 
 def _serve_image(
@@ -353,33 +336,23 @@ def _serve(
     warnings = _WarningLog(log.lines)
     isert.addHandler(warnings)
     isert.propagate = False
+
+    def disconnect_all() -> None:
+        for c in list(target.conns):
+            c.close()
+
     try:
-        with stop_signals() as signals:
-            log.line(describe_image(backstore))
-            log.line(f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM, iSER)")
-            log.lines.raw(f"iqn: {iqn}")
-            for line in iscsiadm_lines(iqn, str(dev.ip), target.port):
-                log.lines.raw(line)
-            while not signals.stop.wait(SYNC_INTERVAL):
-                with dev.lock:
-                    log.sync()
-            with dev.lock:
-                log.sync()
-                n = sum(1 for s in log._known.values() if s.live)
-                log.line(f"stopping ({signals.name}): logging out {n} initiator{'s' * (n != 1)}")
-                log.sync("target stopping")
-                for c in list(target.conns):
-                    c.close()
-                log.sync()
-            dev.wait(lambda: not target.conns, LOGOUT_GRACE)
-            with dev.lock:
-                log.sync()
-                target.close()
-                log.sync("target stopping (no DREP from the initiator)")
-            opened.close()  # the CM's last messages leave before the device goes
-            backstore.flush()
-            log.line("stopped")
-            return 0
+        return serve_until_stopped(
+            opened,
+            backstore,
+            log,
+            listening=f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM, iSER)",
+            banner=[f"iqn: {iqn}", *iscsiadm_lines(iqn, str(dev.ip), target.port)],
+            live=lambda: sum(1 for s in log._known.values() if s.live),
+            disconnect_all=disconnect_all,
+            gone=lambda: not target.conns,
+            close_target=target.close,
+        )
     finally:
         log.detach()
         isert.removeHandler(warnings)

@@ -52,23 +52,23 @@ from typing import TextIO
 
 from softrdma.cli.netdev import OpenDevice
 from softrdma.cli.target_common import (
+    LOGOUT_GRACE,
     Failed,
     LogLines,
     OneLineParser,
     add_image_target_options,
-    describe_image,
     message,
     one_line_errors,
-    open_image,
     open_target_device,
     parse_guid,
     parse_port,
     parse_size,
-    stop_signals,
+    run_image_target,
+    serve_until_stopped,
 )
 from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType
 from softrdma.errors import SoftRdmaError
-from softrdma.ulp.scsi import VERSION_SRP, FileBackstore, ScsiTarget, ScsiUsageError
+from softrdma.ulp.scsi import VERSION_SRP, FileBackstore, ScsiTarget
 from softrdma.ulp.srp.proto import SrpError, SrpLoginReq
 from softrdma.ulp.srp.target import SRPT_DEFAULT_PORT, ChState, SrpChannel, SrpTarget
 
@@ -83,12 +83,6 @@ __all__ = [
     "run_target",
 ]
 
-LOGOUT_GRACE = 5.0
-"""Seconds a stopping target waits for its initiators' DREPs before it
-releases what is left."""
-SYNC_INTERVAL = 0.5
-"""How often the serving loop looks for channels that ended outside an RDMA
-CM event (every ending it can see is logged at the event)."""
 
 # -- the command line ------------------------------------------------------------------
 
@@ -279,18 +273,7 @@ def run_target(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``softrdma srp target``: serve until SIGINT or SIGTERM; 0, or 1 after
     a one-line error."""
     prog = "softrdma srp target"
-    try:
-        backstore = open_image(args)
-    except Failed as e:
-        err.write(f"{prog}: {e}\n")
-        return 1
-    except (ScsiUsageError, OSError) as e:
-        err.write(f"{prog}: {message(e)}\n")
-        return 1
-    try:
-        return _serve_image(args, backstore, out, err, prog)
-    finally:
-        backstore.close()
+    return run_image_target(args, err, prog, lambda b: _serve_image(args, b, out, err, prog))
 
 
 def _serve_image(
@@ -329,34 +312,24 @@ def _serve(target: SrpTarget, opened: OpenDevice, backstore: FileBackstore, out:
     srpt.addHandler(log)
     srpt.setLevel(logging.INFO)
     srpt.propagate = False
+
+    def disconnect_all() -> None:
+        for ch in list(target.channels):
+            ch.close()
+
     try:
-        with stop_signals() as signals:
-            log.line(describe_image(backstore))
-            log.line(
-                f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM), target port ID "
-                f"0x{target.target_port_id.hex()}"
-            )
-            log.lines.raw(f"add_target: {target.add_target_line(str(dev.ip))}")
-            while not signals.stop.wait(SYNC_INTERVAL):
-                with dev.lock:
-                    log.sync()
-            with dev.lock:
-                log.sync()
-                n = len(target.channels)
-                log.line(f"stopping ({signals.name}): logging out {n} initiator{'s' * (n != 1)}")
-                log.sync("target stopping")
-                for ch in list(target.channels):
-                    ch.close()
-                log.sync()
-            dev.wait(lambda: not target.channels, LOGOUT_GRACE)
-            with dev.lock:
-                log.sync()
-                target.close()
-                log.sync("target stopping (no DREP from the initiator)")
-            opened.close()  # the CM's last messages leave before the device goes
-            backstore.flush()
-            log.line("stopped")
-            return 0
+        return serve_until_stopped(
+            opened,
+            backstore,
+            log,
+            listening=f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM), target port "
+            f"ID 0x{target.target_port_id.hex()}",
+            banner=[f"add_target: {target.add_target_line(str(dev.ip))}"],
+            live=lambda: len(target.channels),
+            disconnect_all=disconnect_all,
+            gone=lambda: not target.channels,
+            close_target=target.close,
+        )
     finally:
         log.detach()
         srpt.removeHandler(log)

@@ -13,17 +13,19 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address
 from types import FrameType
-from typing import NoReturn, TextIO
+from typing import NoReturn, Protocol, TextIO
 
 from softrdma.cli.netdev import DEVICES, OpenDevice, add_device_options, open_device
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.udp import UdpLink
-from softrdma.ulp.scsi import BLOCK_SIZES, FileBackstore
+from softrdma.ulp.scsi import BLOCK_SIZES, FileBackstore, ScsiUsageError
 
 __all__ = [
+    "LOGOUT_GRACE",
+    "SYNC_INTERVAL",
     "Failed",
     "LogLines",
     "OneLineParser",
@@ -38,9 +40,18 @@ __all__ = [
     "parse_ip",
     "parse_port",
     "parse_size",
+    "run_image_target",
+    "serve_until_stopped",
     "stop_signals",
     "timestamp",
 ]
+
+LOGOUT_GRACE = 5.0
+"""Seconds a stopping target waits for its initiators' DREPs before it
+releases what is left."""
+SYNC_INTERVAL = 0.5
+"""How often the serving loop looks for sessions that ended outside an RDMA
+CM event (every ending it can see is logged at the event)."""
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
@@ -260,3 +271,88 @@ def stop_signals() -> Iterator[StopSignals]:
     finally:
         for signum, h in handlers.items():
             signal.signal(signum, h)
+
+
+def run_image_target(
+    args: argparse.Namespace,
+    err: TextIO,
+    prog: str,
+    serve_image: Callable[[FileBackstore], int],
+) -> int:
+    """Open the image of ``args`` and ``serve_image`` it; 0, or 1 after a
+    one-line error. The image is closed afterwards."""
+    try:
+        backstore = open_image(args)
+    except Failed as e:
+        err.write(f"{prog}: {e}\n")
+        return 1
+    except (ScsiUsageError, OSError) as e:
+        err.write(f"{prog}: {message(e)}\n")
+        return 1
+    try:
+        return serve_image(backstore)
+    finally:
+        backstore.close()
+
+
+class SessionLog(Protocol):
+    """What :func:`serve_until_stopped` asks of a target tool's log."""
+
+    @property
+    def lines(self) -> LogLines:
+        """Where the banner goes."""
+        ...
+
+    def line(self, text: str) -> None:
+        """One timestamped line."""
+        ...
+
+    def sync(self, reason: str | None = None) -> None:
+        """Log the sessions that began or ended (``reason``: why the ones
+        ending now end), holding the device's lock."""
+        ...
+
+
+def serve_until_stopped(
+    opened: OpenDevice,
+    backstore: FileBackstore,
+    log: SessionLog,
+    *,
+    listening: str,
+    banner: Sequence[str],
+    live: Callable[[], int],
+    disconnect_all: Callable[[], None],
+    gone: Callable[[], bool],
+    close_target: Callable[[], None],
+) -> int:
+    """A target tool's life after start-up: the image and ``listening``
+    lines, the ``banner`` (untimestamped), sessions logged until SIGINT or
+    SIGTERM; then ``disconnect_all`` (a DREQ each; ``live()`` initiators are
+    named in the stopping line), up to :data:`LOGOUT_GRACE` seconds until
+    ``gone()``, ``close_target``, the device closed and the image flushed.
+    Returns 0."""
+    dev = opened.device
+    with stop_signals() as signals:
+        log.line(describe_image(backstore))
+        log.line(listening)
+        for text in banner:
+            log.lines.raw(text)
+        while not signals.stop.wait(SYNC_INTERVAL):
+            with dev.lock:
+                log.sync()
+        with dev.lock:
+            log.sync()
+            n = live()
+            log.line(f"stopping ({signals.name}): logging out {n} initiator{'s' * (n != 1)}")
+            log.sync("target stopping")
+            disconnect_all()
+            log.sync()
+        dev.wait(gone, LOGOUT_GRACE)
+        with dev.lock:
+            log.sync()
+            close_target()
+            log.sync("target stopping (no DREP from the initiator)")
+        opened.close()  # the CM's last messages leave before the device goes
+        backstore.flush()
+        log.line("stopped")
+        return 0
