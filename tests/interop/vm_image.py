@@ -52,6 +52,8 @@ PACKAGES: tuple[str, ...] = (
     "tcpdump",
     "targetcli-fb",  # LIO's shell (with python3-rtslib-fb); ib_srpt is in the kernel package
     "dbus",  # targetcli asks the system bus for tcmu-runner's backstores at start
+    "open-iscsi",  # iscsiadm / iscsid, with the ib_iser module from the kernel package
+    "e2fsprogs",  # mkfs.ext4 / fsck.ext4 on the iSER disk
 )
 
 #: Baked into the image as its init: mounts the tools disk (vdb) and runs the

@@ -5,6 +5,20 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+
+def _tools() -> dict[str, tuple[ModuleType, str]]:
+    """The tool subcommands: each module has ``build_parser(p)`` and ``run(args, parser)``."""
+    from softrdma.cli import devinfo, iser, rc_pingpong, rping, srp
+
+    return {
+        "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
+        "rping": (rping, "RDMA CM connection and RDMA ping-pong, like rping"),
+        "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
+        "srp": (srp, "SRP (SCSI RDMA Protocol): a target like ib_srpt, an initiator like ib_srp"),
+        "iser": (iser, "iSER (iSCSI Extensions for RDMA): a target like LIO's ib_isert"),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,18 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--drop", type=float, default=0.1, help="fabric drop and reorder rate (default 0.1)"
     )
     srp_demo = demo_sub.add_parser("srp", help="SRP on every device pairing, data verified")
-    from softrdma.cli import devinfo, iser, rc_pingpong, rping, srp
     from softrdma.cli.srp_demo import build_demo_parser
 
     build_demo_parser(srp_demo)
-    tools = {
-        "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
-        "rping": (rping, "RDMA CM connection and RDMA ping-pong, like rping"),
-        "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
-        "srp": (srp, "SRP (SCSI RDMA Protocol): a target like ib_srpt, an initiator like ib_srp"),
-        "iser": (iser, "iSER (iSCSI Extensions for RDMA): a target like LIO's ib_isert"),
-    }
-    for name, (module, text) in tools.items():
+    for name, (module, text) in _tools().items():
         module.build_parser(sub.add_parser(name, help=text, description=text))
     return parser
 
@@ -45,27 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``softrdma`` command. ``softrdma demo`` runs every demo."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from softrdma.cli import (
-        demo_dma,
-        demo_rdma,
-        devinfo,
-        iser,
-        rc_pingpong,
-        rping,
-        srp,
-        srp_demo,
-    )
+    tools = _tools()
+    if args.command in tools:
+        status: int = tools[args.command][0].run(args, parser)
+        return status
+    from softrdma.cli import demo_dma, demo_rdma, srp_demo
 
-    if args.command == "rc-pingpong":
-        return rc_pingpong.run(args, parser)
-    if args.command == "rping":
-        return rping.run(args, parser)
-    if args.command == "devinfo":
-        return devinfo.run(args, parser)
-    if args.command == "srp":
-        return srp.run(args, parser)
-    if args.command == "iser":
-        return iser.run(args, parser)
     if args.command != "demo":
         return 2
     status = 0
