@@ -270,6 +270,7 @@ def test_faults_at_rate_zero_change_nothing() -> None:
         "reordered": 0,
         "corrupted": 0,
         "unroutable": 0,
+        "bursts": 0,
     }
 
 

@@ -213,9 +213,13 @@ def pair(
     seed: int = 0,
     pd_flags: int = 0,
     debug: bool = True,
+    link_rate: float | None = None,
+    offload: bool = True,
     **kw: Unpack[ConnectOptions],
 ) -> tuple[Fabric, Node, Node]:
-    fabric = Fabric(seed=seed)
+    fabric = Fabric(seed=seed, offload=offload)
+    if link_rate is not None:
+        fabric.link_rate = link_rate
     a = make_node(make_device(kind_a, fabric, "10.0.0.1", debug=debug), pd_flags=pd_flags)
     b = make_node(make_device(kind_b, fabric, "10.0.0.2", debug=debug), pd_flags=pd_flags)
     connect(a, b, **kw)

@@ -58,6 +58,12 @@ class FakeSgl:
     def scatter(self, offset: int, data: BytesLike) -> None:
         self.mem.scatter(self.sges, offset, data)
 
+    def gather_bulk(self, offset: int, length: int) -> BytesLike | None:
+        try:
+            return self.mem.gather(self.sges, offset, length)
+        except LocalAccessError:
+            return None
+
 
 @dataclass
 class FakeRemoteMr:
@@ -87,6 +93,13 @@ class FakeRemoteMr:
         self.mem.remote_writes += 1
         start = va - mr.iova
         mr.buf[start : start + len(mv)] = mv
+
+    def write_bulk(self, va: int, data: BytesLike) -> bool:
+        try:
+            self.write(va, data)
+        except RemoteAccessError:
+            return False
+        return True
 
     def atomic(self, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
         if va & 7:
@@ -219,6 +232,9 @@ class FakeMemory:
             self.rkey_checks += 1
             self._check(rkey, va, length, access)
         return FakeRemoteMr(self, rkey, va, length, int(access))
+
+    def write_once(self, rkey: int, va: int, data: BytesLike) -> None:
+        self.check_rkey(rkey, va, len(data), IbAccess.REMOTE_WRITE).write(va, data)
 
     def remote_invalidate(self, rkey: int) -> None:
         mr = self._lookup(rkey)

@@ -22,7 +22,7 @@ from softrdma.dma.errors import DmaAccessError, DmaApiError
 from softrdma.dma.ops import DmaOps, alloc_coherent_pages, free_coherent_pages
 from softrdma.dma.types import DMA_MAPPING_ERROR, DmaBackend, DmaDirection
 from softrdma.memory.errors import KvaError, OutOfMemoryError
-from softrdma.memory.layout import PAGE_SIZE, BytesLike, VirtAddr
+from softrdma.memory.layout import PAGE_OFFSET, PAGE_SHIFT, PAGE_SIZE, BytesLike, VirtAddr
 from softrdma.memory.page import Gfp
 
 if TYPE_CHECKING:
@@ -82,8 +82,12 @@ class VirtOps(DmaOps):
         free_coherent_pages(dev.host, dev.host.virt_to_page(kva), size)
 
     def probe(self, dev: Device, dma: int, length: int, write: bool) -> None:
+        host = dev.host
+        phys = dma - PAGE_OFFSET
+        if phys >= 0 and phys + length <= host.lowmem_pfn << PAGE_SHIFT:
+            return  # the direct map: every lowmem page is there
         try:
-            dev.host.kva_segments(dma, length)
+            host.kva_segments(dma, length)
         except KvaError as e:
             raise DmaAccessError("dma", dma, f"{dev.name}: {e.why}") from e
 
@@ -94,5 +98,11 @@ class VirtOps(DmaOps):
             raise DmaAccessError("dma", dma, f"{dev.name}: {e.why}") from e
 
     def write(self, dev: Device, dma: int, data: BytesLike) -> None:
-        self.probe(dev, dma, len(data), True)  # fault before writing anything
-        dev.host.cpu_write(dma, data)
+        host = dev.host
+        # Fault before writing anything; the direct map (lowmem) cannot
+        # fault, so a write inside it needs no page walk first.
+        n = len(data)
+        phys = dma - PAGE_OFFSET
+        if not (phys >= 0 and phys + n <= host.lowmem_pfn << PAGE_SHIFT):
+            self.probe(dev, dma, n, True)
+        host.cpu_write(dma, data)

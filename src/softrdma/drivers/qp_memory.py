@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from softrdma.dma.errors import DmaAccessError
 from softrdma.dma.types import DmaBackend
-from softrdma.memory.layout import BytesLike
+from softrdma.memory.layout import PAGE_OFFSET, PAGE_SHIFT, BytesLike
 from softrdma.transport.headers import NakCode
 from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.verbs.device import IBK_LOCAL_DMA_LKEY
@@ -107,6 +107,22 @@ class QpMemory:
         # and fault record): its probe is the copy's own. Not with the
         # DMA-API debug checker, which sees an access before it faults.
         self._copy_probes_one = not self._probe_once and self.dma.debug is None
+        # Several packets' bytes may move as one copy per DMA segment
+        # (segmentation offload) where that cannot be told from a copy per
+        # packet: probes without effects, no debug checker seeing accesses.
+        self._bulk = self._probe_once and self.dma.debug is None
+        # A CPU-copy device moves bytes with the CPU (rxe_mr_copy's memcpy
+        # through the direct map): where no DMA-API checker watches, an
+        # access inside the direct map (lowmem, which cannot fault) goes to
+        # the host's CPU accessors at once — what its virtual DMA backend
+        # does there, minus the calls.
+        host = self.dma.host
+        if self.dma.backend is DmaBackend.VIRTUAL and self.dma.debug is None:
+            self._direct_lo = PAGE_OFFSET
+            self._direct_hi = PAGE_OFFSET + (host.lowmem_pfn << PAGE_SHIFT)
+        else:
+            self._direct_lo = self._direct_hi = 0
+        self._host = host
 
     # -- address translation --------------------------------------------------
 
@@ -130,9 +146,11 @@ class QpMemory:
         return mr
 
     def _probe(self, segments: Segments, write: bool, local: bool) -> None:
+        lo, hi = self._direct_lo, self._direct_hi
         try:
             for dma, n in segments:
-                self.dma.dma_probe(dma, n, write)
+                if not lo <= dma <= dma + n <= hi:
+                    self.dma.dma_probe(dma, n, write)
         except DmaAccessError as e:
             if local:
                 raise LocalAccessError(_LOC_PROT_ERR, f"DMA fault: {e}") from e
@@ -143,13 +161,19 @@ class QpMemory:
         dma_read = self.dma.dma_read
         if len(segments) == 1:
             dma, n = segments[0]
+            if self._direct_lo <= dma <= dma + n <= self._direct_hi and n > 0:
+                return self._host.cpu_read(dma, n)
             return dma_read(dma, n)
         return b"".join([dma_read(dma, n) for dma, n in segments])
 
     def _write(self, segments: Segments, data: BytesLike) -> None:
         dma_write = self.dma.dma_write
         if len(segments) == 1:
-            dma_write(segments[0][0], data)
+            dma = segments[0][0]
+            if self._direct_lo <= dma <= dma + len(data) <= self._direct_hi and len(data):
+                self._host.cpu_write(dma, data)
+            else:
+                dma_write(dma, data)
             return
         view = memoryview(data).cast("B")
         pos = 0
@@ -200,6 +224,19 @@ class QpMemory:
         mr = self._remote_mr(rkey, va, length, access)
         self._probe(_translate(mr, va, length), bool(access & _REMOTE_MODIFY), local=False)
         return RemoteMr(self, rkey, va, length, access, mr)
+
+    def write_once(self, rkey: int, va: int, data: BytesLike) -> None:
+        """:meth:`check_rkey` for REMOTE_WRITE and :meth:`RemoteMr.write`
+        of a one-packet WRITE (``check_rkey`` + ``rxe_mr_copy``), with no
+        handle kept: every check, then the copy."""
+        n = len(data)
+        mr = self._remote_mr(rkey, va, n, _REMOTE_WRITE)
+        segments = [(va, n)] if mr.type == _DMA_MR else _translate(mr, va, n)
+        self._probe(segments, True, local=False)
+        try:
+            self._write(segments, data)
+        except DmaAccessError as e:
+            raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
 
     def remote_invalidate(self, rkey: int) -> None:
         """``invalidate_rkey`` for SEND_WITH_INVALIDATE."""
@@ -333,6 +370,8 @@ class LocalSgl:
         start = offset - pos
         out: Segments = []
         unprobed: Segments | None = None
+        port = self._port
+        direct_lo, direct_hi = port._direct_lo, port._direct_hi
         while length > 0:
             sge = sges[i]
             take = sge.length - start
@@ -363,6 +402,12 @@ class LocalSgl:
                 if m.paged:
                     assert mr is not None
                     runs = _page_runs(m.pages, mr.page_size, mr.iova, addr, take)
+                elif direct_lo <= addr <= addr + take <= direct_hi:
+                    out.append((addr, take))  # the direct map: nothing to probe
+                    length -= take
+                    start = 0
+                    i += 1
+                    continue
                 else:
                     runs = [(addr, take)]
                 out += runs
@@ -386,6 +431,17 @@ class LocalSgl:
             return self._port._read(segments)
         except DmaAccessError as e:
             raise LocalAccessError(_LOC_PROT_ERR, f"DMA fault: {e}") from e
+
+    def gather_bulk(self, offset: int, length: int) -> BytesLike | None:
+        """Several packets' bytes with one copy per DMA segment, or None
+        (see :meth:`MemoryPort.map_sgl`'s ``LocalSgl.gather_bulk``): a
+        failure here has no effects, the packets then decide one by one."""
+        if not self._port._bulk:
+            return None
+        try:
+            return self._port._read(self._segments(offset, length))
+        except (LocalAccessError, DmaAccessError):
+            return None
 
     def scatter(self, offset: int, data: BytesLike) -> None:
         """``copy_data(..., RXE_TO_MR_OBJ)``."""
@@ -485,6 +541,20 @@ class RemoteMr:
             self._port._write(segments, data)
         except DmaAccessError as e:
             raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
+
+    def write_bulk(self, va: int, data: BytesLike) -> bool:
+        """Several WRITE packets' payload with one copy per DMA segment;
+        False (the caller writes packet by packet) where that could be told
+        apart from a write per packet, or on a fault — after which only
+        bytes the packets before the faulting one write the same may have
+        changed."""
+        if not self._port._bulk:
+            return False
+        try:
+            self._port._write(self._segments(va, len(data)), data)
+        except (RemoteAccessError, DmaAccessError):
+            return False
+        return True
 
     def atomic(self, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
         """``rxe_mr_do_atomic_op``: 8 aligned bytes, REMOTE_ATOMIC."""

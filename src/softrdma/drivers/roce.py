@@ -23,13 +23,15 @@ from __future__ import annotations
 import errno
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address
 
 from softrdma.dma.device import Device
 from softrdma.drivers.qp_memory import QpMemory
 from softrdma.fabric.link import Link, Network
 from softrdma.time.base import Handle
+from softrdma.transport.burst import BurstItem, RoceBurst, SegRun
+from softrdma.transport.packet import Packet
 from softrdma.transport.rc import REQUESTER_STATES, RcQp
 from softrdma.transport.roce import (
     RoceFrame,
@@ -48,6 +50,7 @@ from softrdma.verbs.wr import RecvWR, SendWR
 log = logging.getLogger("softrdma.drivers")
 
 Engine = RcQp | UdQp
+_INLINE = int(IbSendFlags.INLINE)  # (IntFlag's & is slow: once per WR posted)
 
 
 class RoceDevice(IbDevice):
@@ -96,6 +99,15 @@ class RoceDevice(IbDevice):
         """RC QPN -> (engine, QP, peer's packed address): what
         :meth:`receive_roce` looks up per packet, until the QP is modified
         or destroyed."""
+        # Segmentation offload, where the link carries bursts (the
+        # in-process fabric): the link's transmit_burst / offload_active.
+        self._transmit_burst: Callable[[list[BurstItem], bytes, int], float | None] | None = (
+            getattr(link, "transmit_burst", None)
+        )
+        self._offload: Callable[[], bool] | None = getattr(link, "offload_active", None)
+        self._collect: list[tuple[tuple[bytes, int], list[BurstItem]]] | None = None
+        """While a burst is received: what the QPs send meanwhile, per path
+        in order, sent when the burst is done (:meth:`receive_burst`)."""
 
     # -- QP lifecycle (ib_device_ops) --------------------------------------------
 
@@ -105,6 +117,7 @@ class RoceDevice(IbDevice):
         engine: Engine
         if qp.qp_type == IbQpType.RC:
             engine = RcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
+            engine.offload = self._offload
         else:
             engine = UdQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
         self._engines[qp.qp_num] = engine
@@ -126,20 +139,21 @@ class RoceDevice(IbDevice):
         inline data copied, then the doorbell."""
         engine = self._engines[qp.qp_num]
         qp_type = IbQpType.UD if qp.qp_type == IbQpType.GSI else qp.qp_type
+        sig_all = qp.sq_sig_all
         try:
             for wr in wrs:
                 why = check_send_wr(wr, qp_type)
                 if why is not None:
                     raise PostError(errno.EINVAL, f"QP {qp.qp_num:#x}: {why}", wr)
                 inline = None
-                if wr.send_flags & IbSendFlags.INLINE:
+                if int(wr.send_flags) & _INLINE:
                     # Inline SGEs hold CPU addresses: the driver copies the
                     # bytes into the WQE at post time (mlx5 set_data_inl_seg,
                     # rxe copy_inline_data_to_wqe), no lkey involved.
                     inline = b"".join(
                         bytes(self.host.cpu_read(s.addr, s.length)) for s in wr.sg_list
                     )
-                engine.post_send(SendWqe.from_wr(wr, sq_sig_all=qp.sq_sig_all, inline_data=inline))
+                engine.post_send(SendWqe.from_wr(wr, sq_sig_all=sig_all, inline_data=inline))
         finally:
             self._kick(qp.qp_num)
 
@@ -218,20 +232,64 @@ class RoceDevice(IbDevice):
 
     def _handle(self, qp: QueuePair, out: Output) -> float | None:
         """Transmit, complete, and report events; return when the link is done
-        with the last packet (None: at once)."""
+        with the last packet (None: at once, or not yet sent: see
+        :meth:`receive_burst`)."""
         done = None
         packets = out.packets
         if packets:
-            self.stats["sent_pkts"] += len(packets)
-            transmit = self.link.transmit
-            path = None
+            items: list[BurstItem] = []
+            nframes = len(packets)
             for op in packets:
-                if op.dest is None:  # RC: to the connected peer
-                    if path is None:
-                        path = self._rc_paths.get(qp.qp_num) or self._rc_path(qp)
-                    done = transmit(op.pkt, path[0], path[1])
+                run = op.run
+                if run is None:
+                    items.append(op.pkt)
                 else:
-                    done = self._transmit_ud(qp, op)
+                    items.append(run)
+                    nframes += run.count - 1
+            self.stats["sent_pkts"] += nframes
+            burst = self._transmit_burst
+            if packets[0].dest is None and burst is not None:
+                # RC: to the connected peer, all of it as one burst.
+                path = self._rc_paths.get(qp.qp_num) or self._rc_path(qp)
+                collect = self._collect
+                if collect is not None:
+                    engine = self._engines.get(qp.qp_num)
+                    if engine is not None and not engine.reply_pending():
+                        # Receiving a burst: send with what the other QPs
+                        # send meanwhile, in order (a READ reply, paced by
+                        # when the link is done, goes at once).
+                        if collect and collect[-1][0] == path:
+                            collect[-1][1].extend(items)
+                        else:
+                            collect.append((path, items))
+                        items = []
+                    else:
+                        self._flush()
+                if items:
+                    if nframes == 1:
+                        pkt = items[0]
+                        assert isinstance(pkt, Packet)
+                        done = self.link.transmit(pkt, path[0], path[1])
+                    else:
+                        done = burst(items, path[0], path[1])
+            else:
+                if self._collect:
+                    self._flush()
+                transmit = self.link.transmit
+                path = None
+                for op in packets:
+                    if op.dest is None:  # RC: to the connected peer
+                        if path is None:
+                            path = self._rc_paths.get(qp.qp_num) or self._rc_path(qp)
+                        run = op.run
+                        for pkt in (op.pkt,) if run is None else run.packets():
+                            done = transmit(pkt, path[0], path[1])
+                    else:
+                        done = self._transmit_ud(qp, op)
+        if self._collect and (out.completions or out.events):
+            # Application code may run from here (a CQ's comp_handler, an
+            # event handler): what was sent before it is on the wire.
+            self._flush()
         for c in out.completions:
             if c.side is CqSide.SEND:
                 qp.send_cq.push(c.wc)
@@ -245,6 +303,23 @@ class RoceDevice(IbDevice):
         return done
 
     # -- the wire (rxe_net.c) -------------------------------------------------------
+
+    def _flush(self) -> None:
+        """Send what was held back while receiving a burst, in order."""
+        collect = self._collect
+        if not collect:
+            return
+        burst = self._transmit_burst
+        assert burst is not None
+        held = list(collect)
+        collect.clear()
+        for (daddr, sport), items in held:
+            if len(items) == 1 and type(items[0]) is not SegRun:
+                pkt = items[0]
+                assert isinstance(pkt, Packet)
+                self.link.transmit(pkt, daddr, sport)
+            else:
+                burst(items, daddr, sport)
 
     def _transmit_ud(self, qp: QueuePair, op: OutPacket) -> float | None:
         """A UD packet to the address vector of its work request, from the
@@ -280,23 +355,102 @@ class RoceDevice(IbDevice):
         if rf.daddr != self._saddr:
             self.stats["rx_wrong_address"] += 1
             return
-        pkt = rf.packet
+        self._receive_packet(rf.saddr, rf.daddr, rf.packet, self.scheduler.time())
+
+    def receive_burst(self, burst: RoceBurst) -> None:
+        """A burst from the link (segmentation offload, GRO): its packets in
+        order, each as :meth:`receive_roce` takes a frame, except that the
+        WRITE packets of a run that the responder can execute together
+        (:meth:`RcQp.receive_run <softrdma.transport.rc.RcQp.receive_run>`)
+        are, with one poll after them — the polls between would find
+        nothing to do. What the QPs send meanwhile leaves in the same order
+        once the burst is done (so, with the fabric's link rate 0, at the
+        same times), as bursts too."""
+        if burst.daddr != self._saddr:
+            self.stats["rx_wrong_address"] += burst.frames
+            return
+        saddr, daddr = burst.saddr, burst.daddr
+        now = self.scheduler.time()
+        self._collect = []
+        # A connected RC QP whose poll after its last packet was left for
+        # after its next one: the poll would have found nothing else to do.
+        held: tuple[int, RcQp, QueuePair] | None = None
+        try:
+            for pkt in burst.items:
+                if isinstance(pkt, SegRun):
+                    if held is not None:
+                        self._after_receive(*held, now)
+                        held = None
+                    self._receive_run(saddr, daddr, pkt, now)
+                    continue
+                if held is not None:
+                    # Poll it now unless this packet goes to it, past the
+                    # checks (a dropped packet polls nothing).
+                    bth = pkt.bth
+                    rc = self._rc_rx.get(bth.dest_qp)
+                    if held[0] != bth.dest_qp or bth.pkey != 0xFFFF or rc is None or rc[2] != saddr:
+                        self._after_receive(*held, now)
+                held = self._receive_packet(saddr, daddr, pkt, now, True)
+            if held is not None:
+                self._after_receive(*held, now)
+        finally:
+            self._flush()
+            self._collect = None
+
+    def _receive_run(self, saddr: bytes, daddr: bytes, run: SegRun, now: float) -> None:
+        """The packets of a run: the first on its own, then as many as the
+        QP takes at once, the rest one by one."""
+        qpn = run.dest_qp
+        i = 0
+        count = run.count
+        while i < count:
+            took = 0
+            if i:
+                rc = self._rc_rx.get(qpn)
+                # The checks _receive_packet makes of every packet.
+                if rc is not None and rc[2] == saddr and run.pkey == 0xFFFF:
+                    took = rc[0].receive_run(run, i)
+                    if took:
+                        self.stats["rcvd_pkts"] += took
+                        i += took
+                        self._after_receive(qpn, rc[0], rc[1], now)
+                        continue
+            self._receive_packet(saddr, daddr, run.packets(i, i + 1)[0], now)
+            i += 1
+
+    def _receive_packet(
+        self, saddr: bytes, daddr: bytes, pkt: Packet, now: float, hold: bool = False
+    ) -> tuple[int, RcQp, QueuePair] | None:
+        """``rxe_rcv`` of one packet addressed to this device. With
+        ``hold``, a connected RC QP's poll is left to the caller (returned)
+        when it would hand back no more than the packet produced and that
+        can wait: no event, no completion for an armed CQ."""
         bth = pkt.bth
         if bth.pkey != 0xFFFF:
             self.stats["rx_bad_pkey"] += 1
-            return
+            return None
         qpn = bth.dest_qp
         rc = self._rc_rx.get(qpn)
         if rc is not None:  # a connected RC QP seen before: checks below, cached
             rc_engine, rc_qp, peer = rc
-            if rf.saddr != peer:
+            if saddr != peer:
                 self.stats["rx_wrong_peer"] += 1
-                return
+                return None
             self.stats["rcvd_pkts"] += 1
-            now = self.scheduler.time()
             rc_engine.receive(pkt, now)
-            # _poll() and _arm_timer() written out for a connected RC QP:
-            # this runs for every packet received.
+            if hold:
+                out = rc_engine.out
+                if not out.events and rc_engine.poll_idle(now):
+                    comps = out.completions
+                    if not comps:
+                        return qpn, rc_engine, rc_qp
+                    # Completions may wait where pushing them later runs no
+                    # application code: no armed CQ, no overflow.
+                    scq, rcq = rc_qp.send_cq, rc_qp.recv_cq
+                    k = len(comps)
+                    if scq.quiet_for(k) and (rcq is scq or rcq.quiet_for(k)):
+                        return qpn, rc_engine, rc_qp
+            # _after_receive(), written out: this runs for every packet.
             out = rc_engine.poll(now)
             resume = (
                 self._handle(rc_qp, out) if out.packets or out.completions or out.events else None
@@ -304,7 +458,7 @@ class RoceDevice(IbDevice):
             resp = rc_engine.resp
             if resp.cur is not None or resp.queue:
                 self._arm_timer(qpn, rc_engine, resume, now)
-                return
+                return None
             deadline = None
             if rc_engine.state in REQUESTER_STATES:
                 req = rc_engine.req
@@ -316,9 +470,9 @@ class RoceDevice(IbDevice):
             if timer is None:
                 if deadline is not None:
                     self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
-                return
+                return None
             self._set_timer(qpn, timer, deadline, now)
-            return
+            return None
         engine = self._engines.get(qpn)
         if engine is None and qpn == 1:
             # A management datagram: the MAD layer and the CM open on first
@@ -328,24 +482,47 @@ class RoceDevice(IbDevice):
         qp = self.qp_by_num(qpn)
         if engine is None or qp is None:
             self.stats["rx_no_qp"] += 1
-            return
-        now = self.scheduler.time()
+            return None
         if isinstance(engine, UdQp):
             self.stats["rcvd_pkts"] += 1
-            engine.receive(pkt, now, sgid=_gid(rf.saddr), dgid=_gid(rf.daddr))
+            engine.receive(pkt, now, sgid=_gid(saddr), dgid=_gid(daddr))
         else:
             ah = engine.attr.ah_attr
             if ah is None:
                 self.stats["rx_wrong_peer"] += 1
-                return
+                return None
             peer = self._route(ah.dgid)
             self._rc_rx[qpn] = (engine, qp, peer)
-            if rf.saddr != peer:
+            if saddr != peer:
                 self.stats["rx_wrong_peer"] += 1
-                return
+                return None
             self.stats["rcvd_pkts"] += 1
             engine.receive(pkt, now)
         self._poll(qp, engine, now)
+        return None
+
+    def _after_receive(self, qpn: int, rc_engine: RcQp, rc_qp: QueuePair, now: float) -> None:
+        """_poll() and _arm_timer() written out for a connected RC QP: this
+        runs for every packet received."""
+        out = rc_engine.poll(now)
+        resume = self._handle(rc_qp, out) if out.packets or out.completions or out.events else None
+        resp = rc_engine.resp
+        if resp.cur is not None or resp.queue:
+            self._arm_timer(qpn, rc_engine, resume, now)
+            return
+        deadline = None
+        if rc_engine.state in REQUESTER_STATES:
+            req = rc_engine.req
+            deadline = req.retrans_deadline
+            b = req.rnr_deadline
+            if deadline is None or (b is not None and b < deadline):
+                deadline = b
+        timer = self._timers.get(qpn)
+        if timer is None:
+            if deadline is not None:
+                self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
+            return
+        self._set_timer(qpn, timer, deadline, now)
 
     def receive_error(self, reason: str) -> None:
         """A datagram the link dropped before the transport (bad ICRC,

@@ -22,6 +22,22 @@ bytes and fails its checks there), or a port that takes only bytes. Faults
 draw the same random numbers either way, so a seed gives the same result
 with and without a tap.
 
+Segmentation offload
+--------------------
+When nothing can observe single frames between two ports — no tap on the
+fabric or either port, no fault rates, no drop filter — and the per-frame
+pacing does not matter (``link_rate`` 0: every frame of a burst arrives at
+the same time anyway), a device's frames for one peer leave as one
+:class:`~softrdma.transport.burst.RoceBurst`: one delivery event for all
+of them, consecutive packets of one message as one
+:class:`~softrdma.transport.burst.SegRun` (GSO/GRO). The counters, IPv4
+IDs and arrival time are those of the single frames, and the receiver
+handles them in order as it would the frames one by one. The moment a tap,
+fault or filter is attached, frames are real again: bursts already in
+flight are split into their frames for a tap that opened at the receiver
+(:meth:`~softrdma.transport.burst.RoceBurst.roce_frames`). ``offload=False``
+turns bursts off altogether.
+
 Timing
 ------
 Everything happens in the simulated time of an
@@ -65,6 +81,7 @@ from typing import TYPE_CHECKING, Protocol
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.pcap import Closing, PathOrFile, PcapWriter
 from softrdma.time.sim import SimLoop
+from softrdma.transport.burst import RoceBurst
 from softrdma.transport.roce import RoceFrame, encode_roce_v2
 
 if TYPE_CHECKING:
@@ -206,7 +223,8 @@ class FabricStats:
     ``drop`` or a drop filter; ``duplicated`` / ``reordered`` /
     ``corrupted``: frames those faults hit; ``unroutable``: frames to no
     attached address (not IP, unknown destination, or a port detached while
-    the frame was in flight).
+    the frame was in flight); ``bursts``: bursts sent (segmentation offload;
+    their frames are counted in the others as single frames are).
     """
 
     sent: int = 0
@@ -216,6 +234,7 @@ class FabricStats:
     reordered: int = 0
     corrupted: int = 0
     unroutable: int = 0
+    bursts: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters by name."""
@@ -248,6 +267,7 @@ class PortAttachment:
         "mac",
         "port",
         "receive",
+        "receive_burst",
         "receive_roce",
         "stats",
         "taps",
@@ -261,6 +281,7 @@ class PortAttachment:
         key: bytes,
         mac: bytes,
         receive_roce: Callable[[RoceFrame], None] | None = None,
+        receive_burst: Callable[[RoceBurst], None] | None = None,
     ) -> None:
         self._fabric = fabric
         self.port = port
@@ -268,6 +289,9 @@ class PortAttachment:
         self.receive_roce = receive_roce
         """Where a frame handed over unencoded (:meth:`transmit_roce`) is
         delivered as it is; None: the port only takes bytes."""
+        self.receive_burst = receive_burst if receive_roce is not None else None
+        """Where a burst (segmentation offload) is delivered; None: the
+        port takes single frames only."""
         self.key = key
         """The packed primary address."""
         self.mac = mac
@@ -437,11 +461,15 @@ class Fabric(Closing):
         link_rate: float = DEFAULT_LINK_RATE,
         seed: int = 0,
         faults: Faults | None = None,
+        offload: bool = True,
     ) -> None:
         self._loop = loop if loop is not None else SimLoop()
         self._post = self._loop.post_at  # bound once: the per-frame path
         self._deliver_cb = self._deliver
         self._deliver_roce_cb = self._deliver_roce
+        self._deliver_burst_cb = self._deliver_burst
+        self._offload = offload
+        self._bursts = False
         self.stats = FabricStats()
         self._latency = 0.0
         self._sec_per_byte = 0.0
@@ -459,6 +487,30 @@ class Fabric(Closing):
         self._rngs: dict[tuple[bytes, bytes], random.Random] = {}
         self._faulty = False
         self._update_faulty()
+
+    @property
+    def offload(self) -> bool:
+        """Segmentation offload (see the module docstring): frames may
+        travel in bursts where nothing observes them. False: always single
+        frames."""
+        return self._offload
+
+    @offload.setter
+    def offload(self, value: bool) -> None:
+        self._offload = bool(value)
+        self._update_bursts()
+
+    @property
+    def bursts(self) -> bool:
+        """Whether frames travel in bursts now: offload on, link rate 0, no
+        fabric-wide tap, no faults or drop filters (a port's own tap also
+        keeps its frames single)."""
+        return self._bursts
+
+    def _update_bursts(self) -> None:
+        self._bursts = (
+            self._offload and not self._sec_per_byte and not self._taps and not self._faulty
+        )
 
     # --- configuration ------------------------------------------------------------------
 
@@ -505,6 +557,8 @@ class Fabric(Closing):
             raise FabricError(f"link_rate {value!r} must be finite and >= 0 (0 = infinite)")
         self._link_rate = float(value)
         self._sec_per_byte = 8.0 / value if value else 0.0
+        if hasattr(self, "_taps"):  # (set up in __init__ after this)
+            self._update_bursts()
 
     @property
     def seed(self) -> int:
@@ -519,13 +573,18 @@ class Fabric(Closing):
     # --- ports ----------------------------------------------------------------------
 
     def attach(
-        self, port: FabricPort, *, receive_roce: Callable[[RoceFrame], None] | None = None
+        self,
+        port: FabricPort,
+        *,
+        receive_roce: Callable[[RoceFrame], None] | None = None,
+        receive_burst: Callable[[RoceBurst], None] | None = None,
     ) -> PortAttachment:
         """Connect ``port`` to the segment; frames to ``port.ip`` are then
         delivered to ``port.receive_frame``. With ``receive_roce``, RoCEv2
         frames sent unencoded (:meth:`PortAttachment.transmit_roce`) are
         handed to it as they are, intact ones included when they were
-        encoded for a tap (corrupted ones still arrive as bytes). Raises
+        encoded for a tap (corrupted ones still arrive as bytes); with
+        ``receive_burst`` too, bursts (segmentation offload) reach it whole. Raises
         :class:`FabricError` if the port is attached already, its address is
         in use, or its MAC is not 6 bytes."""
         if id(port) in self._by_port:
@@ -538,7 +597,7 @@ class Fabric(Closing):
         mac = bytes(port.mac)
         if len(mac) != 6:
             raise FabricError(f"a MAC address is 6 bytes, port {port!r} has {len(mac)}")
-        att = PortAttachment(self, port, key, mac, receive_roce)
+        att = PortAttachment(self, port, key, mac, receive_roce, receive_burst)
         self._routes[key] = att
         self._by_port[id(port)] = att
         self._link_faults.clear()
@@ -631,6 +690,55 @@ class Fabric(Closing):
         else:
             self._post(arrival, self._deliver_roce_cb, dst, rf, None, n)
         return arrival
+
+    def _xmit_burst(self, src: PortAttachment, dst: PortAttachment, burst: RoceBurst) -> float:
+        """:meth:`_xmit_roce` of a whole burst, for a direction where
+        nothing observes single frames (:attr:`bursts`, no tap on either
+        port, ``dst`` takes bursts): the counters of its frames, one
+        delivery at the arrival time of its last frame (the link rate is 0:
+        all of them arrive then)."""
+        if not src.attached:
+            raise FabricError(f"port {src.port!r} is detached from the fabric")
+        now = self._loop.now
+        frames = burst.frames
+        stats = self.stats
+        stats.sent += frames
+        stats.bursts += 1
+        ps = src.stats
+        ps.tx_frames += frames
+        ps.tx_bytes += burst.nbytes
+        start = src.tx_free
+        if start < now:
+            start = now
+        src.tx_free = start
+        arrival = start + self._latency
+        if arrival < src.last_arrival:
+            arrival = src.last_arrival
+        src.last_arrival = arrival
+        self._post(arrival, self._deliver_burst_cb, dst, burst)
+        return arrival
+
+    def _deliver_burst(self, dst: PortAttachment, burst: RoceBurst) -> None:
+        """:meth:`_deliver_roce` of every frame of a burst: counted, captured
+        frame by frame if a tap opened at the receiver while it was in
+        flight, handed over whole."""
+        frames = burst.frames
+        if not dst.attached:
+            self.stats.unroutable += frames
+            return
+        self.stats.delivered += frames
+        ps = dst.stats
+        ps.rx_frames += frames
+        ps.rx_bytes += burst.nbytes
+        if dst.taps:
+            now = self._loop.now
+            for rf in burst.roce_frames():
+                frame = encode_roce_v2(rf)
+                for tap in dst.taps:
+                    tap._record(frame, now)
+        receive = dst.receive_burst
+        assert receive is not None  # only such ports are sent bursts
+        receive(burst)
 
     def _xmit(self, src: PortAttachment, frame: FrameBytes, rf: RoceFrame | None = None) -> float:
         if type(frame) is not bytes:
@@ -884,6 +992,7 @@ class Fabric(Closing):
             or self._faults.active
             or any(f.active for f in self._overrides.values())
         )
+        self._update_bursts()
 
     def _faults_for(self, src: PortAttachment, dst: PortAttachment) -> Faults:
         pair = (src, dst)
@@ -936,6 +1045,7 @@ class Fabric(Closing):
         t = PcapTap(self, writer, owned, att, epoch_ns)
         if att is None:
             self._taps = [*self._taps, t]
+            self._update_bursts()
         else:
             att.taps = [*att.taps, t]
         return t
@@ -944,6 +1054,7 @@ class Fabric(Closing):
         att = tap.attachment
         if att is None:
             self._taps = [t for t in self._taps if t is not tap]
+            self._update_bursts()
         else:
             att.taps = [t for t in att.taps if t is not tap]
 

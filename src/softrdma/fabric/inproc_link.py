@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from softrdma.fabric.link import LinkBase, LinkReceiver, mac_for_ip
 from softrdma.time.sim import SimLoop
+from softrdma.transport.burst import BurstItem, RoceBurst, SegRun
 from softrdma.transport.errors import RejectedPacket
 from softrdma.transport.packet import HEADER_LENGTHS, Packet
 from softrdma.transport.roce import ROCE_V2_UDP_DPORT, RoceFrame, decode_roce_v2, encode_roce_v2
@@ -47,7 +48,11 @@ class FabricLink(LinkBase):
         # inlined: one per frame)
         self._ip_ids: dict[bytes, int] = {}
         self._neighbours: dict[bytes, bytes] = {}
-        self._port = fabric.attach(self, receive_roce=receiver.receive_roce)
+        self._port = fabric.attach(
+            self,
+            receive_roce=receiver.receive_roce,
+            receive_burst=getattr(receiver, "receive_burst", None),
+        )
         # PortAttachment.transmit_roce minus one call, per frame
         self._xmit_roce = fabric._xmit_roce
 
@@ -129,6 +134,94 @@ class FabricLink(LinkBase):
         if not hlen:  # not an opcode we can encode: HeaderFieldError, as before
             return self._port.transmit(encode_roce_v2(frame))
         return self._xmit_roce(self._port, frame, _FRAMING + hlen + n + (-n & 3))
+
+    def offload_active(self) -> bool:
+        """Whether a burst handed to :meth:`transmit_burst` would now travel
+        whole (segmentation offload on a fabric where nothing observes
+        single frames; see :mod:`softrdma.fabric.inproc`). A requester asks
+        before gathering a run of packets as one."""
+        return self._fabric._bursts and not self._port.taps
+
+    def transmit_burst(self, items: list[BurstItem], daddr: bytes, sport: int) -> float | None:
+        """Send ``items`` — packets and :class:`SegRun` runs, in order — to
+        ``daddr`` from UDP port ``sport``: as one :class:`RoceBurst` where
+        nothing observes single frames (their IPv4 IDs, counters and
+        arrival time those of the frames one by one), else frame by frame
+        through :meth:`transmit`, runs split by :meth:`SegRun.packets`.
+        Returns the arrival time of the last frame, as :meth:`transmit`.
+        Payloads are taken now, as :meth:`transmit` takes them."""
+        fabric = self._fabric
+        port = self._port
+        dst = fabric._routes.get(daddr) if fabric._bursts and not port.taps else None
+        if dst is None or dst.taps or dst.receive_burst is None:
+            return self._transmit_each(items, daddr, sport)
+        frames = 0
+        nbytes = 0
+        out: list[BurstItem] = []
+        for item in items:
+            if isinstance(item, SegRun):
+                data = item.data
+                if data is not None and type(data) is not bytes:
+                    item.data = bytes(data)  # the one copy of the payload
+                elif item.pieces is not None:
+                    item.pieces = [p if type(p) is bytes else bytes(p) for p in item.pieces]
+                frames += item.count
+                nbytes += item.wire_len()
+                out.append(item)
+                continue
+            payload = item.payload
+            if type(payload) is not bytes:
+                payload = bytes(payload)  # the one copy of the payload
+                item = Packet(
+                    item.bth,
+                    payload,
+                    item.reth,
+                    item.aeth,
+                    item.atmeth,
+                    item.atmack,
+                    item.immdt,
+                    item.ieth,
+                    item.deth,
+                    item.cnp,
+                )
+            opcode = item.bth.opcode
+            try:
+                hlen = HEADER_LENGTHS[opcode] if opcode >= 0 else 0
+            except (IndexError, TypeError):
+                hlen = 0
+            if not hlen:  # not an opcode we can encode: as transmit does, frame by frame
+                return self._transmit_each(items, daddr, sport)
+            n = len(payload)
+            frames += 1
+            nbytes += _FRAMING + hlen + n + (-n & 3)
+            out.append(item)
+        ids = self._ip_ids
+        ip_id = ids.get(daddr, 0)
+        ids[daddr] = (ip_id + frames) & 0xFFFF
+        burst = RoceBurst(
+            out,
+            self._saddr,
+            daddr,
+            sport,
+            self._neighbours.get(daddr) or self._neighbour(daddr),
+            self._mac,
+            ip_id,
+            frames,
+            nbytes,
+        )
+        return fabric._xmit_burst(port, dst, burst)
+
+    def _transmit_each(self, items: list[BurstItem], daddr: bytes, sport: int) -> float | None:
+        """The items as single frames (:meth:`transmit`), runs segmented."""
+        done = None
+        transmit = self.transmit
+        for item in items:
+            if isinstance(item, SegRun):
+                for pkt in item.packets():
+                    done = transmit(pkt, daddr, sport)
+            else:
+                done = transmit(item, daddr, sport)
+        return done
 
     def _neighbour(self, daddr: bytes) -> bytes:
         mac = self._neighbours.get(daddr)

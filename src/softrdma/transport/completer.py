@@ -150,6 +150,7 @@ _NAK_STATUS: dict[int, IbWcStatus] = {
     NakCode.REMOTE_OP_ERR: IbWcStatus.REM_OP_ERR,
 }
 _SUCCESS = IbWcStatus.SUCCESS
+_ACK_TYPE = int(AethType.ACK)
 RETIRABLE = frozenset({WQE_DONE, WQE_ERROR})
 """WQE states the completer retires without a packet (done without an ACK,
 or failed locally)."""
@@ -179,12 +180,56 @@ def receive(qp: RcQp, pkt: Packet, info: OpcodeInfo, now: float) -> None:
     ``rxe_completer`` with a packet)."""
     comp = qp.comp
     comp.timeout = False
+    opcode = pkt.bth.opcode
+    if opcode == RC_ACKNOWLEDGE and comp.opcode == -1 and _ack_fast(qp, comp, pkt, now):
+        return
     p = _Pass(qp, pkt, info, now)
-    if pkt.bth.opcode == RC_RDMA_READ_RESPONSE_MIDDLE and comp.opcode in _READ_IN_PROGRESS:
+    if opcode == RC_RDMA_READ_RESPONSE_MIDDLE and comp.opcode in _READ_IN_PROGRESS:
         psn_before = comp.psn
         _dispatch(p, _read_middle_fast(p, comp), psn_before)
     else:
         _dispatch(p)
+
+
+def _ack_fast(qp: RcQp, comp: CompInfo, pkt: Packet, now: float) -> bool:
+    """The table's fixed outcome for an ACK of exactly the last PSN of the
+    oldest WQE, a pending SEND / WRITE, between READ replies: GET_WQE →
+    CHECK_PSN → CHECK_ACK → WRITE_SEND → COMP_ACK → UPDATE_COMP → DONE in
+    one pass, the retransmit timer re-armed. False, having changed
+    nothing, when the walk could decide otherwise."""
+    head = qp.sq_head
+    sq = qp.sq
+    aeth = pkt.aeth
+    if head >= len(sq) or aeth is None or aeth.syndrome >> 5 != _ACK_TYPE:
+        return False
+    wqe = sq[head]
+    psn = pkt.bth.psn
+    if (
+        wqe.state is not WQE_PENDING
+        or psn != wqe.last_psn
+        or wqe.mask & (WR_READ | WR_ATOMIC)
+        or (psn - qp.req.sent_psn) & PSN_MASK < PSN_HALF  # not below every PSN sent
+        or (psn - comp.psn) & PSN_MASK >= PSN_HALF  # behind: a duplicate
+    ):
+        return False
+    # reset_retry_counters(), complete_ack(), update_comp() and the re-arm
+    # of _dispatch(), written out: one ACK per signalled small message.
+    attr = qp.attr
+    comp.retry_cnt = attr.retry_cnt
+    comp.rnr_retry = attr.rnr_retry
+    comp.started_retry = False
+    if wqe.has_rd_atomic:
+        wqe.has_rd_atomic = False
+        qp.req.rd_atomic += 1
+    _do_complete(qp, wqe)
+    comp.opcode = -1
+    comp.psn = psn = (psn + 1) & PSN_MASK
+    req = qp.req
+    timeout = qp.ack_timeout
+    if not req.wait_for_rnr_timer and timeout is not None:
+        # psn_diff(req.psn, comp.psn) > 0: more is outstanding
+        req.retrans_deadline = now + timeout if 0 < (req.psn - psn) & PSN_MASK < PSN_HALF else None
+    return True
 
 
 def _read_middle_fast(p: _Pass, comp: CompInfo) -> CompState:

@@ -72,6 +72,14 @@ class LocalSgl(Protocol):
         :meth:`MemoryPort.scatter`."""
         ...
 
+    def gather_bulk(self, offset: int, length: int) -> BytesLike | None:
+        """The ``length`` bytes at ``offset`` for several packets at once,
+        with one copy per DMA segment — or None when that could be told
+        apart from a :meth:`gather` per packet (a probe with effects, the
+        DMA-API debug checker watching each access, a fault in the range):
+        the caller then gathers packet by packet (segmentation offload)."""
+        ...
+
 
 class RemoteMr(Protocol):
     """An R_Key range that passed :meth:`MemoryPort.check_rkey`, kept for the
@@ -85,6 +93,14 @@ class RemoteMr(Protocol):
 
     def write(self, va: int, data: BytesLike) -> None:
         """Write for an RDMA WRITE (``rxe_mr_copy`` to the MR)."""
+        ...
+
+    def write_bulk(self, va: int, data: BytesLike) -> bool:
+        """:meth:`write` of several packets' payload at once, with one copy
+        per DMA segment. False when that could be told apart from a
+        :meth:`write` per packet (as :meth:`LocalSgl.gather_bulk`), or on a
+        fault, having changed nothing but bytes a write per packet writes
+        the same: the caller then writes packet by packet."""
         ...
 
     def atomic(self, va: int, compare_swap: bool, compare: int, swap_add: int) -> int:
@@ -136,6 +152,13 @@ class MemoryPort(Protocol):
         the checked MR for the message's packets (rxe ``check_rkey`` setting
         ``qp->resp.mr``). Zero-length requests are not checked (IBTA C9-88):
         their handle allows no access. Raises :class:`RemoteAccessError`."""
+        ...
+
+    def write_once(self, rkey: int, va: int, data: BytesLike) -> None:
+        """:meth:`check_rkey` with REMOTE_WRITE for ``len(data)`` bytes at
+        ``va``, then :meth:`RemoteMr.write` of ``data`` there: a one-packet
+        RDMA WRITE, which keeps no handle. Raises
+        :class:`RemoteAccessError` as the two would."""
         ...
 
     def remote_invalidate(self, rkey: int) -> None:

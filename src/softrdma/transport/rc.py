@@ -49,9 +49,11 @@ same outputs.
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from softrdma.transport import completer, requester, responder
+from softrdma.transport.burst import SegRun
 from softrdma.transport.completer import RETIRABLE
 from softrdma.transport.errors import LocalProtocolError
 from softrdma.transport.memory_port import LocalSgl, MemoryPort, RemoteMr
@@ -228,6 +230,11 @@ class RcQp(QpBase):
         self.reply_hold = 0.0
         """An unfinished READ reply continues no earlier than this: when the
         link has carried the last burst (set by the driver, like ``now``)."""
+        self.offload: Callable[[], bool] | None = None
+        """Segmentation offload: when set and true, the requester hands on
+        two or more consecutive packets of a message as one
+        :class:`~softrdma.transport.burst.SegRun` (set by a driver whose
+        link carries runs; asked once per requester pass)."""
 
     @property
     def sq_outstanding(self) -> int:
@@ -322,6 +329,17 @@ class RcQp(QpBase):
         elif info.is_response and state in _REQUESTER_STATES:
             completer.receive(self, pkt, info, now)
 
+    def receive_run(self, run: SegRun, i: int) -> int:
+        """Take packets ``i``.. of a :class:`~softrdma.transport.burst.SegRun`
+        addressed to this QP at once, as far as that is exactly what they
+        would do one by one (:func:`responder.receive_run
+        <softrdma.transport.responder.receive_run>`); returns how many were
+        taken, 0 when packet ``i`` must come on its own (:meth:`receive`).
+        The caller has polled since the packet before ``i``."""
+        if self.state not in _RESPONDER_STATES:
+            return 0
+        return responder.receive_run(self, run, i)
+
     def poll(self, now: float) -> Output:
         """Run the engines at time ``now`` and hand back what they produced
         since the last poll (rxe ``rxe_sender``: requester, then completer;
@@ -359,6 +377,31 @@ class RcQp(QpBase):
                 self.drained_sent = True
                 self.out.events.append(SqDrained())
         return self.out.take()
+
+    def poll_idle(self, now: float) -> bool:
+        """:meth:`poll` at ``now`` would only hand back what the engines
+        gathered so far: no READ reply to go on with, no timer due, no
+        completion to retire, nothing for the requester to start or retry,
+        no SQD event. A driver receiving several packets at one instant may
+        then poll once after the next one instead (the same outputs, in the
+        same order)."""
+        resp = self.resp
+        if resp.cur is not None or resp.queue:
+            return False
+        state = self.state
+        if state not in _REQUESTER_STATES:
+            return True
+        req = self.req
+        a, b = req.retrans_deadline, req.rnr_deadline
+        if (a is not None and now >= a) or (b is not None and now >= b):
+            return False
+        sq = self.sq
+        head = self.sq_head
+        if req.need_retry or req.wqe_index < len(sq):
+            return False
+        if head < len(sq) and sq[head].state in RETIRABLE:
+            return False
+        return not (state is IbQpState.SQD and not self.drained_sent and requester.drained(self))
 
     def reply_pending(self) -> bool:
         """A READ reply is unfinished (or requests wait behind it): the driver

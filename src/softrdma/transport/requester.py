@@ -33,7 +33,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from softrdma.transport.headers import AtomicEth, Bth, Ieth, ImmDt, Reth
+from softrdma.transport.burst import SegRun, edge_packet
+from softrdma.transport.headers import AtomicEth, BytesLike, Reth
 from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
@@ -277,103 +278,159 @@ def _send_write(qp: RcQp, wqe: SendWqe, now: float) -> bool:
     ``update_wqe_state``, ``update_wqe_psn``, ``update_state``). Returns
     False when the requester must stop (window full or error).
 
-    The per-packet progress (PSN, AckReq count, the WQE's offset, resid and
-    iova) is kept in locals and stored when the loop stops, and the PSN
-    arithmetic of :mod:`~softrdma.transport.psn` is written out: this loop
-    runs once per packet sent."""
+    The packets of one pass are described once, as a
+    :class:`~softrdma.transport.burst.SegRun`: how many the window allows,
+    their AckReq positions and payloads. With segmentation offload on
+    (:attr:`RcQp.offload <softrdma.transport.rc.RcQp.offload>`) a run of
+    two or more packets is handed on as it is, its payload gathered with
+    one copy per DMA segment where that cannot be told from a gather per
+    packet (:meth:`LocalSgl.gather_bulk
+    <softrdma.transport.memory_port.LocalSgl.gather_bulk>`); otherwise
+    :meth:`SegRun.packets` makes the packets. A payload not gathered at
+    once is gathered packet by packet, as rxe's ``copy_data`` does; a
+    gather that fails stops the run at that packet and fails the WQE,
+    after the packets before it went out."""
     req = qp.req
     mtu = qp.mtu
-    dest_qp = qp.attr.dest_qp_num
-    pkey = qp.pkey
-    first_op, middle_op, last_op, only_op = wqe.ops
     mask = wqe.mask
     wr = wqe.wr
-    is_write = bool(mask & WR_WRITE)
     inline = wqe.inline_data
     # The SGEs are translated once per WQE and kept, retries included
     # (rxe's copy_data looks them up again for every packet).
     sgl = wqe.sgl
     if sgl is None and inline is None:
         sgl = wqe.sgl = qp.mem.map_sgl(wr.sg_list, False)
-    packets = qp.out.packets
-    # SE only on the last packet of a SEND or WRITE_WITH_IMM (init_req_packet).
-    se_ok = bool(wqe.send_flags & _SOLICITED) and bool(mask & (WR_SEND | WR_IMM))
-    _arm(qp, now)
+    if req.retrans_deadline is None and qp.ack_timeout is not None:  # _arm(), per WQE
+        req.retrans_deadline = now + qp.ack_timeout
     wqe.started = True
-    comp_psn = qp.comp.psn  # nothing acknowledges while this loop runs
     psn = req.psn
-    noack = req.noack_pkts
     resid = wqe.resid
     off = wqe.offset
-    iova = wqe.iova
-    while True:
-        start_msg = off == 0
-        if resid <= mtu:
-            n = resid
-            end = True
-            opcode = only_op if start_msg else last_op
-        else:
-            n = mtu
-            end = False
-            opcode = first_op if start_msg else middle_op
-        if not n:
-            payload: bytes | bytearray | memoryview = b""
-        elif sgl is not None:
+    # Packets left in the message (a zero-length one is one packet), and
+    # the room in the window: psn_diff(psn, comp.psn) < MAX_UNACKED_PSNS
+    # here (run() checked), and nothing acknowledges while this runs.
+    left = -(-resid // mtu) or 1
+    room = (MAX_UNACKED_PSNS - (psn - qp.comp.psn)) & PSN_MASK
+    count = left if left <= room else room
+    # AckReq on the message's last packet and every MAX_PKT_PER_ACK packets.
+    noack = req.noack_pkts
+    ends = count == left
+    acks: tuple[int, ...]
+    if noack + count < MAX_PKT_PER_ACK:
+        acks = (count - 1,) if ends else ()
+        noack = 0 if ends else noack + count
+    else:
+        acks = tuple(range(MAX_PKT_PER_ACK - 1 - noack, count, MAX_PKT_PER_ACK))
+        if ends and acks[-1] != count - 1:
+            acks += (count - 1,)
+        noack = 0 if acks[-1] == count - 1 else count - 1 - acks[-1]
+    nbytes = resid if resid < count * mtu else count * mtu
+    offload = qp.offload
+    as_run = count > 1 and offload is not None and offload()
+    data: BytesLike | None = None
+    pieces: list[BytesLike] | None = None
+    error: LocalAccessError | None = None
+    if inline is not None:
+        data = memoryview(inline)[off : off + nbytes]
+    elif not nbytes:
+        pieces = [b""]
+    else:
+        assert sgl is not None
+        if as_run:
+            data = sgl.gather_bulk(off, nbytes)
+        if data is None:
+            pieces = []
+            pos = off
+            end = off + nbytes
             try:
-                payload = sgl.gather(off, n)
+                while pos < end:
+                    n = end - pos if end - pos < mtu else mtu
+                    # bytes now: what the link would copy when sending
+                    pieces.append(bytes(sgl.gather(pos, n)))
+                    pos += n
             except LocalAccessError as e:
-                req.psn, req.noack_pkts = psn, noack
-                wqe.resid, wqe.offset, wqe.iova = resid, off, iova
-                _error(wqe, e.status)
-                return False
+                error = e
+            if error is not None:
+                # The packets before the failing one go out (copy_data
+                # failed in finish_packet of that packet).
+                count = len(pieces)
+                ends = False
+                acks = tuple(i for i in acks if i < count)
+                nbytes = count * mtu
+    is_write = bool(mask & WR_WRITE)
+    # SE only on the last packet of a SEND or WRITE_WITH_IMM (init_req_packet).
+    se = bool(wqe.send_flags & _SOLICITED) and bool(mask & (WR_SEND | WR_IMM))
+    imm = wr.imm_data if mask & WR_IMM else None
+    inv = wr.invalidate_rkey if mask & WR_INV else None
+    if count == 1 and ends and off == 0:
+        # An ONLY packet, no run to describe: built as SegRun.packets() would.
+        if data is None:
+            assert pieces is not None
+            data = pieces[0]
+        pkt = edge_packet(
+            wqe.ops[3],
+            qp.attr.dest_qp_num,
+            psn,
+            qp.pkey,
+            data,
+            nbytes,
+            se,
+            True,
+            tuple.__new__(Reth, (wqe.iova, wqe.rkey, resid)) if is_write else None,
+            imm,
+            inv,
+        )
+        qp.out.packets.append(tuple.__new__(OutPacket, (pkt, None, None)))  # unchecked
+        wqe.first_psn = wqe.last_psn = psn
+    elif count:
+        run = SegRun(
+            wqe.ops,
+            qp.attr.dest_qp_num,
+            qp.pkey,
+            psn,
+            count,
+            mtu,
+            off,
+            resid,
+            is_write=is_write,
+            va=wqe.iova,
+            rkey=wqe.rkey,
+            se=se,
+            imm=imm,
+            inv=inv,
+            acks=acks,
+            data=data,
+            pieces=pieces,
+        )
+        packets = qp.out.packets
+        new = tuple.__new__  # OutPacket(...), unchecked
+        if as_run and count > 1:
+            packets.append(new(OutPacket, (run.packets(0, 1)[0], None, run)))
         else:
-            assert inline is not None
-            payload = memoryview(inline)[off : off + n]
-        noack += 1
-        if end or noack >= MAX_PKT_PER_ACK:
-            ack_req = True
-            noack = 0
-        else:
-            ack_req = False
-        if start_msg or end:
-            pkt = Packet.build(
-                opcode,
-                dest_qp=dest_qp,
-                psn=psn,
-                payload=payload,
-                pkey=pkey,
-                se=end and se_ok,
-                ack_req=ack_req,
-                reth=Reth(iova, wqe.rkey, resid) if start_msg and is_write else None,
-                immdt=ImmDt(wr.imm_data) if end and mask & WR_IMM else None,
-                ieth=Ieth(wr.invalidate_rkey) if end and mask & WR_INV else None,
-            )
-        else:
-            # A MIDDLE packet: BTH and payload only, what build() would make
-            # (its pad is 0: the payload is a full MTU).
-            bth = tuple.__new__(
-                Bth, (opcode, dest_qp, psn, pkey, False, False, 0, 0, False, False, ack_req)
-            )
-            pkt = Packet(bth, payload)
-        packets.append(tuple.__new__(OutPacket, (pkt, None)))  # OutPacket(pkt), unchecked
-        if start_msg:
+            for pkt in run.packets():
+                packets.append(new(OutPacket, (pkt, None, None)))
+        if off == 0:
             wqe.first_psn = psn
-            wqe.last_psn = psn_add(psn, max(1, -(-resid // mtu)) - 1)
-        psn = (psn + 1) & PSN_MASK
-        resid -= n
-        off += n
-        if is_write:
-            iova += n
-        # psn_diff(psn, comp_psn) >= MAX_UNACKED_PSNS, written out
-        if end or MAX_UNACKED_PSNS <= (psn - comp_psn) & PSN_MASK < PSN_HALF:
-            req.psn, req.noack_pkts = psn, noack
-            wqe.resid, wqe.offset, wqe.iova = resid, off, iova
-            if end:
-                wqe.state = WQE_PENDING
-                req.wqe_index += 1
-                return True
-            wqe.state = WQE_PROCESSING
-            return False
+            wqe.last_psn = (psn + left - 1) & PSN_MASK
+    psn = (psn + count) & PSN_MASK
+    req.psn = psn
+    if error is not None:
+        req.noack_pkts = count - 1 - acks[-1] if acks else req.noack_pkts + count
+        wqe.resid, wqe.offset = resid - nbytes, off + nbytes
+        if mask & WR_WRITE:
+            wqe.iova += nbytes
+        _error(wqe, error.status)
+        return False
+    req.noack_pkts = noack
+    wqe.resid, wqe.offset = resid - nbytes, off + nbytes
+    if mask & WR_WRITE:
+        wqe.iova += nbytes
+    if ends:
+        wqe.state = WQE_PENDING
+        req.wqe_index += 1
+        return True
+    wqe.state = WQE_PROCESSING
+    return False
 
 
 def _send_read(qp: RcQp, wqe: SendWqe, now: float) -> None:

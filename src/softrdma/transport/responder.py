@@ -78,7 +78,7 @@ from softrdma.transport.headers import (
     aeth_syndrome,
 )
 from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
-from softrdma.transport.opcodes import Opcode, OpcodeInfo
+from softrdma.transport.opcodes import OPCODE_TABLE, Opcode, OpcodeInfo
 from softrdma.transport.packet import Packet
 from softrdma.transport.psn import PSN_HALF, PSN_MASK, psn_add, psn_diff, psn_in_range
 from softrdma.transport.wqe import Completion, CqSide, OutPacket
@@ -86,9 +86,10 @@ from softrdma.verbs.enums import IbAccess, IbEventType, IbWcFlags, IbWcOpcode, I
 from softrdma.verbs.wr import WorkCompletion
 
 if TYPE_CHECKING:
+    from softrdma.transport.burst import SegRun
     from softrdma.transport.rc import RcQp, RespInfo, RespRes
 
-__all__ = ["READ_BURST", "RESPONDER", "RespState", "Step", "receive", "run", "start"]
+__all__ = ["READ_BURST", "RESPONDER", "RespState", "Step", "receive", "receive_run", "run", "start"]
 
 READ_BURST = 64
 """READ response packets built per pass (rxe bounds its in-flight packets per
@@ -186,8 +187,12 @@ _WRITE_CONT = frozenset(
 )
 _SEND_OPEN = frozenset({Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE})
 _WRITE_MIDDLE = Opcode.RC_RDMA_WRITE_MIDDLE
+_WRITE_LAST = Opcode.RC_RDMA_WRITE_LAST
+_WRITE_ONLY = Opcode.RC_RDMA_WRITE_ONLY
+_ACK_OP = int(Opcode.RC_ACKNOWLEDGE)
 _WRITE_FAST = frozenset({Opcode.RC_RDMA_WRITE_MIDDLE, Opcode.RC_RDMA_WRITE_LAST})
 _WRITE_OPEN = frozenset({Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE})
+_OPEN = _SEND_OPEN | _WRITE_OPEN
 _READ_RESPONSES = (
     Opcode.RC_RDMA_READ_RESPONSE_ONLY,
     Opcode.RC_RDMA_READ_RESPONSE_FIRST,
@@ -235,8 +240,13 @@ def receive(qp: RcQp, pkt: Packet, info: OpcodeInfo) -> None:
     if resp.cur is not None or resp.queue:
         resp.queue.append((pkt, info))
         return
-    if pkt.bth.opcode in _WRITE_FAST and resp.opcode in _WRITE_OPEN and resp.mr is not None:
+    opcode = pkt.bth.opcode
+    if opcode in _WRITE_FAST and resp.opcode in _WRITE_OPEN and resp.mr is not None:
         state = _write_fast(qp, resp, pkt)
+        if state is None:
+            return
+    elif opcode == _WRITE_ONLY:
+        state = _write_only_fast(qp, resp, pkt)
         if state is None:
             return
     else:
@@ -286,6 +296,147 @@ def _write_fast(qp: RcQp, resp: RespInfo, pkt: Packet) -> RespState | None:
         _send_ack(qp, _ACK_SYN, psn)
     resp.res = None  # rxe cleanup()
     return None
+
+
+def _write_only_fast(qp: RcQp, resp: RespInfo, pkt: Packet) -> RespState | None:
+    """The table's fixed outcome for an in-order RDMA WRITE ONLY (no
+    immediate) between messages, with a non-empty payload that is the
+    whole RETH length: CHK_PSN → CHK_OP_SEQ → CHK_OP_VALID → CHK_RESOURCE →
+    CHK_LENGTH → CHK_RKEY → EXECUTE → ACKNOWLEDGE → CLEANUP in one pass,
+    the R_Key range checked before the byte move as in the walk. Anything
+    the walk would decide differently returns the state to walk from
+    (``CHK_PSN``, or ``ERR_RKEY_VIOLATION`` when the check or the write
+    fails, with the state the walk leaves by then)."""
+    bth = pkt.bth
+    psn = bth.psn
+    reth = pkt.reth
+    payload = pkt.payload
+    n = len(payload)
+    if (
+        psn != resp.psn
+        or resp.opcode in _OPEN
+        or not qp.access & _REMOTE_WRITE
+        or reth is None
+        or not 0 < n <= qp.mtu
+        or reth.dma_len != n
+    ):
+        return CHK_PSN
+    resp.sent_psn_nak = False
+    resp.aeth_syndrome = _ACK_SYN
+    resp.status = _SUCCESS
+    resp.local_status = None
+    va = resp.va = reth.va
+    rkey = resp.rkey = reth.rkey
+    resp.resid = resp.length = n
+    try:
+        # check_rkey() and the write in one: the checked MR is not kept
+        # (cleanup() drops it after this one packet; an error ends the QP).
+        qp.mem.write_once(rkey, va, payload)
+    except RemoteAccessError as e:
+        resp.nak = e.nak
+        return ERR_RKEY_VIOLATION
+    resp.va = va + n
+    resp.resid = 0
+    resp.mr = None  # rxe cleanup() drops qp->resp.mr
+    resp.msn = (resp.msn + 1) & PSN_MASK
+    resp.psn = resp.ack_psn = (psn + 1) & PSN_MASK
+    resp.opcode = _WRITE_ONLY
+    if bth.ack_req:
+        _send_ack(qp, _ACK_SYN, psn)
+    resp.res = None  # rxe cleanup()
+    return None
+
+
+def receive_run(qp: RcQp, run: SegRun, i: int) -> int:
+    """Execute packets ``i``.. of a :class:`~softrdma.transport.burst.SegRun`
+    together, as far as each would take :func:`_write_fast`'s fixed path:
+    in-order RDMA WRITE MIDDLE packets of a full MTU and the message's
+    plain LAST, continuing a WRITE whose RETH was checked, with no READ
+    reply in progress. Their bytes move with one copy per DMA segment
+    (:meth:`RemoteMr.write_bulk
+    <softrdma.transport.memory_port.RemoteMr.write_bulk>`), else packet by
+    packet; the responder's state, the ACKs (one per AckReq packet, in PSN
+    order) and a fault at one packet come out exactly as from the packets
+    one by one (rxe's ``rxe_responder`` per skb). Returns how many packets
+    it took: 0 when packet ``i`` needs the full walk (the caller then hands
+    it over on its own)."""
+    resp = qp.resp
+    mtu = qp.mtu
+    if (
+        resp.cur is not None
+        or resp.queue
+        or not run.is_write
+        or (i == 0 and run.offset == 0)
+        or resp.opcode not in _WRITE_OPEN
+        or resp.mr is None
+        or not qp.access & _REMOTE_WRITE
+        or run.mtu != mtu
+        or (run.psn + i) & PSN_MASK != resp.psn
+    ):
+        return 0
+    count = run.count - i
+    ends = run.ends
+    if ends and run.ops[2] != _WRITE_LAST:
+        count -= 1  # LAST with immediate completes a receive: on its own
+        ends = False
+    if count <= 0:
+        return 0
+    nmid = count - 1 if ends else count
+    resid = resp.resid
+    if resid <= nmid * mtu:
+        return 0  # a MIDDLE would not carry a full MTU of what is left
+    total = nmid * mtu
+    if ends:
+        last = run.resid - (run.count - 1) * mtu
+        if resid - total != last or last <= 0:
+            return 0
+        total += last
+    mr = resp.mr
+    va = resp.va
+    data = run.data
+    failed: RemoteAccessError | None = None
+    if data is None or not mr.write_bulk(va, memoryview(data)[i * mtu : i * mtu + total]):
+        for j in range(count):
+            try:
+                mr.write(va + j * mtu, run.payload(i + j))
+            except RemoteAccessError as e:
+                failed = e
+                count = j
+                total = j * mtu
+                break
+    # The state after ``count`` packets, as _write_fast leaves it.
+    resp.aeth_syndrome = _ACK_SYN
+    resp.status = _SUCCESS
+    resp.local_status = None
+    resp.sent_psn_nak = False
+    if count:
+        resp.va = va + total
+        resp.resid = resid - total
+        first_psn = resp.psn
+        psn = (first_psn + count - 1) & PSN_MASK
+        done_msg = failed is None and ends
+        for j in run.acks:
+            if i <= j < i + count - (1 if done_msg else 0):
+                _send_ack(qp, _ACK_SYN, (run.psn + j) & PSN_MASK)
+        if done_msg:
+            resp.mr = None  # rxe cleanup() drops qp->resp.mr
+            resp.msn = (resp.msn + 1) & PSN_MASK
+            resp.opcode = _WRITE_LAST
+        else:
+            resp.opcode = _WRITE_MIDDLE
+        resp.psn = resp.ack_psn = (psn + 1) & PSN_MASK
+        if done_msg and run.count - 1 in run.acks:
+            _send_ack(qp, _ACK_SYN, psn)
+        resp.res = None  # rxe cleanup()
+    if failed is None:
+        return count
+    # The packet that faulted goes through the table's error states.
+    pkt = run.packets(i + count, i + count + 1)[0]
+    resp.nak = failed.nak
+    info = OPCODE_TABLE[pkt.bth.opcode]
+    assert info is not None
+    _dispatch(_Pass(qp, pkt, info), ERR_RKEY_VIOLATION)
+    return count + 1
 
 
 def run(qp: RcQp) -> None:
@@ -609,7 +760,7 @@ def _read_reply(p: _Pass) -> RespState:
             pkt_out = Packet.build(
                 opcode, dest_qp=dest_qp, psn=psn, payload=data, pkey=pkey, aeth=aeth
             )
-        packets.append(tuple.__new__(OutPacket, (pkt_out, None)))  # OutPacket(pkt_out)
+        packets.append(tuple.__new__(OutPacket, (pkt_out, None, None)))  # OutPacket(pkt_out)
         va += n
         resid -= n
         psn = (psn + 1) & PSN_MASK  # psn_add, per packet
@@ -701,15 +852,15 @@ def _do_complete(p: _Pass) -> RespState:
 
 
 def _send_ack(qp: RcQp, syndrome: int, psn: int) -> None:
-    """rxe_resp.c ``send_ack``: an ACKNOWLEDGE with ``syndrome`` for ``psn``."""
-    pkt = Packet.build(
-        Opcode.RC_ACKNOWLEDGE,
-        dest_qp=qp.attr.dest_qp_num,
-        psn=psn,
-        pkey=qp.pkey,
-        aeth=Aeth(syndrome, qp.resp.msn),
+    """rxe_resp.c ``send_ack``: an ACKNOWLEDGE with ``syndrome`` for ``psn``
+    (what ``Packet.build`` makes of it, built directly: one per AckReq)."""
+    new = tuple.__new__
+    bth = new(
+        Bth, (_ACK_OP, qp.attr.dest_qp_num, psn, qp.pkey, False, False, 0, 0, False, False, False)
     )
-    qp.out.packets.append(OutPacket(pkt))
+    aeth = new(Aeth, (syndrome, qp.resp.msn))
+    pkt = Packet(bth, b"", None, aeth)
+    qp.out.packets.append(new(OutPacket, (pkt, None, None)))
 
 
 def _acknowledge(p: _Pass) -> RespState:

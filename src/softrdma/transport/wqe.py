@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from softrdma.transport.burst import SegRun
 from softrdma.transport.memory_port import LocalSgl
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
@@ -331,10 +332,17 @@ class UdDest(NamedTuple):
 
 class OutPacket(NamedTuple):
     """A packet to transmit. RC packets go to the QP's connected peer
-    (``dest`` is ``None``); UD packets carry a :class:`UdDest`."""
+    (``dest`` is ``None``); UD packets carry a :class:`UdDest`.
+
+    With segmentation offload on (:attr:`RcQp.offload
+    <softrdma.transport.rc.RcQp.offload>`, which only a driver that handles
+    runs turns on) an RC requester hands on several packets of a message
+    as one entry: ``run`` is their :class:`~softrdma.transport.burst.SegRun`
+    and ``pkt`` its first packet."""
 
     pkt: Packet
     dest: UdDest | None = None
+    run: SegRun | None = None
 
 
 @dataclass(frozen=True, slots=True)

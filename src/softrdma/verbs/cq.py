@@ -50,9 +50,24 @@ class CompletionQueue:
         self.overflowed = False
         self.usecnt = 0
         self.destroyed = False
+        # Only threads waiting on real time need waking: on simulated time
+        # the poller runs the loop itself (Scheduler.wait).
+        self._wake = not device.scheduler.simulated
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def armed(self) -> bool:
+        """A :meth:`req_notify` is pending: the next completion (a
+        solicited one, if asked) calls ``comp_handler``."""
+        return self._armed
+
+    def quiet_for(self, n: int) -> bool:
+        """``n`` more completions can be pushed without calling anything:
+        no notification armed, no overflow event (a driver may then push
+        them a moment later, with the same result)."""
+        return not self._armed and len(self._entries) + n < self.cqe
 
     def __repr__(self) -> str:
         return f"CompletionQueue({self.device.name}, {len(self)}/{self.cqe})"
@@ -88,9 +103,10 @@ class CompletionQueue:
     def push(self, wc: WorkCompletion, solicited: bool = False) -> None:
         """The driver posts a completion (``rxe_cq_post``), holding the
         device lock; threads in :meth:`wait` wake up."""
-        lock = self.device.lock
-        with lock:
-            lock.notify_all()
+        if self._wake:
+            lock = self.device.lock
+            with lock:
+                lock.notify_all()
         if len(self._entries) >= self.cqe:
             self.overflowed = True
             from softrdma.verbs.device import IbEvent

@@ -101,6 +101,7 @@ _UD_OPT = IbQpAttrMask.CUR_STATE | IbQpAttrMask.QKEY
 
 # (from, to) -> {qp type: (required, optional)}; types missing = invalid.
 _RC, _UD = IbQpType.RC, IbQpType.UD
+_INLINE = int(IbSendFlags.INLINE)
 _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
     (IbQpState.RESET, IbQpState.INIT): {
         _RC: (IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS, 0),
@@ -388,25 +389,30 @@ class QueuePair:
                     self.device.ops_post_send(self, good)
 
     def _check_send(self, wr: SendWR, queued: int) -> None:
-        def bad(err: int, why: str) -> PostError:
-            return PostError(err, f"QP {self.qp_num:#x}: {why}", wr)
-
-        if queued >= self.cap.max_send_wr:
-            raise bad(errno.ENOMEM, f"send queue full ({self.cap.max_send_wr} WRs)")
-        if wr.send_flags & IbSendFlags.INLINE:
-            if wr.length > self.cap.max_inline_data:
+        cap = self.cap
+        bad = self._bad_wr
+        if queued >= cap.max_send_wr:
+            raise bad(errno.ENOMEM, f"send queue full ({cap.max_send_wr} WRs)", wr)
+        if int(wr.send_flags) & _INLINE:  # (int: IntFlag's & is slow, once per WR)
+            if wr.length > cap.max_inline_data:
                 raise bad(
                     errno.EINVAL,
-                    f"{wr.length} inline bytes > max_inline_data {self.cap.max_inline_data}",
+                    f"{wr.length} inline bytes > max_inline_data {cap.max_inline_data}",
+                    wr,
                 )
-        elif len(wr.sg_list) > self.cap.max_send_sge:
-            raise bad(
-                errno.EINVAL, f"{len(wr.sg_list)} SGEs > max_send_sge {self.cap.max_send_sge}"
-            )
-        if any(s.length < 0 or s.length >= 1 << 32 for s in wr.sg_list):
-            raise bad(errno.EINVAL, "SGE length out of range")
-        if wr.length > 1 << 31:
-            raise bad(errno.EINVAL, "message larger than 2 GiB")
+        elif len(wr.sg_list) > cap.max_send_sge:
+            raise bad(errno.EINVAL, f"{len(wr.sg_list)} SGEs > max_send_sge {cap.max_send_sge}", wr)
+        total = 0
+        for s in wr.sg_list:
+            n = s.length
+            if not 0 <= n < 1 << 32:
+                raise bad(errno.EINVAL, "SGE length out of range", wr)
+            total += n
+        if total > 1 << 31:
+            raise bad(errno.EINVAL, "message larger than 2 GiB", wr)
+
+    def _bad_wr(self, err: int, why: str, wr: SendWR) -> PostError:
+        return PostError(err, f"QP {self.qp_num:#x}: {why}", wr)
 
     def post_recv(self, wrs: RecvWR | Sequence[RecvWR]) -> None:
         """``ib_post_recv``."""

@@ -61,7 +61,8 @@ class SendWR:
     @property
     def length(self) -> int:
         """Total bytes of the scatter/gather list."""
-        return sum(s.length for s in self.sg_list)
+        sg = self.sg_list
+        return sg[0].length if len(sg) == 1 else sum([s.length for s in sg])
 
 
 @dataclass(frozen=True, slots=True)
