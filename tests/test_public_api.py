@@ -27,6 +27,7 @@ PACKAGES = [
     "softrdma.ulp.srp",
     "softrdma.ulp.iscsi",
     "softrdma.ulp.iser",
+    "softrdma.perf",
 ]
 
 

@@ -10,7 +10,7 @@ from types import ModuleType
 
 def _tools() -> dict[str, tuple[ModuleType, str]]:
     """The tool subcommands: each module has ``build_parser(p)`` and ``run(args, parser)``."""
-    from softrdma.cli import devinfo, iser, rc_pingpong, rping, srp
+    from softrdma.cli import devinfo, iser, perf, pyverbs, rc_pingpong, rping, srp
 
     return {
         "rc-pingpong": (rc_pingpong, "RC ping-pong over UDP, like ibv_rc_pingpong"),
@@ -18,6 +18,9 @@ def _tools() -> dict[str, tuple[ModuleType, str]]:
         "devinfo": (devinfo, "device attributes, like ibv_devinfo"),
         "srp": (srp, "SRP (SCSI RDMA Protocol): a target like ib_srpt, an initiator like ib_srp"),
         "iser": (iser, "iSER (iSCSI Extensions for RDMA): a target like LIO's ib_isert"),
+        "perf": (perf, "perftest's bandwidth and latency tests, like ib_write_bw"),
+        "pyverbs-path": (pyverbs, "print the directory to put on PYTHONPATH for pyverbs"),
+        "pyverbs-tests": (pyverbs, "run rdma-core's pyverbs test suite on softrdma devices"),
     }
 
 

@@ -1,0 +1,322 @@
+"""``pyverbs.mr``: memory regions (``ibv_reg_mr``, ``ibv_rereg_mr``,
+``ibv_dereg_mr``) and the memory-window types.
+
+``MR(pd, length, access)`` allocates ``length`` bytes of process memory
+(``MR.buf`` is its user virtual address) and registers it;
+``MR(pd, length, access, address=addr)`` registers memory the caller
+allocated (:mod:`pyverbs.mem_alloc`). Registration pins the pages and
+DMA-maps them for the device (:func:`~softrdma.verbs.umem.ib_umem_get`),
+so on an IOMMU device the MR's pages are IOVA mappings the DMA-API debug
+checker tracks until ``close()``. ``MR.read`` / ``MR.write`` are CPU
+accesses to that memory, with the DMA syncs a bounce-buffer platform
+needs around them.
+
+``DMMR`` registers device memory (:class:`pyverbs.device.DM`). Memory
+windows and dma-buf MRs are not supported: their constructors raise
+``EOPNOTSUPP``.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+import pyverbs.enums as e
+from pyverbs import _softrdma as sim
+from pyverbs.base import PyverbsCM, PyverbsObject
+from pyverbs.device import DM
+from pyverbs.pd import PD
+from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError, PyverbsUserError
+from softrdma.errors import SoftRdmaError
+from softrdma.memory.mm import UserAddressError, VmError
+from softrdma.verbs.dm import ib_dereg_dm_mr, ib_reg_dm_mr
+from softrdma.verbs.enums import IbAccess
+from softrdma.verbs.mr import MemoryRegion
+from softrdma.verbs.umem import (
+    IbUmem,
+    ib_dereg_user_mr,
+    ib_reg_user_mr,
+    ib_rereg_user_mr,
+    ib_umem_get,
+    ib_umem_release,
+)
+
+__all__ = ["DMMR", "MR", "MW", "DmaBufMR", "MWBind", "MWBindInfo", "ibv_access_to_ib"]
+
+#: The access bits the kernel's RDMA core takes (``IB_ACCESS_SUPPORTED``
+#: without ODP): the ones the MR enforces.
+_CORE_ACCESS = (
+    e.IBV_ACCESS_LOCAL_WRITE
+    | e.IBV_ACCESS_REMOTE_WRITE
+    | e.IBV_ACCESS_REMOTE_READ
+    | e.IBV_ACCESS_REMOTE_ATOMIC
+    | e.IBV_ACCESS_MW_BIND
+    | e.IBV_ACCESS_ZERO_BASED
+)
+#: ``IBV_ACCESS_OPTIONAL_RANGE``: hints a device may ignore (relaxed
+#: ordering among them), and ``IBV_ACCESS_HUGETLB``, a hint about the memory.
+_IGNORED_ACCESS = 0x3FF00000 | e.IBV_ACCESS_HUGETLB
+
+
+def ibv_access_to_ib(access: int, what: str) -> IbAccess:
+    """The kernel access flags of ``ibv_access_flags``: optional bits
+    dropped, on-demand paging refused (``EOPNOTSUPP``), unknown bits
+    refused (``EINVAL``)."""
+    if access & e.IBV_ACCESS_ON_DEMAND:
+        raise PyverbsRDMAError(f"{what}: on-demand paging is not supported", errno.EOPNOTSUPP)
+    unknown = access & ~(_CORE_ACCESS | _IGNORED_ACCESS)
+    if unknown:
+        raise PyverbsRDMAError(f"{what}: unknown access flags {unknown:#x}", errno.EINVAL)
+    return IbAccess(access & _CORE_ACCESS)
+
+
+class MR(PyverbsCM):
+    """``struct ibv_mr``: ``MR(pd, length, access, address=None)``."""
+
+    def __init__(
+        self,
+        creator: PD,
+        length: int = 0,
+        access: int = 0,
+        address: int | None = None,
+        implicit: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        what = "Failed to register a MR"
+        if not isinstance(creator, PD):
+            raise PyverbsUserError("MR needs a PD (RDMA CM registration is not supported)")
+        if implicit:
+            raise PyverbsRDMAError(f"{what}: implicit ODP MRs", errno.EOPNOTSUPP)
+        self.pd = creator
+        pd = creator.alive(what)
+        ib_access = ibv_access_to_ib(access, what)
+        if length <= 0:
+            raise PyverbsRDMAError(f"{what} of length {length}", errno.EINVAL)
+        proc = sim.process()
+        self._mm = proc.mm
+        self._owns_buf = address is None
+        if address is None:
+            try:
+                address = proc.mm.mmap(length)
+            except VmError as ex:
+                raise PyverbsRDMAError(f"{what}: no memory", ex.errno) from None
+        self._buf = address
+        self._length = length
+        self._access = access
+        iova = 0 if ib_access & IbAccess.ZERO_BASED else address
+        try:
+            self.umem: IbUmem = ib_umem_get(pd.device, proc.mm, address, length, ib_access)
+            try:
+                self.mr: MemoryRegion = ib_reg_user_mr(pd, self.umem, iova, ib_access)
+            except SoftRdmaError:
+                ib_umem_release(self.umem)
+                raise
+        except SoftRdmaError as ex:
+            if self._owns_buf:
+                proc.mm.munmap(address, length)
+            raise sim.rdma_error(what, ex) from None
+        creator.add_ref(self)
+
+    def __repr__(self) -> str:
+        return f"MR(buf={self._buf:#x}, length={self._length}, lkey={self.lkey:#x})"
+
+    @property
+    def buf(self) -> int:
+        """The user virtual address of the memory."""
+        return self._buf
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    @property
+    def lkey(self) -> int:
+        return self.mr.lkey
+
+    @property
+    def rkey(self) -> int:
+        return self.mr.rkey
+
+    @property
+    def handle(self) -> int:
+        return self.mr.index
+
+    def _range(self, length: int, offset: int, what: str) -> None:
+        if self.closed:
+            raise PyverbsUserError(f"{what}: the MR is closed")
+        if length < 0 or offset < 0 or offset + length > self._length:
+            raise PyverbsUserError(
+                f"{what}: {length} bytes at offset {offset} are outside the MR "
+                f"({self._length} bytes)"
+            )
+
+    def read(self, length: int, offset: int) -> bytes:
+        """``length`` bytes of the MR's memory at ``offset`` (the CPU's view:
+        synced from the device first)."""
+        self._range(length, offset, "MR read")
+        self.umem.sync_for_cpu()
+        try:
+            return self._mm.read(self._buf + offset, length)
+        except UserAddressError as ex:
+            raise PyverbsError(f"MR read: {ex}", errno.EFAULT) from None
+
+    def write(self, data: bytes | str, length: int, offset: int = 0) -> None:
+        """Store the first ``length`` bytes of ``data`` at ``offset`` (then
+        hand the memory back to the device)."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        length = min(length, len(raw))
+        self._range(length, offset, "MR write")
+        self.umem.sync_for_cpu()
+        try:
+            self._mm.write(self._buf + offset, raw[:length])
+        except UserAddressError as ex:
+            raise PyverbsError(f"MR write: {ex}", errno.EFAULT) from None
+        self.umem.sync_for_device()
+
+    def rereg(
+        self, flags: int, pd: PD | None = None, addr: int = 0, length: int = 0, access: int = 0
+    ) -> None:
+        """``ibv_rereg_mr``: ``IBV_REREG_MR_CHANGE_TRANSLATION`` (``addr``,
+        ``length``), ``IBV_REREG_MR_CHANGE_PD``, ``IBV_REREG_MR_CHANGE_ACCESS``;
+        the keys stay."""
+        what = "Failed to rereg MR"
+        supported = (
+            e.IBV_REREG_MR_CHANGE_TRANSLATION
+            | e.IBV_REREG_MR_CHANGE_PD
+            | e.IBV_REREG_MR_CHANGE_ACCESS
+        )
+        if self.closed:
+            raise PyverbsRDMAError(f"{what}: the MR is closed", errno.EINVAL)
+        if not flags or flags & ~supported:
+            raise PyverbsRDMAError(f"{what}: flags {flags:#x}", errno.EINVAL)
+        new_pd = None
+        if flags & e.IBV_REREG_MR_CHANGE_PD:
+            if pd is None:
+                raise PyverbsRDMAError(f"{what}: no PD", errno.EINVAL)
+            new_pd = pd.alive(what)
+        ib_access = ibv_access_to_ib(access, what) if flags & e.IBV_REREG_MR_CHANGE_ACCESS else None
+        umem = None
+        if flags & e.IBV_REREG_MR_CHANGE_TRANSLATION:
+            if length <= 0:
+                raise PyverbsRDMAError(f"{what}: length {length}", errno.EINVAL)
+            try:
+                umem = ib_umem_get(
+                    self.mr.device,
+                    self._mm,
+                    addr,
+                    length,
+                    ib_access if ib_access is not None else self.mr.access,
+                )
+            except SoftRdmaError as ex:
+                raise sim.rdma_error(what, ex) from None
+        try:
+            ib_rereg_user_mr(self.mr, pd=new_pd, access=ib_access, umem=umem)
+        except SoftRdmaError as ex:
+            if umem is not None:
+                ib_umem_release(umem)
+            raise sim.rdma_error(what, ex) from None
+        if umem is not None:
+            ib_umem_release(self.umem)
+            if self._owns_buf:
+                self._mm.munmap(self._buf, self._length)
+            self.umem, self._buf, self._length, self._owns_buf = umem, addr, length, False
+        if pd is not None and new_pd is not None and pd is not self.pd:
+            self.pd = pd
+            pd.add_ref(self)
+        if ib_access is not None:
+            self._access = access
+
+    def _release(self) -> None:
+        ib_dereg_user_mr(self.mr, self.umem)
+        if self._owns_buf:
+            self._mm.munmap(self._buf, self._length)
+
+
+class MWBindInfo(PyverbsObject):
+    """``struct ibv_mw_bind_info`` (a value; binding is not supported)."""
+
+    def __init__(self, mr: MR, addr: int, length: int, mw_access_flags: int) -> None:
+        super().__init__()
+        self.mr = mr
+        self.addr = addr
+        self.length = length
+        self.mw_access_flags = mw_access_flags
+
+
+class MWBind(PyverbsObject):
+    """``struct ibv_mw_bind`` (a value; binding is not supported)."""
+
+    def __init__(self, info: MWBindInfo, send_flags: int, wr_id: int = 0) -> None:
+        super().__init__()
+        self.bind_info = info
+        self.send_flags = send_flags
+        self.wr_id = wr_id
+
+
+class MW(PyverbsCM):
+    """``ibv_alloc_mw``: memory windows are not supported (``EOPNOTSUPP``;
+    the devices report ``max_mw`` 0)."""
+
+    def __init__(self, pd: PD, mw_type: int) -> None:
+        super().__init__()
+        self._closed = True
+        raise PyverbsRDMAError("Failed to allocate MW", errno.EOPNOTSUPP)
+
+
+class DMMR(MR):
+    """``ibv_reg_dm_mr``: ``DMMR(pd, length, access, dm, offset)``, a
+    zero-based MR over device memory (``access`` must hold
+    ``IBV_ACCESS_ZERO_BASED``; ``offset`` page aligned). ``buf`` is 0, the
+    MR's first iova; ``read`` / ``write`` copy from / to the device memory."""
+
+    def __init__(self, pd: PD, length: int, access: int, dm: DM, offset: int) -> None:
+        PyverbsCM.__init__(self)
+        what = "Failed to register a device MR"
+        ib_access = ibv_access_to_ib(access, what)
+        ibpd = pd.alive(what)
+        if dm.closed:
+            raise PyverbsRDMAError(f"{what}: the DM is closed", errno.EINVAL)
+        try:
+            self.mr = ib_reg_dm_mr(ibpd, dm.dm, int(offset), int(length), ib_access)
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        self.pd = pd
+        self.dm = dm
+        self._dm_offset = int(offset)
+        self._buf = 0
+        self._length = int(length)
+        self._access = access
+        self._owns_buf = False
+        pd.add_ref(self)
+        dm.add_ref(self)
+
+    def read(self, length: int, offset: int) -> bytes:
+        """``length`` bytes of the MR at ``offset`` (``ibv_memcpy_from_dm``)."""
+        if offset < 0 or length < 0 or offset + length > self._length:
+            raise PyverbsRDMAError("Failed to copy from dm: outside the MR", errno.EINVAL)
+        return self.dm.copy_from_dm(self._dm_offset + offset, length)
+
+    def write(self, data: bytes | str, length: int, offset: int = 0) -> None:
+        """Store ``data`` at ``offset`` of the MR (``ibv_memcpy_to_dm``)."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        if offset < 0 or length < 0 or offset + length > self._length:
+            raise PyverbsRDMAError("Failed to copy to dm: outside the MR", errno.EINVAL)
+        self.dm.copy_to_dm(self._dm_offset + offset, raw, length)
+
+    def rereg(
+        self, flags: int, pd: PD | None = None, addr: int = 0, length: int = 0, access: int = 0
+    ) -> None:
+        raise PyverbsRDMAError("Failed to rereg MR: a device-memory MR", errno.EOPNOTSUPP)
+
+    def _release(self) -> None:
+        ib_dereg_dm_mr(self.mr, self.dm.dm)
+
+
+class DmaBufMR(MR):
+    """``ibv_reg_dmabuf_mr``: dma-buf import is not supported (``EOPNOTSUPP``)."""
+
+    def __init__(self, pd: PD, length: int, access: int, dmabuf: object = None, **kw: Any) -> None:
+        PyverbsCM.__init__(self)
+        self._closed = True
+        raise PyverbsRDMAError("Failed to register a dma-buf MR", errno.EOPNOTSUPP)

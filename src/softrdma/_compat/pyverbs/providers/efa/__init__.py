@@ -1,0 +1,1 @@
+"""EFA provider stand-ins (see :mod:`pyverbs.providers.efa.efadv`)."""

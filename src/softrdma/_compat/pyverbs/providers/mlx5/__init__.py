@@ -1,0 +1,1 @@
+"""mlx5 provider stand-ins (see :mod:`pyverbs.providers.mlx5.mlx5dv`)."""

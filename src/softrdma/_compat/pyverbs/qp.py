@@ -1,0 +1,754 @@
+"""``pyverbs.qp``: queue pairs (``ibv_create_qp``, ``ibv_create_qp_ex``,
+``ibv_modify_qp``, ``ibv_query_qp``, ``ibv_post_send``, ``ibv_post_recv``,
+``ibv_destroy_qp``) and their attribute objects.
+
+A QP is a softrdma :class:`~softrdma.verbs.qp.QueuePair` (RC or UD; the
+transport is softrdma's). ``QP(pd, init_attr, qp_attr)`` moves an RC QP
+to INIT and a UD QP to RTS, and ``to_init`` / ``to_rtr`` / ``to_rts``
+use the attribute masks pyverbs uses, so the kernel's transition table
+(``ib_modify_qp_is_ok``) judges exactly what rdma-core's would.
+:class:`QPEx` adds the extended post-send API (``ibv_wr_*``). UC, XRC and
+raw packet QPs and SRQs are not supported: creating them raises
+``EOPNOTSUPP``.
+"""
+
+from __future__ import annotations
+
+import copy
+import errno
+import itertools
+import socket
+from typing import Any
+
+import pyverbs.enums as e
+from pyverbs import _softrdma as sim
+from pyverbs.addr import AH, AHAttr
+from pyverbs.base import PyverbsCM, PyverbsObject
+from pyverbs.cq import CQ
+from pyverbs.device import Context
+from pyverbs.mr import ibv_access_to_ib
+from pyverbs.pd import PD
+from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
+from pyverbs.wr import SGE, RecvWR, SendWR
+from softrdma.errors import SoftRdmaError
+from softrdma.verbs import qp as ibqp
+from softrdma.verbs import wr as ibwr
+from softrdma.verbs.enums import (
+    IbMtu,
+    IbQpAttrMask,
+    IbQpState,
+    IbQpType,
+    IbSendFlags,
+    IbWrOpcode,
+)
+from softrdma.verbs.errors import PostError
+
+__all__ = ["QP", "QPAttr", "QPCap", "QPEx", "QPInitAttr", "QPInitAttrEx"]
+
+_QP_TYPES: dict[int, IbQpType] = {
+    e.IBV_QPT_RC: IbQpType.RC,
+    e.IBV_QPT_UD: IbQpType.UD,
+    e.IBV_QPT_UC: IbQpType.UC,
+}
+
+#: pyverbs' ``_get_comp_mask``: the attributes each helper passes.
+_MASKS: dict[int, dict[str, int]] = {
+    e.IBV_QPT_RC: {
+        "INIT": e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT | e.IBV_QP_ACCESS_FLAGS,
+        "RTR": e.IBV_QP_AV
+        | e.IBV_QP_PATH_MTU
+        | e.IBV_QP_DEST_QPN
+        | e.IBV_QP_RQ_PSN
+        | e.IBV_QP_MAX_DEST_RD_ATOMIC
+        | e.IBV_QP_MIN_RNR_TIMER,
+        "RTS": e.IBV_QP_TIMEOUT
+        | e.IBV_QP_RETRY_CNT
+        | e.IBV_QP_RNR_RETRY
+        | e.IBV_QP_SQ_PSN
+        | e.IBV_QP_MAX_QP_RD_ATOMIC,
+    },
+    e.IBV_QPT_UD: {
+        "INIT": e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT | e.IBV_QP_QKEY,
+        "RTR": 0,
+        "RTS": e.IBV_QP_SQ_PSN,
+    },
+}
+
+#: ``ibv_wr_opcode`` -> the softrdma opcode and WR class.
+_SEND_OPCODES: dict[int, IbWrOpcode] = {
+    e.IBV_WR_SEND: IbWrOpcode.SEND,
+    e.IBV_WR_SEND_WITH_IMM: IbWrOpcode.SEND_WITH_IMM,
+    e.IBV_WR_SEND_WITH_INV: IbWrOpcode.SEND_WITH_INV,
+    e.IBV_WR_LOCAL_INV: IbWrOpcode.LOCAL_INV,
+    e.IBV_WR_RDMA_WRITE: IbWrOpcode.RDMA_WRITE,
+    e.IBV_WR_RDMA_WRITE_WITH_IMM: IbWrOpcode.RDMA_WRITE_WITH_IMM,
+    e.IBV_WR_RDMA_READ: IbWrOpcode.RDMA_READ,
+    e.IBV_WR_ATOMIC_CMP_AND_SWP: IbWrOpcode.ATOMIC_CMP_AND_SWP,
+    e.IBV_WR_ATOMIC_FETCH_AND_ADD: IbWrOpcode.ATOMIC_FETCH_AND_ADD,
+}
+_SEND_FLAGS = e.IBV_SEND_FENCE | e.IBV_SEND_SIGNALED | e.IBV_SEND_SOLICITED | e.IBV_SEND_INLINE
+
+
+class QPCap(PyverbsObject):
+    """``struct ibv_qp_cap``."""
+
+    def __init__(
+        self,
+        max_send_wr: int = 1,
+        max_recv_wr: int = 10,
+        max_send_sge: int = 1,
+        max_recv_sge: int = 1,
+        max_inline_data: int = 0,
+    ) -> None:
+        super().__init__()
+        self.max_send_wr = max_send_wr
+        self.max_recv_wr = max_recv_wr
+        self.max_send_sge = max_send_sge
+        self.max_recv_sge = max_recv_sge
+        self.max_inline_data = max_inline_data
+
+    def to_ib(self) -> ibqp.QpCap:
+        return ibqp.QpCap(
+            self.max_send_wr,
+            self.max_recv_wr,
+            self.max_send_sge,
+            self.max_recv_sge,
+            self.max_inline_data,
+        )
+
+
+class QPInitAttr(PyverbsObject):
+    """``struct ibv_qp_init_attr``."""
+
+    def __init__(
+        self,
+        qp_type: int = e.IBV_QPT_UD,
+        qp_context: object = None,
+        scq: CQ | None = None,
+        rcq: CQ | None = None,
+        srq: object = None,
+        cap: QPCap | None = None,
+        sq_sig_all: int = 1,
+    ) -> None:
+        super().__init__()
+        self.qp_type = qp_type
+        self.qp_context = qp_context
+        self.send_cq = scq
+        self.recv_cq = rcq
+        self.srq = srq
+        self.cap = cap if cap is not None else QPCap()
+        self.sq_sig_all = sq_sig_all
+
+    @property
+    def max_send_wr(self) -> int:
+        return self.cap.max_send_wr
+
+    @max_send_wr.setter
+    def max_send_wr(self, val: int) -> None:
+        self.cap.max_send_wr = val
+
+    @property
+    def max_recv_wr(self) -> int:
+        return self.cap.max_recv_wr
+
+    @max_recv_wr.setter
+    def max_recv_wr(self, val: int) -> None:
+        self.cap.max_recv_wr = val
+
+    @property
+    def max_send_sge(self) -> int:
+        return self.cap.max_send_sge
+
+    @max_send_sge.setter
+    def max_send_sge(self, val: int) -> None:
+        self.cap.max_send_sge = val
+
+    @property
+    def max_recv_sge(self) -> int:
+        return self.cap.max_recv_sge
+
+    @max_recv_sge.setter
+    def max_recv_sge(self, val: int) -> None:
+        self.cap.max_recv_sge = val
+
+    @property
+    def max_inline_data(self) -> int:
+        return self.cap.max_inline_data
+
+    @max_inline_data.setter
+    def max_inline_data(self, val: int) -> None:
+        self.cap.max_inline_data = val
+
+
+class QPInitAttrEx(QPInitAttr):
+    """``struct ibv_qp_init_attr_ex`` (``ibv_create_qp_ex`` on a Context)."""
+
+    def __init__(
+        self,
+        qp_type: int = e.IBV_QPT_UD,
+        qp_context: object = None,
+        scq: CQ | None = None,
+        rcq: CQ | None = None,
+        srq: object = None,
+        cap: QPCap | None = None,
+        sq_sig_all: int = 0,
+        comp_mask: int = 0,
+        pd: PD | None = None,
+        xrcd: object = None,
+        create_flags: int = 0,
+        max_tso_header: int = 0,
+        source_qpn: int = 0,
+        hash_conf: object = None,
+        ind_table: object = None,
+        send_ops_flags: int = 0,
+    ) -> None:
+        super().__init__(qp_type, qp_context, scq, rcq, srq, cap, sq_sig_all)
+        self.comp_mask = comp_mask
+        self.pd = pd
+        self.xrcd = xrcd
+        self.create_flags = create_flags
+        self.max_tso_header = max_tso_header
+        self.source_qpn = source_qpn
+        self.hash_conf = hash_conf
+        self.ind_table = ind_table
+        self.send_ops_flags = send_ops_flags
+
+
+class QPAttr(PyverbsObject):
+    """``struct ibv_qp_attr``: zero except the RESET → INIT defaults
+    (``qp_state`` INIT, ``port_num`` 1, ``path_mtu`` 1024)."""
+
+    def __init__(
+        self,
+        qp_state: int = e.IBV_QPS_INIT,
+        cur_qp_state: int = e.IBV_QPS_RESET,
+        port_num: int = 1,
+        path_mtu: int = e.IBV_MTU_1024,
+    ) -> None:
+        super().__init__()
+        self.qp_state = qp_state
+        self.cur_qp_state = cur_qp_state
+        self.port_num = port_num
+        self.path_mtu = path_mtu
+        self.path_mig_state = 0
+        self.qkey = 0
+        self.rq_psn = 0
+        self.sq_psn = 0
+        self.dest_qp_num = 0
+        self.qp_access_flags = 0
+        self.cap = QPCap(0, 0, 0, 0, 0)
+        self.ah_attr = AHAttr()
+        self.alt_ah_attr = AHAttr()
+        self.pkey_index = 0
+        self.alt_pkey_index = 0
+        self.en_sqd_async_notify = 0
+        self.sq_draining = 0
+        self.max_rd_atomic = 0
+        self.max_dest_rd_atomic = 0
+        self.min_rnr_timer = 0
+        self.timeout = 0
+        self.retry_cnt = 0
+        self.rnr_retry = 0
+        self.alt_port_num = 0
+        self.alt_timeout = 0
+        self.rate_limit = 0
+
+    def to_ib(self, mask: int) -> ibqp.QpAttr:
+        """The softrdma ``ib_qp_attr`` of the fields ``mask`` selects."""
+        what = "Failed to modify QP"
+        try:
+            attr = ibqp.QpAttr(
+                qp_state=IbQpState(self.qp_state),
+                cur_qp_state=IbQpState(self.cur_qp_state),
+                qkey=self.qkey,
+                rq_psn=self.rq_psn,
+                sq_psn=self.sq_psn,
+                dest_qp_num=self.dest_qp_num,
+                pkey_index=self.pkey_index,
+                port_num=self.port_num,
+                max_rd_atomic=self.max_rd_atomic,
+                max_dest_rd_atomic=self.max_dest_rd_atomic,
+                min_rnr_timer=self.min_rnr_timer,
+                timeout=self.timeout,
+                retry_cnt=self.retry_cnt,
+                rnr_retry=self.rnr_retry,
+                en_sqd_async_notify=bool(self.en_sqd_async_notify),
+            )
+            if mask & e.IBV_QP_PATH_MTU:
+                attr.path_mtu = IbMtu(self.path_mtu)
+        except ValueError as ex:
+            raise PyverbsRDMAError(f"{what}: {ex}", errno.EINVAL) from None
+        if mask & e.IBV_QP_ACCESS_FLAGS:
+            attr.qp_access_flags = ibv_access_to_ib(self.qp_access_flags, what)
+        if mask & e.IBV_QP_AV:
+            attr.ah_attr = self.ah_attr.to_softrdma(what)
+        return attr
+
+    @classmethod
+    def from_ib(cls, attr: ibqp.QpAttr, cap: ibqp.QpCap) -> QPAttr:
+        """The ``ibv_qp_attr`` that ``ibv_query_qp`` fills."""
+        from pyverbs.addr import GID, GlobalRoute
+
+        out = cls(int(attr.qp_state), int(attr.cur_qp_state), attr.port_num, int(attr.path_mtu))
+        for name in (
+            "qkey",
+            "rq_psn",
+            "sq_psn",
+            "dest_qp_num",
+            "pkey_index",
+            "max_rd_atomic",
+            "max_dest_rd_atomic",
+            "min_rnr_timer",
+            "timeout",
+            "retry_cnt",
+            "rnr_retry",
+        ):
+            setattr(out, name, int(getattr(attr, name)))
+        out.qp_access_flags = int(attr.qp_access_flags)
+        out.en_sqd_async_notify = int(attr.en_sqd_async_notify)
+        out.cap = QPCap(
+            cap.max_send_wr,
+            cap.max_recv_wr,
+            cap.max_send_sge,
+            cap.max_recv_sge,
+            cap.max_inline_data,
+        )
+        if attr.ah_attr is not None:
+            a = attr.ah_attr
+            gr = GlobalRoute(GID.from_raw(a.dgid), a.flow_label, 0, a.hop_limit, a.traffic_class)
+            out.ah_attr = AHAttr(is_global=1, port_num=a.port_num, gr=gr)
+        return out
+
+
+class QP(PyverbsCM):
+    """``struct ibv_qp``: ``QP(pd, QPInitAttr, qp_attr=None)`` or
+    ``QP(context, QPInitAttrEx, qp_attr=None)``; with ``qp_attr`` an RC QP
+    ends in INIT and a UD QP in RTS."""
+
+    def __init__(
+        self, creator: PD | Context, init_attr: QPInitAttr, qp_attr: QPAttr | None = None
+    ) -> None:
+        super().__init__()
+        what = "Failed to create QP"
+        if isinstance(creator, Context):
+            if not isinstance(init_attr, QPInitAttrEx):
+                raise PyverbsUserError("A QP created on a Context needs a QPInitAttrEx")
+            # blocking multicast loopback holds trivially: there is no multicast
+            flags = init_attr.create_flags
+            if init_attr.comp_mask & e.IBV_QP_INIT_ATTR_CREATE_FLAGS and init_attr.qp_type == (
+                e.IBV_QPT_UD
+            ):
+                flags &= ~e.IBV_QP_CREATE_BLOCK_SELF_MCAST_LB
+            if flags or init_attr.ind_table is not None or init_attr.xrcd:
+                raise PyverbsRDMAError(f"{what}: create flags / RSS / XRC", errno.EOPNOTSUPP)
+            if init_attr.comp_mask & e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS:
+                _check_send_ops(init_attr.qp_type, init_attr.send_ops_flags, what)
+            if not init_attr.comp_mask & e.IBV_QP_INIT_ATTR_PD or init_attr.pd is None:
+                raise PyverbsRDMAError(f"{what}: no PD", errno.EINVAL)
+            pd = init_attr.pd
+        elif isinstance(creator, PD):
+            pd = creator
+        else:
+            raise PyverbsUserError("A QP is created on a PD or a Context")
+        qp_type = _QP_TYPES.get(init_attr.qp_type)
+        if qp_type is None or qp_type == IbQpType.UC:
+            raise PyverbsRDMAError(f"{what}: QP type {init_attr.qp_type}", errno.EOPNOTSUPP)
+        if init_attr.srq is not None:
+            raise PyverbsRDMAError(f"{what}: shared receive queues", errno.EOPNOTSUPP)
+        scq, rcq = init_attr.send_cq, init_attr.recv_cq
+        if scq is None or rcq is None or scq.closed or rcq.closed:
+            raise PyverbsRDMAError(f"{what}: send and receive CQs are needed", errno.EINVAL)
+        ibpd = pd.alive(what)
+        ib_init = ibqp.QpInitAttr(
+            qp_type,
+            scq.cq,
+            rcq.cq,
+            init_attr.cap.to_ib(),
+            ibqp.IbSigType.ALL_WR if init_attr.sq_sig_all else ibqp.IbSigType.REQ_WR,
+        )
+        try:
+            self.qp: ibqp.QueuePair = ibpd.device.create_qp(ibpd, ib_init)
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        sim.process().owners[self.qp] = pd.ctx  # its async events go there
+        self.pd = pd
+        self.init_attr = init_attr
+        self.scq, self.rcq = scq, rcq
+        self._ibv_qp_type = init_attr.qp_type
+        pd.add_ref(self)
+        scq.attach_qp(self)
+        if rcq is not scq:
+            rcq.attach_qp(self)
+        if qp_attr is not None:
+            if self._ibv_qp_type == e.IBV_QPT_UD:
+                self.to_rts(qp_attr)
+            else:
+                self.to_init(qp_attr)
+
+    def __str__(self) -> str:
+        return f"QP {self.qp_num:#x}, type {self.qp_type}, state {self.qp_state}"
+
+    @property
+    def qp_num(self) -> int:
+        return self.qp.qp_num
+
+    @property
+    def qp_type(self) -> int:
+        return self._ibv_qp_type
+
+    @property
+    def qp_state(self) -> int:
+        return int(self.qp.state)
+
+    def _alive(self, what: str) -> ibqp.QueuePair:
+        if self.closed:
+            raise PyverbsRDMAError(f"{what}: the QP is destroyed", errno.EINVAL)
+        return self.qp
+
+    # -- ibv_modify_qp --------------------------------------------------------
+
+    def modify(self, qp_attr: QPAttr, comp_mask: int) -> None:
+        """``ibv_modify_qp``."""
+        self._modify(qp_attr, comp_mask, "Failed to modify QP")
+
+    def _modify(self, qp_attr: QPAttr, mask: int, what: str) -> None:
+        qp = self._alive(what)
+        attr = qp_attr.to_ib(mask)
+        try:
+            qp.modify(attr, IbQpAttrMask(mask))
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        if mask & e.IBV_QP_STATE and qp_attr.qp_state == e.IBV_QPS_RESET:
+            self.scq.clean_qp(qp.qp_num)
+            if self.rcq is not self.scq:
+                self.rcq.clean_qp(qp.qp_num)
+
+    def _mask(self, dst: str) -> int:
+        return _MASKS[self._ibv_qp_type][dst] | e.IBV_QP_STATE
+
+    def to_init(self, qp_attr: QPAttr) -> None:
+        """RESET → INIT with the attributes of the QP type."""
+        qp_attr.qp_state = e.IBV_QPS_INIT
+        self._modify(qp_attr, self._mask("INIT"), "Failed to modify QP state to init")
+
+    def to_rtr(self, qp_attr: QPAttr) -> None:
+        """→ RTR (through INIT unless the QP is there)."""
+        if self.qp_state != e.IBV_QPS_INIT:
+            self.to_init(qp_attr)
+        qp_attr.qp_state = e.IBV_QPS_RTR
+        self._modify(qp_attr, self._mask("RTR"), "Failed to modify QP state to RTR")
+
+    def to_rts(self, qp_attr: QPAttr) -> None:
+        """→ RTS (through INIT and RTR unless the QP is in RTR)."""
+        if self.qp_state != e.IBV_QPS_RTR:
+            self.to_rtr(qp_attr)
+        qp_attr.qp_state = e.IBV_QPS_RTS
+        self._modify(qp_attr, self._mask("RTS"), "Failed to modify QP state to RTS")
+
+    def query(self, attr_mask: int) -> tuple[QPAttr, QPInitAttr]:
+        """``ibv_query_qp``: ``(QPAttr, QPInitAttr)``."""
+        qp = self._alive("Failed to query QP")
+        attr, _ = qp.query()
+        out = QPAttr.from_ib(attr, qp.cap)
+        init = copy.copy(self.init_attr)
+        init.cap = QPCap(
+            qp.cap.max_send_wr,
+            qp.cap.max_recv_wr,
+            qp.cap.max_send_sge,
+            qp.cap.max_recv_sge,
+            qp.cap.max_inline_data,
+        )
+        return out, init
+
+    # -- posting ---------------------------------------------------------------------
+
+    def post_recv(self, wr: RecvWR, bad_wr: RecvWR | None = None) -> None:
+        """``ibv_post_recv`` of a WR chain."""
+        qp = self._alive("Failed to post recv")
+        chain: list[RecvWR] = []
+        ibwrs: list[ibwr.RecvWR] = []
+        node: RecvWR | None = wr
+        while node is not None:
+            chain.append(node)
+            ibwrs.append(ibwr.RecvWR(node.wr_id, tuple(_sge(s) for s in node.sg_list)))
+            node = node.next_wr
+        try:
+            qp.post_recv(ibwrs)
+        except PostError as ex:
+            if bad_wr is not None and ex.bad_wr in ibwrs:
+                bad_wr.wr_id = chain[ibwrs.index(ex.bad_wr)].wr_id
+            raise sim.rdma_error("Failed to post recv", ex) from None
+        except SoftRdmaError as ex:
+            raise sim.rdma_error("Failed to post recv", ex) from None
+
+    def post_send(self, wr: SendWR, bad_wr: SendWR | None = None) -> None:
+        """``ibv_post_send`` of a WR chain; the WRs before a bad one are
+        posted, as in C."""
+        what = "Failed to post send"
+        qp = self._alive(what)
+        chain: list[SendWR] = []
+        node: SendWR | None = wr
+        while node is not None:
+            chain.append(node)
+            node = node.next_wr
+        ibwrs: list[ibwr.SendWR] = []
+        kbufs: list[int] = []
+        host = qp.device.host
+        try:
+            for w in chain:
+                try:
+                    ibwrs.append(self._to_ib_send(w, kbufs))
+                except PyverbsRDMAError:
+                    if ibwrs:
+                        qp.post_send(ibwrs)
+                    if bad_wr is not None:
+                        bad_wr.wr_id = w.wr_id
+                    raise
+            qp.post_send(ibwrs)
+        except PostError as ex:
+            if bad_wr is not None and ex.bad_wr in ibwrs:
+                bad_wr.wr_id = chain[ibwrs.index(ex.bad_wr)].wr_id
+            raise sim.rdma_error(what, ex) from None
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        finally:
+            for kva in kbufs:  # inline data was copied into the WQEs at post time
+                host.kfree(kva)
+
+    def _to_ib_send(self, w: SendWR, kbufs: list[int]) -> ibwr.SendWR:
+        what = "Failed to post send"
+        opcode = _SEND_OPCODES.get(w.opcode)
+        if opcode is None:
+            raise PyverbsRDMAError(f"{what}: opcode {w.opcode}", errno.EINVAL)
+        if w.send_flags & ~_SEND_FLAGS:
+            raise PyverbsRDMAError(f"{what}: send flags {w.send_flags:#x}", errno.EINVAL)
+        flags = IbSendFlags(w.send_flags & _SEND_FLAGS)
+        sgl = tuple(_sge(s) for s in w.sg_list)
+        if flags & IbSendFlags.INLINE and sgl:
+            # the provider copies inline data into the WQE: here, a kernel
+            # buffer the driver reads at post time
+            data = b"".join(sim.process().mm.read(s.addr, s.length) for s in w.sg_list)
+            host = self.qp.device.host
+            kva = host.kmalloc(max(1, len(data)))
+            kbufs.append(kva)
+            host.cpu_write(kva, data)
+            sgl = (ibwr.Sge(kva, len(data), 0),)
+        imm = socket.ntohl(w.imm_data & 0xFFFFFFFF)
+        inv = w.imm_data & 0xFFFFFFFF
+        if self._ibv_qp_type == e.IBV_QPT_UD:
+            if w.ah is None or w.ah.closed:
+                raise PyverbsRDMAError(f"{what}: a UD send needs an AH", errno.EINVAL)
+            return ibwr.UdWR(
+                w.wr_id,
+                opcode,
+                sgl,
+                flags,
+                imm_data=imm,
+                ah=w.ah.ah,
+                remote_qpn=w.remote_qpn,
+                remote_qkey=w.remote_qkey,
+            )
+        if opcode in (IbWrOpcode.RDMA_WRITE, IbWrOpcode.RDMA_WRITE_WITH_IMM, IbWrOpcode.RDMA_READ):
+            return ibwr.RdmaWR(
+                w.wr_id, opcode, sgl, flags, imm_data=imm, remote_addr=w.remote_addr, rkey=w.rkey
+            )
+        if opcode in (IbWrOpcode.ATOMIC_CMP_AND_SWP, IbWrOpcode.ATOMIC_FETCH_AND_ADD):
+            return ibwr.AtomicWR(
+                w.wr_id,
+                opcode,
+                sgl,
+                flags,
+                remote_addr=w.remote_addr,
+                compare_add=w.compare_add,
+                swap=w.swap,
+                rkey=w.rkey,
+            )
+        if opcode in (IbWrOpcode.SEND_WITH_INV, IbWrOpcode.LOCAL_INV):
+            return ibwr.SendWR(w.wr_id, opcode, sgl, flags, invalidate_rkey=inv)
+        return ibwr.SendWR(w.wr_id, opcode, sgl, flags, imm_data=imm)
+
+    def bind_mw(self, mw: object, mw_bind: object) -> None:
+        """``ibv_bind_mw``: memory windows are not supported."""
+        raise PyverbsRDMAError("Failed to Bind MW", errno.EOPNOTSUPP)
+
+    def query_ece(self) -> Any:
+        """``ibv_query_ece``: no enhanced connection establishment."""
+        raise PyverbsRDMAError("Failed to query ECE", errno.EOPNOTSUPP)
+
+    def set_ece(self, ece: Any) -> None:
+        """``ibv_set_ece``: no enhanced connection establishment."""
+        raise PyverbsRDMAError("Failed to set ECE", errno.EOPNOTSUPP)
+
+    def query_data_in_order(self, op: int, flags: int = 0) -> int:
+        """``ibv_query_qp_data_in_order``: softrdma writes a message's data
+        in order (1)."""
+        return 1
+
+    def _release(self) -> None:
+        self.qp.destroy()
+
+
+class QPEx(QP):
+    """``struct ibv_qp_ex``: the extended post-send API (``ibv_wr_start``,
+    ``ibv_wr_send`` / ``rdma_write`` / ``rdma_read`` / atomics / ...,
+    ``ibv_wr_set_sge`` / ``set_ud_addr`` / ``set_inline_data``,
+    ``ibv_wr_complete`` / ``ibv_wr_abort``). Create it on a Context with a
+    ``QPInitAttrEx`` whose ``comp_mask`` has ``IBV_QP_INIT_ATTR_SEND_OPS_FLAGS``;
+    only the operations of its ``send_ops_flags`` may be used. Work requests
+    build up between ``wr_start`` and ``wr_complete``, which posts them all
+    (the ones before a bad one are posted, as with ``post_send``)."""
+
+    def __init__(
+        self, creator: PD | Context, init_attr: QPInitAttr, qp_attr: QPAttr | None = None
+    ) -> None:
+        if not isinstance(init_attr, QPInitAttrEx) or not (
+            init_attr.comp_mask & e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS
+        ):
+            raise PyverbsUserError("QPEx needs a QPInitAttrEx with send ops flags")
+        super().__init__(creator, init_attr, qp_attr)
+        self.send_ops_flags = init_attr.send_ops_flags
+        self.ind_table = None  # RSS indirection tables are not supported
+        self.wr_id = 0
+        self.wr_flags = 0
+        self._batch: list[SendWR] | None = None
+
+    def wr_start(self) -> None:
+        """``ibv_wr_start``: begin a batch of work requests."""
+        if self._batch is not None:
+            raise PyverbsUserError("wr_start while a batch is open: wr_complete or wr_abort it")
+        self._batch = []
+
+    def _new(self, op_flag: int, opcode: int) -> SendWR:
+        if self._batch is None:
+            raise PyverbsUserError("No batch open: call wr_start first")
+        if not self.send_ops_flags & op_flag:
+            raise PyverbsUserError(f"The QP was not created with send op {op_flag:#x}")
+        wr = SendWR(wr_id=self.wr_id, opcode=opcode, send_flags=self.wr_flags)
+        self._batch.append(wr)
+        return wr
+
+    def _cur(self) -> SendWR:
+        if not self._batch:
+            raise PyverbsUserError("No work request to set: call an operation first")
+        return self._batch[-1]
+
+    def wr_send(self) -> None:
+        self._new(e.IBV_QP_EX_WITH_SEND, e.IBV_WR_SEND)
+
+    def wr_send_imm(self, imm_data: int) -> None:
+        """SEND with immediate ``imm_data`` (host order, as ``ibv_wr_send_imm``
+        takes a ``__be32`` the binding converts)."""
+        wr = self._new(e.IBV_QP_EX_WITH_SEND_WITH_IMM, e.IBV_WR_SEND_WITH_IMM)
+        wr.imm_data = socket.htonl(imm_data & 0xFFFFFFFF)
+
+    def wr_send_inv(self, invalidate_rkey: int) -> None:
+        wr = self._new(e.IBV_QP_EX_WITH_SEND_WITH_INV, e.IBV_WR_SEND_WITH_INV)
+        wr.imm_data = invalidate_rkey
+
+    def wr_local_inv(self, invalidate_rkey: int) -> None:
+        wr = self._new(e.IBV_QP_EX_WITH_LOCAL_INV, e.IBV_WR_LOCAL_INV)
+        wr.imm_data = invalidate_rkey
+
+    def wr_rdma_write(self, rkey: int, remote_addr: int) -> None:
+        self._new(e.IBV_QP_EX_WITH_RDMA_WRITE, e.IBV_WR_RDMA_WRITE).set_wr_rdma(rkey, remote_addr)
+
+    def wr_rdma_write_imm(self, rkey: int, remote_addr: int, imm_data: int) -> None:
+        wr = self._new(e.IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM, e.IBV_WR_RDMA_WRITE_WITH_IMM)
+        wr.set_wr_rdma(rkey, remote_addr)
+        wr.imm_data = socket.htonl(imm_data & 0xFFFFFFFF)
+
+    def wr_rdma_read(self, rkey: int, remote_addr: int) -> None:
+        self._new(e.IBV_QP_EX_WITH_RDMA_READ, e.IBV_WR_RDMA_READ).set_wr_rdma(rkey, remote_addr)
+
+    def wr_atomic_cmp_swp(self, rkey: int, remote_addr: int, compare: int, swap: int) -> None:
+        wr = self._new(e.IBV_QP_EX_WITH_ATOMIC_CMP_AND_SWP, e.IBV_WR_ATOMIC_CMP_AND_SWP)
+        wr.set_wr_atomic(rkey, remote_addr, compare, swap)
+
+    def wr_atomic_fetch_add(self, rkey: int, remote_addr: int, add: int) -> None:
+        wr = self._new(e.IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD, e.IBV_WR_ATOMIC_FETCH_AND_ADD)
+        wr.set_wr_atomic(rkey, remote_addr, add)
+
+    def wr_bind_mw(self, mw: object, rkey: int, bind_info: object) -> None:
+        raise PyverbsRDMAError("Failed to bind MW: memory windows", errno.EOPNOTSUPP)
+
+    def wr_atomic_write(self, rkey: int, remote_addr: int, data: bytes) -> None:
+        raise PyverbsRDMAError("Failed to post atomic write", errno.EOPNOTSUPP)
+
+    def wr_send_tso(self, hdr: bytes, hdr_sz: int, mss: int) -> None:
+        raise PyverbsRDMAError("Failed to post TSO send", errno.EOPNOTSUPP)
+
+    def wr_set_xrc_srqn(self, remote_srqn: int) -> None:
+        raise PyverbsRDMAError("Failed to set XRC SRQ number", errno.EOPNOTSUPP)
+
+    def wr_set_sge(self, sge: SGE) -> None:
+        """``ibv_wr_set_sge``: the current WR's one SGE."""
+        self._cur().sg_list = [sge]
+
+    def wr_set_sge_list(self, sg_list: list[SGE]) -> None:
+        """``ibv_wr_set_sge_list``."""
+        self._cur().sg_list = list(sg_list)
+
+    def wr_set_inline_data(self, addr: int, length: int) -> None:
+        """``ibv_wr_set_inline_data``: ``length`` bytes at user address ``addr``."""
+        wr = self._cur()
+        wr.sg_list = [SGE(addr, length, 0)]
+        wr.send_flags |= e.IBV_SEND_INLINE
+
+    def wr_set_inline_data_list(self, buf_list: list[tuple[int, int]]) -> None:
+        """``ibv_wr_set_inline_data_list`` of ``(addr, length)`` pairs."""
+        wr = self._cur()
+        wr.sg_list = [SGE(addr, length, 0) for addr, length in buf_list]
+        wr.send_flags |= e.IBV_SEND_INLINE
+
+    def wr_set_ud_addr(self, ah: AH, remote_qpn: int, remote_qkey: int) -> None:
+        """``ibv_wr_set_ud_addr``."""
+        self._cur().set_wr_ud(ah, remote_qpn, remote_qkey)
+
+    def wr_complete(self) -> None:
+        """``ibv_wr_complete``: post the batch."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            raise PyverbsUserError("wr_complete without wr_start")
+        if not batch:
+            return
+        for a, b in itertools.pairwise(batch):
+            a.next_wr = b
+        try:
+            self.post_send(batch[0])
+        except PyverbsRDMAError as ex:
+            raise PyverbsRDMAError("Failed to complete the work requests", ex.error_code) from None
+        finally:
+            for wr in batch:
+                wr.next_wr = None
+
+    def wr_abort(self) -> None:
+        """``ibv_wr_abort``: drop the batch."""
+        self._batch = None
+
+
+_SEND_OPS: dict[int, int] = {
+    e.IBV_QPT_RC: e.IBV_QP_EX_WITH_RDMA_WRITE
+    | e.IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM
+    | e.IBV_QP_EX_WITH_SEND
+    | e.IBV_QP_EX_WITH_SEND_WITH_IMM
+    | e.IBV_QP_EX_WITH_RDMA_READ
+    | e.IBV_QP_EX_WITH_ATOMIC_CMP_AND_SWP
+    | e.IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD
+    | e.IBV_QP_EX_WITH_LOCAL_INV
+    | e.IBV_QP_EX_WITH_SEND_WITH_INV,
+    e.IBV_QPT_UD: e.IBV_QP_EX_WITH_SEND | e.IBV_QP_EX_WITH_SEND_WITH_IMM,
+}
+
+
+def _check_send_ops(qp_type: int, flags: int, what: str) -> None:
+    """The send operations a QP type supports here (as rxe's
+    ``check_qp_init_attr_ex`` does for its own)."""
+    unsupported = flags & ~_SEND_OPS.get(qp_type, 0)
+    if unsupported:
+        raise PyverbsRDMAError(f"{what}: send ops {unsupported:#x}", errno.EOPNOTSUPP)
+
+
+def _sge(s: SGE) -> ibwr.Sge:
+    if not isinstance(s, SGE):
+        raise PyverbsUserError("A scatter/gather list holds SGE objects")
+    return ibwr.Sge(s.addr, s.length, s.lkey)

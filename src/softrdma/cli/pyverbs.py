@@ -1,0 +1,295 @@
+"""``softrdma pyverbs-path`` and ``softrdma pyverbs-tests``: the opt-in
+pyverbs API of softrdma, and rdma-core's own test suite run against it.
+
+``pyverbs-path`` prints the directory that holds softrdma's ``pyverbs``
+package; put it first on ``PYTHONPATH`` to run pyverbs code on softrdma
+devices (installing softrdma alone never makes ``pyverbs`` importable).
+
+``pyverbs-tests [SUITE_DIR] [unittest args]`` runs an rdma-core ``tests``
+directory unmodified: it copies the suite to a temporary directory
+(gunzipping Debian's compressed files), runs its ``run_tests.py`` with
+softrdma's pyverbs first on ``PYTHONPATH`` and a compatible ``rdma``
+command (``rdma link show -j`` / ``rdma dev show -j`` reporting softrdma's
+devices) first on ``PATH`` — for the run only — and prints unittest's
+output followed by the counts of passed, skipped, failed and erroring
+tests. Without ``SUITE_DIR`` it uses the suite Debian ships in
+``python3-pyverbs`` (``/usr/share/doc/rdma-core/tests``), installing that
+package first when run as root. ``--devices`` sets the devices of the run
+(``SOFTRDMA_PYVERBS_DEVICES``, e.g. ``hca0:iommu``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import softrdma
+
+__all__ = [
+    "DEBIAN_SUITE",
+    "SuiteCounts",
+    "build_parser",
+    "parse_counts",
+    "prepare_suite",
+    "pyverbs_path",
+    "run",
+]
+
+#: Where Debian's ``python3-pyverbs`` installs rdma-core's test suite.
+DEBIAN_SUITE = Path("/usr/share/doc/rdma-core/tests")
+#: The environment variable the devices are configured with.
+ENV_DEVICES = "SOFTRDMA_PYVERBS_DEVICES"
+
+_RDMA_TOOL = '''#!{python}
+"""A minimal ``rdma`` (iproute2) reporting softrdma's pyverbs devices."""
+import json
+import sys
+
+from pyverbs import _softrdma as sim
+
+as_json = any(a in ("-j", "-json", "--json") for a in sys.argv[1:])
+args = [a for a in sys.argv[1:] if a not in ("-j", "-json", "--json", "-p", "-pretty")]
+specs = sim.parse_devices(__import__("os").environ.get(sim.ENV_DEVICES, sim.DEFAULT_DEVICES))
+if args[:2] in (["link", "show"], ["link"], ["l", "show"], ["link", "list"]):
+    out = [
+        {{"ifindex": i + 1, "ifname": s.name, "port": 1, "state": "ACTIVE",
+          "physical_state": "LINK_UP"}}
+        for i, s in enumerate(specs)
+    ]
+elif args[:2] in (["dev", "show"], ["dev"], ["dev", "list"]):
+    out = [
+        {{"ifindex": i + 1, "ifname": s.name, "node_type": "ca", "fw": "0.1.0"}}
+        for i, s in enumerate(specs)
+    ]
+else:
+    print(f"rdma (softrdma): {{' '.join(sys.argv[1:])}} is not supported", file=sys.stderr)
+    sys.exit(255)
+if as_json:
+    print(json.dumps(out))
+elif args[0].startswith("l"):
+    for o in out:
+        print(f"link {{o['ifname']}}/1 state ACTIVE physical_state LINK_UP")
+else:
+    for o in out:
+        print(f"{{o['ifindex']}}: {{o['ifname']}}: node_type ca fw 0.1.0")
+'''
+
+
+def pyverbs_path() -> Path:
+    """The directory holding softrdma's ``pyverbs`` package (not itself a
+    package, so nothing imports it by accident)."""
+    return Path(softrdma.__file__).resolve().parent / "_compat"
+
+
+@dataclass(frozen=True)
+class SuiteCounts:
+    """What unittest reported: tests run and their outcomes."""
+
+    run: int
+    failures: int = 0
+    errors: int = 0
+    skipped: int = 0
+    expected_failures: int = 0
+    unexpected_successes: int = 0
+
+    @property
+    def passed(self) -> int:
+        return (
+            self.run
+            - self.failures
+            - self.errors
+            - self.skipped
+            - self.expected_failures
+            - self.unexpected_successes
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"{self.run} run: {self.passed} passed, {self.skipped} skipped, "
+            f"{self.failures} failed, {self.errors} errors"
+        )
+
+
+_RAN = re.compile(r"^Ran (\d+) tests? in ")
+_RESULT = re.compile(r"^(OK|FAILED)(?: \((.*)\))?\s*$")
+
+
+def parse_counts(output: str) -> SuiteCounts | None:
+    """The counts of unittest's summary (``Ran N tests`` then ``OK`` /
+    ``FAILED (failures=.., errors=.., skipped=..)``), None without one."""
+    run = None
+    counts: dict[str, int] = {}
+    for line in output.splitlines():
+        m = _RAN.match(line)
+        if m:
+            run = int(m.group(1))
+            counts = {}
+            continue
+        m = _RESULT.match(line)
+        if m and run is not None and m.group(2):
+            for part in m.group(2).split(","):
+                key, _, value = part.strip().partition("=")
+                if value.isdigit():
+                    counts[key] = int(value)
+    if run is None:
+        return None
+    return SuiteCounts(
+        run,
+        counts.get("failures", 0),
+        counts.get("errors", 0),
+        counts.get("skipped", 0),
+        counts.get("expected failures", 0),
+        counts.get("unexpected successes", 0),
+    )
+
+
+def prepare_suite(src: Path, dest: Path) -> Path:
+    """Copy the suite at ``src`` to ``dest/tests``, gunzipping ``*.gz``
+    files; returns the copy. Raises :class:`FileNotFoundError` when
+    ``src`` has no ``run_tests.py``."""
+    if not (src / "run_tests.py").is_file():
+        raise FileNotFoundError(f"{src} is not an rdma-core test suite (no run_tests.py)")
+    out = dest / "tests"
+    out.mkdir(parents=True)
+    for f in sorted(src.iterdir()):
+        if not f.is_file():
+            continue
+        if f.suffix == ".gz":
+            with gzip.open(f, "rb") as zin, open(out / f.stem, "wb") as zout:
+                shutil.copyfileobj(zin, zout)
+        else:
+            shutil.copy2(f, out / f.name)
+    return out
+
+
+def _install_debian_suite(err: TextIO) -> None:
+    """``apt-get install python3-pyverbs`` when root and apt-get exists."""
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        return
+    err.write("pyverbs-tests: installing python3-pyverbs for rdma-core's test suite\n")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(
+        ["apt-get", "install", "-y", "-q", "python3-pyverbs"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        check=False,
+    )
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The options of ``pyverbs-path`` or ``pyverbs-tests``, by the
+    parser's program name."""
+    p = parser or argparse.ArgumentParser(prog="softrdma pyverbs-tests")
+    if p.prog.endswith("pyverbs-path"):
+        p.description = "Print the directory to put on PYTHONPATH for softrdma's pyverbs."
+        return p
+    p.description = "Run rdma-core's pyverbs test suite against softrdma's devices."
+    p.usage = "%(prog)s [--devices SPEC] [--timeout SECONDS] [SUITE_DIR] [unittest args ...]"
+    p.epilog = (
+        f"SUITE_DIR defaults to {DEBIAN_SUITE} (python3-pyverbs, installed when run as root). "
+        "Everything after SUITE_DIR goes to the suite's run_tests.py (test names, -v, -k ...); "
+        "with no SUITE_DIR, put -- before options meant for it."
+    )
+    p.add_argument(
+        "--devices",
+        metavar="SPEC",
+        help="devices of the run, name:kind[,...] with kind cpu, iommu, swiotlb or direct "
+        f"(default: ${ENV_DEVICES}, else rxe0:cpu)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop the run after this long (default: no limit)",
+    )
+    p.add_argument("suite_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    return p
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> int:
+    """Run ``pyverbs-path`` or ``pyverbs-tests``."""
+    if args.command == "pyverbs-path":
+        print(pyverbs_path())
+        return 0
+    return run_tests(args, sys.stdout, sys.stderr)
+
+
+def run_tests(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    """``pyverbs-tests``: returns the suite's exit status (2 when it could
+    not be run)."""
+    extra: list[str] = [a for a in args.suite_args or [] if a != "--"]
+    suite = None
+    if extra and Path(extra[0]).is_dir():
+        suite = Path(extra.pop(0))
+    elif extra and os.sep in extra[0]:
+        err.write(f"pyverbs-tests: {extra[0]}: no such suite directory\n")
+        return 2
+    if suite is None:
+        suite = DEBIAN_SUITE
+        if not (suite / "run_tests.py").is_file():
+            _install_debian_suite(err)
+    with tempfile.TemporaryDirectory(prefix="softrdma-pyverbs-") as tmp:
+        try:
+            tests = prepare_suite(suite, Path(tmp))
+        except (FileNotFoundError, OSError) as ex:
+            err.write(f"pyverbs-tests: {ex}\n")
+            return 2
+        bindir = Path(tmp) / "bin"
+        bindir.mkdir()
+        tool = bindir / "rdma"
+        tool.write_text(_RDMA_TOOL.format(python=sys.executable))
+        tool.chmod(0o755)
+        env = dict(os.environ)
+        src = str(Path(softrdma.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(pyverbs_path()), src, *filter(None, [env.get("PYTHONPATH")])]
+        )
+        env["PATH"] = os.pathsep.join([str(bindir), env.get("PATH", "")])
+        if args.devices:
+            env[ENV_DEVICES] = args.devices
+        cmd = [sys.executable, str(tests / "run_tests.py"), *extra]
+        status, output = _stream(cmd, env, Path(tmp), out, args.timeout)
+    counts = parse_counts(output)
+    if counts is None:
+        err.write(f"pyverbs-tests: the suite printed no unittest summary (exit {status})\n")
+        return status or 2
+    out.write(f"pyverbs-tests: {counts}\n")
+    return status
+
+
+def _stream(
+    cmd: list[str], env: dict[str, str], cwd: Path, out: TextIO, timeout: float | None
+) -> tuple[int, str]:
+    """Run ``cmd``, copying its output (stderr included) to ``out`` as it
+    comes; ``(exit status, output)``. A run past ``timeout`` is killed."""
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    timer = threading.Timer(timeout, proc.kill) if timeout else None
+    if timer is not None:
+        timer.start()
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.write(line)
+            lines.append(line)
+        status = proc.wait()
+    finally:
+        if timer is not None:
+            timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return status, "".join(lines)
