@@ -88,10 +88,9 @@ class IserBlockDevice:
             self.ini.sync()
 
     def wait_for(self, pred: Callable[[], bool], timeout: float | None = None) -> bool:
-        """Drive progress until ``pred()`` holds (any I/O of a window done:
-        the public ``wait_io`` waits for all of them)."""
-        with self.lock:
-            return self.ini._wait(pred, timeout)
+        """Drive progress until ``pred()`` holds (any I/O of a window done;
+        :meth:`IserInitiator.wait_any` is the same for a list of I/Os)."""
+        return self.ini.wait_for(pred, timeout)
 
 
 def make_initiator(dev: RoceDevice, ip: str, port: int, plan: bb.Plan) -> IserInitiator:

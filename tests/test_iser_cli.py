@@ -9,6 +9,7 @@ process killed if a test leaves it running."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import subprocess
@@ -36,8 +37,19 @@ DEFAULT_IQN = r"iqn\.2003-01\.org\.linux-iscsi\.[a-z0-9-]+\.x8664:sn\.[0-9a-f]{1
 ISID = 0x00023D000001
 
 
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
 def softrdma(*args: str) -> list[str]:
     return [sys.executable, "-m", "softrdma", "iser", *args]
+
+
+def softrdma_env() -> dict[str, str]:
+    """The environment of a ``softrdma`` subprocess: this tree's sources
+    first, whatever copy of the package is installed."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 @dataclass
@@ -82,7 +94,7 @@ def target_process(tmp: Path, *args: str) -> Iterator[TargetProcess]:
     line printed); killed if the test leaves it running."""
     out, err = tmp / "target.out", tmp / "target.err"
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen(softrdma("target", *args), stdout=o, stderr=e)
+        proc = subprocess.Popen(softrdma("target", *args), stdout=o, stderr=e, env=softrdma_env())
     try:
         t = TargetProcess(proc, out, err)
         t.iqn = t.wait_line(IQN_LINE).group(1)
@@ -120,6 +132,13 @@ def test_serves_the_image_logs_logins_and_logs_out_on_sigterm(tmp_path: Path) ->
         for line in iscsiadm_lines(target.iqn, ip_t, 3260):
             assert f"\n{line}\n" in out
         assert f"iscsiadm -m node -T {target.iqn} -p {ip_t}:3260 -I iser --login" in out
+        # open-iscsi's iface "iser" is built in: "-m iface -I iser -o new" fails
+        # ("a special interface"), so the lines are the node entry and the login.
+        assert iscsiadm_lines(target.iqn, ip_t, 3260) == [
+            f"iscsiadm -m node -o new -T {target.iqn} -p {ip_t}:3260 -I iser",
+            f"iscsiadm -m node -T {target.iqn} -p {ip_t}:3260 -I iser --login",
+        ]
+        assert "-m iface" not in out
         ini = IserInitiator(dev, ip_t, 3260, target_name=target.iqn, isid=ISID, timeout=TIMEOUT)
         try:
             ini.login()
@@ -188,7 +207,7 @@ def test_the_iqn_line_is_the_given_one(tmp_path: Path) -> None:
     args = [str(image), "--ip", ip, "--create-size", "64k", "--iqn", "iqn.2024-01.org.example:d"]
     out, err = tmp_path / "o", tmp_path / "e"
     with out.open("wb") as o, err.open("wb") as e:
-        proc = subprocess.Popen(softrdma("target", *args), stdout=o, stderr=e)
+        proc = subprocess.Popen(softrdma("target", *args), stdout=o, stderr=e, env=softrdma_env())
     try:
         end = time.monotonic() + TIMEOUT
         while "--login" not in out.read_text() and proc.poll() is None:
@@ -232,7 +251,7 @@ def test_bad_arguments_are_one_line_and_exit_1(
     (ip,) = loopback_addresses(1)
     subst = {"IMG": str(image), "MISSING": str(tmp_path / "missing.img"), "IP": ip}
     argv = softrdma("target", *(subst.get(a, a) for a in args))
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT, env=softrdma_env())
     assert proc.returncode == 1, proc
     assert proc.stdout == ""
     assert re.fullmatch(rf"softrdma iser target: {message}\n", proc.stderr), proc.stderr
@@ -240,7 +259,9 @@ def test_bad_arguments_are_one_line_and_exit_1(
 
 
 def test_a_missing_subcommand_is_one_line() -> None:
-    proc = subprocess.run(softrdma(), capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(
+        softrdma(), capture_output=True, text=True, timeout=TIMEOUT, env=softrdma_env()
+    )
     assert (proc.returncode, proc.stderr) == (
         1, "softrdma iser: the following arguments are required: SUBCOMMAND\n"
     )  # fmt: skip

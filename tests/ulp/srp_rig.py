@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.inproc import Fabric
@@ -25,7 +25,7 @@ from softrdma.time import Scheduler
 from softrdma.transport.packet import Packet
 from softrdma.transport.roce import RoceFrame
 from softrdma.ulp.scsi import FileBackstore, ScsiTarget
-from softrdma.ulp.srp.initiator import BlockIo, SrpInitiator
+from softrdma.ulp.srp.initiator import SrpInitiator
 from softrdma.ulp.srp.target import SrpTarget
 from tests.rdma.nodes import make_device
 
@@ -162,6 +162,42 @@ def make_pair(
 # -- random block I/O against a reference ------------------------------------------------
 
 
+class BlockResult(Protocol):
+    """A block I/O in flight (SRP's ``BlockIo``, iSER's ``IserIo``)."""
+
+    @property
+    def done(self) -> bool: ...
+    def result(self) -> bytes | None: ...
+
+
+class BlockInitiator(Protocol):
+    """What the random I/O below needs of an initiator (SRP's or iSER's)."""
+
+    @property
+    def outstanding(self) -> int: ...
+    @property
+    def queued(self) -> int: ...
+    def submit_read(self, lba: int, nblocks: int) -> BlockResult: ...
+    def submit_write(self, lba: int, data: bytes) -> BlockResult: ...
+    def wait_io(self, ios: Sequence[Any], timeout: float | None = None) -> bool: ...
+
+
+def live_mappings(dev: RoceDevice) -> Counter[str]:
+    """The DMA mappings the debug checker tracks for ``dev``, counted by
+    where they were made."""
+    debug = dev.dma_device.platform.dma_debug
+    assert debug is not None
+    return Counter(e.location for e in debug.live_mappings(dev.dma_device))
+
+
+def mappings_since(dev: RoceDevice, before: Counter[str]) -> Counter[str]:
+    """What ``dev`` has mapped now and had not in ``before``, leaving out
+    the MAD agent's receive buffers (posted at the CM's first use and kept
+    for the device's life)."""
+    extra = live_mappings(dev) - before
+    return Counter({k: n for k, n in extra.items() if "/mad/" not in k})
+
+
 @dataclass(frozen=True)
 class Op:
     """One read or write of ``nblocks`` at ``lba``; a write's data comes
@@ -227,11 +263,13 @@ def random_batch(
     return ops
 
 
-def run_batch(ini: SrpInitiator, ref: Reference, ops: Sequence[Op], timeout: float = 600.0) -> None:
+def run_batch(
+    ini: BlockInitiator, ref: Reference, ops: Sequence[Op], timeout: float = 600.0
+) -> None:
     """Submit every operation at once (``submit_read`` / ``submit_write``),
     wait for all (``wait_io``), check each read against the reference and
     apply the writes to it."""
-    ios: list[tuple[Op, BlockIo]] = []
+    ios: list[tuple[Op, BlockResult]] = []
     for op in ops:
         if op.write:
             ios.append((op, ini.submit_write(op.lba, op.data(ref.block_size))))
@@ -263,7 +301,7 @@ def run_batch(ini: SrpInitiator, ref: Reference, ops: Sequence[Op], timeout: flo
 
 
 def random_io(
-    ini: SrpInitiator,
+    ini: BlockInitiator,
     ref: Reference,
     rng: random.Random,
     *,

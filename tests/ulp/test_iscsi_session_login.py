@@ -280,7 +280,8 @@ _I, _T = 0x02, 0x03
         (login_pdu([("InitiatorName", INIT_NAME), ("SessionType", "Normal")]), {}, (_I, 0x07)),
         (login_pdu([("InitiatorName", INIT_NAME), ("TargetName", TGT_NAME)]), {}, (_I, 0x07)),
         (login_pdu([*NAMES[:2], ("SessionType", "Weird")]), {}, (_I, 0x09)),
-        (login_pdu([NAMES[0], ("TargetName", "iqn.x:none"), NAMES[2]]), {}, (_I, 0x03)),
+        # LIO answers an unknown TargetName 0x0301, not the RFC's 0x0203.
+        (login_pdu([NAMES[0], ("TargetName", "iqn.x:none"), NAMES[2]]), {}, (_T, 0x01)),
         (login_pdu(min_version=1, max_version=2), {}, (_I, 0x05)),
         (login_pdu(csg=IscsiLoginStage.FULL_FEATURE_PHASE), {}, (_I, 0x00)),
         (login_pdu(nsg=IscsiLoginStage.OP_PARMS_NEGOTIATION), {}, (_I, 0x00)),

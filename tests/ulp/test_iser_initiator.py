@@ -158,7 +158,7 @@ def test_cmdsn_window_closes_and_reopens(tmp_path: Path) -> None:
     reads = [ini.submit_read(8 * i, 8) for i in range(16)]
     assert ini.wait_io(reads)
     assert [io.result() for io in reads] == datas
-    assert ini.stats["max_active"] == 4
+    assert len(ini.conn.outstanding) == 0 and ini.outstanding == 0
     ini.logout()
     _teardown(fabric, target, tdev, idev)
     assert image.read_bytes()[: 16 * 8 * BS] == b"".join(datas)
@@ -196,23 +196,27 @@ def test_cm_header_nop_and_refusing_send_with_invalidate(tmp_path: Path) -> None
         _teardown(fabric, target, tdev, idev)
 
 
-def test_target_going_away_fails_io_and_close_unmaps(tmp_path: Path) -> None:
-    """The target disconnects with commands queued: they fail with
-    IserInitiatorError, and close() leaves nothing mapped."""
+def test_target_disconnecting_is_recovered_and_close_unmaps(tmp_path: Path) -> None:
+    """The target disconnects with commands queued: the initiator logs in
+    again with its ISID (session reinstatement), the reads complete, and
+    close() leaves nothing mapped."""
     fabric = Fabric(seed=12)
     target, tdev = _setup(fabric, "hw-iommu", tmp_path / "disk.img")
     idev = make_device("hw-iommu", fabric, "10.0.0.2")
     ini = IserInitiator(idev, TARGET_IP, target_name=IQN, can_queue=4)
     ini.login()
     assert ini.read(0, 8) == bytes(8 * BS)
+    ini.write(8, b"\x5a" * (8 * BS))
     for conn in list(target.conns):
         conn.close()
     ios = [ini.submit_read(8 * i, 8) for i in range(8)]
-    with pytest.raises(IserInitiatorError):
-        for io in ios:
-            ini.wait_io(io)
-            io.result()
+    assert ini.wait_io(ios)
+    assert [io.result() for io in ios][1] == b"\x5a" * (8 * BS)
+    assert ini.stats["conn_failures"] == 1 and ini.stats["reinstatements"] == 1
+    assert len(ini.tsih_history) == 2 and len(target.conns) == 1
     ini.close()
+    with pytest.raises(IserInitiatorError):
+        ini.submit_read(0, 1)
     _teardown(fabric, target, tdev, idev)
 
 
@@ -243,3 +247,33 @@ def test_a_full_bounce_pool_makes_commands_wait(tmp_path: Path) -> None:
     ini.logout()
     _teardown(fabric, target, tdev, idev)
     assert (tmp_path / "disk.img").read_bytes()[2048 * BS : 4096 * BS] == big
+
+
+def test_wait_any_returns_the_ios_that_ended(tmp_path: Path) -> None:
+    """``wait_any`` returns once at least one I/O has ended, with those that
+    have, in the order given; a window kept full with it moves every I/O;
+    with ``timeout=0`` and none ended, []."""
+    fabric = Fabric(seed=14)
+    target, tdev = _setup(fabric, "cpu", tmp_path / "disk.img")
+    idev = make_device("hw-iommu", fabric, "10.0.0.2")
+    ini = IserInitiator(idev, TARGET_IP, target_name=IQN, can_queue=4)
+    ini.login()
+    window = [ini.submit_read(64 * i, 64) for i in range(6)]
+    assert ini.wait_any(window, timeout=0.0) == []
+    finished = 0
+    lba = 6
+    while window:
+        done = ini.wait_any(window)
+        assert done and all(io.done for io in done)
+        assert done == [io for io in window if io in done]  # in the order given
+        for io in done:
+            assert io.result() == bytes(64 * BS)
+            window.remove(io)
+            finished += 1
+            if lba < 12:
+                window.append(ini.submit_read(64 * lba, 64))
+                lba += 1
+    assert finished == 12 and ini.outstanding == 0
+    assert ini.wait_for(lambda: True) and not ini.wait_for(lambda: False, 0.5)
+    ini.logout()
+    _teardown(fabric, target, tdev, idev)

@@ -496,9 +496,9 @@ def test_two_initiators_interleaved(image: Path) -> None:
 
 
 def test_refused_login_and_garbage_before_login(image: Path) -> None:
-    """A login to an unknown target gets its Login Response (0x0203), then
-    the target disconnects; a PDU that is not a Login Request before login
-    drops the connection without an answer."""
+    """A login to an unknown target gets its Login Response (0x0301, as
+    LIO answers it), then the target disconnects; a PDU that is not a Login
+    Request before login drops the connection without an answer."""
     fabric = Fabric(seed=8)
     target, tdev = _target(fabric, "hw-iommu", image)
     ini = Initiator.connect(make_device("cpu", fabric, "10.0.0.2"), target)
@@ -508,7 +508,7 @@ def test_refused_login_and_garbage_before_login(image: Path) -> None:
     ini.post(ini.conn.login())
     with pytest.raises(IscsiLoginError) as refused:
         ini.reply()
-    assert (refused.value.status_class, refused.value.status_detail) == (2, 3)
+    assert (refused.value.status_class, refused.value.status_detail) == (3, 1)
     assert ini.ch.get_cm_event().event is E.DISCONNECTED
     ini.close()
     other = Initiator.connect(make_device("hw-iommu", fabric, "10.0.0.3"), target)

@@ -12,14 +12,17 @@ with ``--create-size``; ``--read-only`` write-protects it), a
 defaults to LIO's style, ``iqn.2003-01.org.linux-iscsi.<hostname>.x8664:sn.<12 hex>``,
 the serial derived from the device's node GUID so that it is the same on
 every start (:func:`default_iqn`). At start it prints the name and the
-``iscsiadm`` lines a Linux initiator uses (an iface of transport ``iser``,
-the node, the login)::
+``iscsiadm`` lines a Linux initiator uses (a static node entry on
+open-iscsi's built-in iface ``iser``, whose transport is ``ib_iser``, and
+the login)::
 
     iqn: iqn.2003-01.org.linux-iscsi.myhost.x8664:sn.3f2a9c01d4e7
-    iscsiadm -m iface -I iser -o new
-    iscsiadm -m iface -I iser -o update -n iface.transport_name -v iser
-    iscsiadm -m node -T iqn.2003-01.org.linux-iscsi.myhost.x8664:sn.3f2a9c01d4e7 -p 10.77.0.2:3260 -I iser --op new
+    iscsiadm -m node -o new -T iqn.2003-01.org.linux-iscsi.myhost.x8664:sn.3f2a9c01d4e7 -p 10.77.0.2:3260 -I iser
     iscsiadm -m node -T iqn.2003-01.org.linux-iscsi.myhost.x8664:sn.3f2a9c01d4e7 -p 10.77.0.2:3260 -I iser --login
+
+open-iscsi refuses to create or update an iface named ``iser`` ("a special
+interface"): it is always there, so no ``-m iface`` step is needed. An
+iface of another name with ``iface.transport_name=iser`` works the same.
 
 then serves until SIGINT or SIGTERM, logging each login, logout and
 rejected login on one line with its time, the initiator's name, its ISID
@@ -103,14 +106,12 @@ def default_iqn(node_guid: int, hostname: str | None = None) -> str:
 
 
 def iscsiadm_lines(iqn: str, addr: str, port: int) -> list[str]:
-    """The open-iscsi commands that log a Linux initiator in over iSER."""
-    node = f"iscsiadm -m node -T {iqn} -p {addr}:{port} -I iser"
-    return [
-        "iscsiadm -m iface -I iser -o new",
-        "iscsiadm -m iface -I iser -o update -n iface.transport_name -v iser",
-        f"{node} --op new",
-        f"{node} --login",
-    ]
+    """The open-iscsi commands that log a Linux initiator in over iSER: a
+    static node entry on the built-in iface ``iser`` (open-iscsi 2.1
+    creates it itself and refuses ``-m iface -I iser -o new``), then the
+    login."""
+    where = f"-T {iqn} -p {addr}:{port} -I iser"
+    return [f"iscsiadm -m node -o new {where}", f"iscsiadm -m node {where} --login"]
 
 
 def _parse_iqn(text: str) -> str:

@@ -42,8 +42,10 @@ they are known (cited), the RFC's otherwise:
   built as ``iscsit_tx_login_rsp`` builds it — a zeroed BHS with only the
   opcode, the status and the ITT. Missing InitiatorName, SessionType or
   (Normal) TargetName 0x0207, an unknown SessionType 0x0209, an unknown
-  target 0x0203, an initiator not in the ACL 0x0202, a disabled target
-  0x0301, unsupported versions 0x0205, no acceptable or a required
+  target 0x0301 "service unavailable" (LIO's ``iscsi_target_locate_portal``;
+  the RFC has 0x0203 "not found", which open-iscsi does not retry, while it
+  retries a target error), an initiator not in the ACL 0x0202, a disabled
+  target 0x0301, unsupported versions 0x0205, no acceptable or a required
   authentication 0x0201, an unknown TSIH 0x020a, a connection for a live
   session 0x0206 (iSER sessions have one connection), too many sessions
   0x0302, bad flags, stages, text or keys 0x0200 (or the negotiator's
@@ -959,7 +961,9 @@ class IscsiTargetConnection:
                 raise _LoginFail(_INIT, _D.MISSING_FIELDS, "no TargetName")
             node = portal.targets.get(target)
             if node is None:
-                raise _LoginFail(_INIT, _D.TGT_NOT_FOUND, f"no target {target}")
+                # iscsi_target_locate_portal: "Unable to locate Target IQN",
+                # a target error (open-iscsi logs "target error (03/01)").
+                raise _LoginFail(_TGT, _D.SVC_UNAVAILABLE, f"no target {target}")
             if node.redirect is not None:
                 raise _Redirect(node.redirect)
             if not node.enabled:
@@ -1537,6 +1541,15 @@ class IscsiInitiatorConnection:
         """Whether a non-immediate command may be sent now (CmdSN within
         MaxCmdSN)."""
         return _sn_le(self.cmdsn, self.max_cmdsn)
+
+    def task_aborted(self, itt: int) -> None:
+        """Free the ITT of a command a TMF took back (ABORT TASK, LOGICAL
+        UNIT RESET answered "function complete": no response will come for
+        it; libiscsi's ``iscsi_tmf_rsp`` + ``fail_scsi_task``)."""
+        task = self._tasks.get(itt)
+        if task is None or task.kind != "cmd":
+            raise IscsiUsageError(f"no command with ITT {itt:#x}")
+        self._release(itt)
 
     def _need(self, state: IscsiInitiatorState) -> None:
         if self.state is not state:

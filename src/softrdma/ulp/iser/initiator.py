@@ -7,7 +7,8 @@ Kernel counterparts (``drivers/infiniband/ulp/iser``):
   based VA not supported, Send with Invalidate accepted), ``iser_create_ib_conn_res``
   (PD, CQ, QP), ``iser_alloc_fastreg_pool`` (one FR descriptor per command
   slot per direction), ``iser_connected_handler`` (remote invalidation is
-  used unless the REP says 0x40), ``iser_post_recvm`` / ``iser_post_send``;
+  used unless the REP says 0x40), ``iser_post_recvm`` / ``iser_post_send``
+  — one connection's resources are :class:`~.initiator_conn.IserConn`;
 * ``iser_initiator.c`` — ``iser_send_command`` (the iSER header with RSV
   and the read STag/VA, or WSV and the write STag/VA past the immediate
   part; the immediate data as further SGEs of the SEND — ib_iser names
@@ -22,7 +23,9 @@ Kernel counterparts (``drivers/infiniband/ulp/iser``):
   key with SEND_WITH_INV), ``iser_dma_unmap_task_data``;
 * libiscsi — the CmdSN window (``iscsi_check_cmdsn_window_closed``: a
   command waits until MaxCmdSN moves), the task table, logout; the sans-IO
-  machine is :class:`~softrdma.ulp.iscsi.session.IscsiInitiatorConnection`.
+  machine is :class:`~softrdma.ulp.iscsi.session.IscsiInitiatorConnection`;
+  the error handler, the NOP-Out pings and session recovery at
+  ErrorRecoveryLevel 0 are :mod:`.initiator_recovery`'s.
 
 Data buffers are the block layer's pages (``GFP_HIGHUSER`` with
 ``highmem``), the CPU touching them only under a short ``kmap`` while it
@@ -31,72 +34,92 @@ the device owns them.
 
 Progress: as :class:`~softrdma.ulp.srp.initiator.SrpInitiator`, blocking
 calls poll the CQ and the RDMA CM channel and wait on the device (which
-runs the simulation on simulated time).
+runs the simulation on simulated time), under the device's lock.
 """
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import itertools
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType, RdmaCmId, RdmaConnParam, RdmaEventChannel
-from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE, DmaDirection
+from softrdma.cm.cma import RdmaCmError, RdmaCmEvent, RdmaCmEventType, RdmaEventChannel
 from softrdma.memory.layout import PAGE_SIZE
 from softrdma.ulp.iscsi.negotiate import linux_iser_initiator
-from softrdma.ulp.iscsi.proto import IscsiPdu
+from softrdma.ulp.iscsi.proto import IscsiError, IscsiPdu
 from softrdma.ulp.iscsi.session import (
     CommandCompleted,
     IscsiInitiatorConnection,
+    IscsiLoginError,
     LoggedOut,
     LoginCompleted,
     NopInReceived,
     TaskRejected,
+    TmfCompleted,
 )
-from softrdma.ulp.iser.proto import ISER_HDR_LEN, IserCmHdr, IserFlag, IserHdr, encode_iser_send
-from softrdma.ulp.iu import IuBuf, alloc_iu_ring, free_iu_ring
-from softrdma.ulp.scsi import ScsiStatus
-from softrdma.ulp.srp.initiator_map import FrDesc, FrPool, SrpBuffer
-from softrdma.ulp.srp.initiator_scsi import (
-    Inquiry,
-    cdb_inquiry,
-    cdb_read,
-    cdb_read_capacity_10,
-    cdb_synchronize_cache,
-    cdb_write,
-    parse_inquiry,
-    parse_read_capacity_10,
-    status_error,
+from softrdma.ulp.iser.initiator_conn import (
+    K_CTRL,
+    K_INV,
+    K_REG,
+    K_SEND,
+    TX_SIZE,
+    IserConn,
+    wr_id,
 )
-from softrdma.verbs.cq import CompletionQueue
+from softrdma.ulp.iser.initiator_disk import IserDisk
+from softrdma.ulp.iser.initiator_errors import (
+    IserCommandTimeout,
+    IserConnectError,
+    IserInitiatorError,
+    IserLoginRejected,
+    IserTransportError,
+)
+from softrdma.ulp.iser.initiator_memory import imm_sges, map_task_data, unmap_task_data
+from softrdma.ulp.iser.initiator_recovery import (
+    ISCSI_CONN_ERR_REOPEN_DELAY,
+    ISCSI_DEF_ABORT_TIMEOUT,
+    ISCSI_DEF_LU_RESET_TIMEOUT,
+    ISCSI_DEF_NOOP_OUT_INTERVAL,
+    ISCSI_DEF_NOOP_OUT_TIMEOUT,
+    ISCSI_DEF_REPLACEMENT_TIMEOUT,
+    SD_MAX_RETRIES,
+    SD_TIMEOUT,
+    IserErrorHandler,
+    IserState,
+)
+from softrdma.ulp.iser.initiator_task import IserIo, IserRequest
+from softrdma.ulp.iser.proto import ISER_HDR_LEN, IserError, IserFlag, IserHdr, encode_iser_send
+from softrdma.ulp.iu import IuMapError
 from softrdma.verbs.device import IbDevice
-from softrdma.verbs.dma import ib_dma_map_sg, ib_dma_unmap_sg
 from softrdma.verbs.enums import (
     IbAccess,
     IbPdFlags,
-    IbQpType,
     IbSendFlags,
     IbWcFlags,
     IbWcOpcode,
     IbWcStatus,
     IbWrOpcode,
 )
+from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.mr import ib_inc_rkey
-from softrdma.verbs.qp import QpCap, QpInitAttr, QueuePair
-from softrdma.verbs.wr import RecvWR, RegWR, SendWR, Sge, WorkCompletion
+from softrdma.verbs.wr import RegWR, SendWR, Sge, WorkCompletion
 
 __all__ = [
     "ISER_DEF_CAN_QUEUE",
     "ISER_DEF_MAX_SECTORS",
+    "IserCommandTimeout",
+    "IserConnectError",
     "IserInitiator",
     "IserInitiatorError",
     "IserIo",
+    "IserLoginRejected",
     "IserRequest",
+    "IserState",
+    "IserTransportError",
 ]
 
 log = logging.getLogger(__name__)
@@ -107,92 +130,30 @@ ISER_DEF_CAN_QUEUE = 16
 swiotlb bounce pool)."""
 ISER_DEF_MAX_SECTORS = 1024
 """``iser_max_sectors``: 512 KiB per command."""
-_RX_DATA = 8192
-"""The receive descriptor's data segment (``ISER_RX_PAYLOAD_SIZE``'s part;
-what we declare in MaxRecvDataSegmentLength terms for responses)."""
-_TX_SIZE = ISER_HDR_LEN + 48
-"""``struct iser_tx_desc``: the iSER header and the BHS; data goes as a
-second SGE."""
-_TX_CTRL = ISER_HDR_LEN + 48 + _RX_DATA
-
-_MAX_SEND_SGE = 4
-"""The BHS descriptor and up to three segments of immediate data."""
-
-_K_SEND, _K_REG, _K_INV, _K_RECV, _K_CTRL = range(5)
+ISCSI_DEF_LOGIN_TIMEOUT = 15.0
+"""open-iscsi ``node.conn[0].timeo.login_timeout``."""
 
 
-def _wr_id(kind: int, ident: int) -> int:
-    return ident << 4 | kind
-
-
-class IserInitiatorError(Exception):
-    """The session failed (connection lost, login refused, protocol error)."""
-
-
-@dataclass(eq=False)
-class IserRequest:
-    """One SCSI command in flight (``struct iscsi_task`` with its
-    ``iscsi_iser_task``): the buffer, its FR descriptor and key, and what
-    is still missing before it can be released."""
-
-    cdb: bytes
-    lun: int
-    read_length: int
-    write_data: bytes
-    buf: SrpBuffer | None = None
-    direction: DmaDirection | None = None
-    fr: FrDesc | None = None
-    tx: IuBuf | None = None
-    itt: int = -1
-    send_done: bool = False
-    response: CommandCompleted | None = None
-    invalidated: int = 0
-    inv_pending: bool = False
-    done: bool = False
-    status: int = -1
-    sense: bytes = b""
-    data: bytes = b""
-    error: Exception | None = None
-    callbacks: list[Callable[[IserRequest], None]] = field(default_factory=list)
-
-    def result(self) -> bytes:
-        """The data read (``b""`` for other commands); raises the SCSI or
-        session error."""
-        if not self.done:
-            raise self.error or IserInitiatorError("the command has not completed")
-        if self.error is not None:
-            raise self.error
-        if self.status != ScsiStatus.GOOD:
-            raise status_error(self.status, self.sense)
-        return self.data
-
-
-class IserIo:
-    """A block I/O split into commands of at most ``max_sectors``."""
-
-    def __init__(self, requests: Sequence[IserRequest], is_write: bool) -> None:
-        self.requests = list(requests)
-        self.is_write = is_write
-
-    @property
-    def done(self) -> bool:
-        return all(r.done for r in self.requests)
-
-    def result(self) -> bytes | None:
-        """The bytes read (``None`` for a write)."""
-        parts = [r.result() for r in self.requests]
-        return None if self.is_write else b"".join(parts)
-
-
-class IserInitiator:
+class IserInitiator(IserDisk, IserErrorHandler):
     """An iSER session to ``dest:port`` for ``target_name`` (ib_iser +
-    libiscsi + open-iscsi's login). :meth:`login` connects and logs in;
-    then the block API (:meth:`read`, :meth:`write`, :meth:`submit_read`,
-    :meth:`submit_write`, :meth:`wait_io`, :meth:`sync`, :meth:`inquiry`,
+    libiscsi + open-iscsi's login and session recovery). :meth:`login`
+    connects and logs in; then the block API (:meth:`read`, :meth:`write`,
+    :meth:`submit_read`, :meth:`submit_write`, :meth:`wait_io`,
+    :meth:`wait_any`, :meth:`wait_for`, :meth:`sync`, :meth:`inquiry`,
     :meth:`read_capacity`); :meth:`logout`; :meth:`close` frees everything.
 
     ``send_w_inv`` False sends the CM header 0xC0 (refusing Send with
-    Invalidate), so every key is invalidated locally."""
+    Invalidate), so every key is invalidated locally. ``timeout`` bounds
+    each blocking call (None: until its commands end, which the recovery
+    knobs bound); ``login_timeout`` each connect and login.
+
+    Recovery, with open-iscsi's and the midlayer's names and defaults:
+    ``cmd_timeout`` (sd's 30 s request timer), ``retries`` (sd's 5),
+    ``abort_timeout`` (15 s), ``lu_reset_timeout`` (30 s),
+    ``replacement_timeout`` (120 s), ``noop_out_interval`` /
+    ``noop_out_timeout`` (5 s / 5 s; 0 disables the pings) and
+    ``reopen_delay`` (iscsid's 3 s between failed reopen attempts); see
+    :mod:`.initiator_recovery`."""
 
     def __init__(
         self,
@@ -208,10 +169,33 @@ class IserInitiator:
         max_sectors: int = ISER_DEF_MAX_SECTORS,
         highmem: bool = True,
         send_w_inv: bool = True,
-        timeout: float = 60.0,
+        timeout: float | None = 60.0,
+        login_timeout: float = ISCSI_DEF_LOGIN_TIMEOUT,
+        cmd_timeout: float = SD_TIMEOUT,
+        retries: int = SD_MAX_RETRIES,
+        abort_timeout: float = ISCSI_DEF_ABORT_TIMEOUT,
+        lu_reset_timeout: float = ISCSI_DEF_LU_RESET_TIMEOUT,
+        replacement_timeout: float = ISCSI_DEF_REPLACEMENT_TIMEOUT,
+        noop_out_interval: float = ISCSI_DEF_NOOP_OUT_INTERVAL,
+        noop_out_timeout: float = ISCSI_DEF_NOOP_OUT_TIMEOUT,
+        reopen_delay: float = ISCSI_CONN_ERR_REOPEN_DELAY,
     ) -> None:
         if can_queue < 1:
             raise ValueError(f"can_queue {can_queue} must be positive")
+        if retries < 0:
+            raise ValueError(f"retries {retries} must not be negative")
+        for name, value in (
+            ("login_timeout", login_timeout),
+            ("cmd_timeout", cmd_timeout),
+            ("abort_timeout", abort_timeout),
+            ("lu_reset_timeout", lu_reset_timeout),
+            ("replacement_timeout", replacement_timeout),
+            ("reopen_delay", reopen_delay),
+        ):
+            if not value > 0:
+                raise ValueError(f"{name} {value} must be positive")
+        if noop_out_interval < 0 or (noop_out_interval > 0 and not noop_out_timeout > 0):
+            raise ValueError("noop_out_interval must be >= 0, and noop_out_timeout positive")
         self.dev = dev
         self.host = dev.host
         self.dest = dest
@@ -224,44 +208,48 @@ class IserInitiator:
         self.highmem = highmem
         self.send_w_inv = send_w_inv
         self.timeout = timeout
+        self.login_timeout = login_timeout
+        self.cmd_timeout = cmd_timeout
+        self.retries = retries
+        self.abort_timeout = abort_timeout
+        self.lu_reset_timeout = lu_reset_timeout
+        self.replacement_timeout = replacement_timeout
+        self.noop_out_interval = noop_out_interval
+        self.noop_out_timeout = noop_out_timeout
+        self.reopen_delay = reopen_delay
         pages = min(max_sectors * 512 // PAGE_SIZE, dev.attrs.max_fast_reg_page_list_len)
         self.max_pages = max(1, pages)
         self.max_transfer = self.max_pages * PAGE_SIZE
         self.stats: Counter[str] = Counter()
-        self.conn = IscsiInitiatorConnection(
-            linux_iser_initiator(self.initiator_name, target_name),
-            isid=isid,
-            itt_pool=can_queue + 16,
-        )
+        self.conn = self._new_iscsi(0)
+        self.state = IserState.FREE
+        self.lost_reason: str | None = None
         self.remote_inv = False
-        self.connected = False
-        self.logged_in = False
         self.login_result: LoginCompleted | None = None
+        self.tsih_history: list[int] = []
+        """The TSIH of each login, the first and every reinstatement."""
+        self._lock = dev.lock
         self._ch = RdmaEventChannel(self.host)
-        self._cid: RdmaCmId | None = None
-        self._qp: QueuePair | None = None
-        self._cq: CompletionQueue | None = None
+        self._ic: IserConn | None = None
+        self._connecting: IserConn | None = None
+        self._cm_events: list[RdmaCmEvent] = []
+        self._login_error: IserInitiatorError | None = None
+        self._logging_out = False
+        self._in_service = False
         self.pd = dev.alloc_pd(IbPdFlags(0))
-        self._lkey = self.pd.local_dma_lkey
-        # iser_alloc_fastreg_pool: a descriptor per command per direction
-        # (one direction per command here, so one each).
-        self._pool = FrPool(dev, self.pd, can_queue, self.max_pages)
-        self._rx: list[IuBuf] = []
-        self._tx: list[IuBuf] = []
-        self._free_tx: list[IuBuf] = []
-        self._ctrl: list[IuBuf] = []
-        self._free_ctrl: list[IuBuf] = []
-        self._ctrl_busy: dict[int, IuBuf] = {}
+        self._pd_alive = True
         self._pending: deque[IserRequest] = deque()
         self._active: dict[int, IserRequest] = {}
         self._inv_wait: dict[int, IserRequest] = {}
         self._events: list[object] = []
+        self._nops: set[int] = set()
         self._ids = itertools.count(1)
+        self._serials = itertools.count(1)
         self._capacity: tuple[int, int] | None = None
-        self._lost: str | None = None
+        self._eh_init()
 
     def __repr__(self) -> str:
-        return f"<IserInitiator {self.dest}:{self.port} {self.target_name} {self.conn!r}>"
+        return f"<IserInitiator {self.dest}:{self.port} {self.state.value} {self.conn!r}>"
 
     def __enter__(self) -> Self:
         return self
@@ -271,55 +259,110 @@ class IserInitiator:
     ) -> None:
         self.close()
 
+    @property
+    def connected(self) -> bool:
+        """Whether an RDMA connection is up."""
+        return self._ic is not None and self._ic.established and not self._ic.disconnected
+
+    @property
+    def logged_in(self) -> bool:
+        return self.state is IserState.LOGGED_IN
+
+    @property
+    def tsih(self) -> int:
+        """The session's TSIH (0 before the first login)."""
+        return self.tsih_history[-1] if self.tsih_history else 0
+
+    def _new_iscsi(self, cmdsn: int) -> IscsiInitiatorConnection:
+        negotiator = linux_iser_initiator(self.initiator_name, self.target_name)
+        return IscsiInitiatorConnection(
+            negotiator, isid=self.isid, cmdsn=cmdsn, itt_pool=self.can_queue + 16
+        )
+
     # -- connection and login (iser_connect, iscsi login) ------------------------------------
 
     def login(self) -> LoginCompleted:
         """Connect through the RDMA CM with the iSER CM header and log in
-        (one Login Request, operational stage to full feature phase)."""
-        ch = self._ch
-        cid = RdmaCmId(ch)
-        self._cid = cid
-        cid.resolve_addr(self.dest, self.port)
-        self._expect(RdmaCmEventType.ADDR_RESOLVED)
-        cid.resolve_route()
-        self._expect(RdmaCmEventType.ROUTE_RESOLVED)
-        n_rx = self.can_queue + 8
-        self._cq = self.dev.create_cq(n_rx + 4 * self.can_queue + 16)
-        cap = QpCap(
-            max_send_wr=3 * self.can_queue + 16,
-            max_recv_wr=n_rx,
-            max_send_sge=_MAX_SEND_SGE,
-            max_recv_sge=1,
-        )
-        self._qp = cid.create_qp(self.pd, QpInitAttr(IbQpType.RC, self._cq, self._cq, cap))
-        self._rx = alloc_iu_ring(self.dev, n_rx, ISER_HDR_LEN + 48 + _RX_DATA, DMA_FROM_DEVICE)
-        self._tx = alloc_iu_ring(self.dev, self.can_queue, _TX_SIZE, DMA_TO_DEVICE)
-        self._free_tx = list(self._tx)
-        self._ctrl = alloc_iu_ring(self.dev, 4, _TX_CTRL, DMA_TO_DEVICE)
-        self._free_ctrl = list(self._ctrl)
-        for i, iu in enumerate(self._rx):
-            self._qp.post_recv([RecvWR(_wr_id(_K_RECV, i), (iu.sge(self._lkey),))])
-        flags = IserCmHdr().encode()
-        if not self.send_w_inv:
-            flags = bytes([flags[0] | 0x40]) + flags[1:]
-        cid.connect(RdmaConnParam(private_data=flags, rnr_retry_count=7))
-        ev = self._expect(RdmaCmEventType.ESTABLISHED)
-        rep = ev.param.private_data if ev.param else b""
-        # iser_connected_handler: remote invalidation unless the target says 0x40.
-        self.remote_inv = self.send_w_inv and not (rep[:1] and rep[0] & 0x40)
-        self.connected = True
-        self._post_ctrl(self.conn.login())
-        self._wait(lambda: self.login_result is not None or self._lost is not None)
-        if self.login_result is None:
-            raise IserInitiatorError(f"login failed: {self._lost}")
-        self.logged_in = True
-        self.stats["logins"] += 1
+        (one Login Request, operational stage to full feature phase);
+        raises :class:`IserLoginRejected` or :class:`IserConnectError`."""
+        with self._lock:
+            if self.state is not IserState.FREE:
+                raise IserInitiatorError(f"cannot log in: {self.state.value}", errno.EISCONN)
+            ev = self._connect(self.login_timeout)
+            self.state = IserState.LOGGED_IN
+            self._last_rx = self._now()
+            self.stats["logins"] += 1
+            return ev
+
+    def _connect(self, timeout: float) -> LoginCompleted:
+        """``iscsi_iser_ep_connect`` + iscsid's login: resolve, connect with
+        a fresh :class:`IserConn`, log in with the session's ISID (TSIH 0:
+        a new session, or the reinstatement of the old one)."""
+        deadline = self._now() + timeout
+        ic = IserConn(
+            self.dev, self.pd, self._ch, self._new_iscsi(self.conn.cmdsn), self.can_queue,
+            self.max_pages,
+        )  # fmt: skip
+        self._connecting, self._cm_events = ic, []
+        self._reset_login()
+        try:
+            E = RdmaCmEventType
+            ic.cid.resolve_addr(self.dest, self.port)
+            self._cm_expect(E.ADDR_RESOLVED, deadline)
+            ic.cid.resolve_route()
+            self._cm_expect(E.ROUTE_RESOLVED, deadline)
+            ic.create_ib_conn_res()
+            ic.connect(self.send_w_inv)
+            ev = self._cm_expect(E.ESTABLISHED, deadline)
+            rep = ev.param.private_data if ev.param else b""
+            ic.established = True
+            # iser_connected_handler: remote invalidation unless the target says 0x40.
+            ic.remote_inv = self.send_w_inv and not (rep[:1] and rep[0] & 0x40)
+            self._ic = ic
+            if not self._post_pdu(ic.iscsi.login()):
+                raise IserConnectError("login failed: cannot post the Login Request")
+            self._wait(
+                lambda: (
+                    self.login_result is not None
+                    or self._login_error is not None
+                    or ic.disconnected
+                ),
+                max(0.0, deadline - self._now()),
+            )
+            if self.login_result is None:
+                why = "connection lost" if ic.disconnected else "no Login Response"
+                raise self._login_error or IserConnectError(f"login failed: {why}", errno.ETIMEDOUT)
+        except (RdmaCmError, VerbsError, IuMapError) as e:
+            self._drop_conn(ic)
+            raise IserConnectError(f"login failed: {e}", getattr(e, "errno", errno.EIO)) from e
+        except BaseException:
+            self._drop_conn(ic)
+            raise
+        finally:
+            self._connecting = None
+        self.conn = ic.iscsi
+        self.remote_inv = ic.remote_inv
+        self.tsih_history.append(self.login_result.tsih)
         return self.login_result
 
-    def _expect(self, kind: RdmaCmEventType) -> RdmaCmEvent:
-        ev = self._ch.get_cm_event(self.timeout)
+    def _reset_login(self) -> None:
+        self.login_result, self._login_error = None, None
+
+    def _drop_conn(self, ic: IserConn) -> None:
+        if self._ic is ic:
+            self._ic = None
+        ic.release()
+
+    def _cm_expect(self, kind: RdmaCmEventType, deadline: float) -> RdmaCmEvent:
+        if not self._wait(lambda: bool(self._cm_events), max(0.0, deadline - self._now())):
+            raise IserConnectError(
+                f"login failed: no {kind.name} from {self.dest}:{self.port}", errno.ETIMEDOUT
+            )
+        ev = self._cm_events.pop(0)
         if ev.event is not kind:
-            raise IserInitiatorError(f"RDMA CM: {ev.event.name}, expected {kind.name}")
+            raise IserConnectError(
+                f"login failed: RDMA CM {ev.event.name}, expected {kind.name}", errno.ECONNREFUSED
+            )
         return ev
 
     # -- the block API -------------------------------------------------------------------------
@@ -327,252 +370,249 @@ class IserInitiator:
     def submit(
         self, cdb: bytes, *, read_length: int = 0, write_data: bytes = b"", lun: int | None = None
     ) -> IserRequest:
-        """Queue one SCSI command (``iscsi_queuecommand``)."""
-        if not self.logged_in:
-            raise IserInitiatorError("not logged in")
-        if self._lost is not None:
-            raise IserInitiatorError(f"connection lost: {self._lost}")
-        if read_length > self.max_transfer or len(write_data) > self.max_transfer:
-            raise ValueError(f"more than {self.max_transfer} bytes in one command")
-        req = IserRequest(cdb, self.lun if lun is None else lun, read_length, bytes(write_data))
-        self._pending.append(req)
-        self._dispatch()  # blk_mq_run_hw_queues; completions are reaped while waiting
-        return req
+        """Queue one SCSI command (``iscsi_queuecommand``). While the session
+        is recovering it waits; after ``replacement_timeout`` it fails at
+        once with :class:`IserTransportError`."""
+        with self._lock:
+            if self.state in (IserState.FREE, IserState.TERMINATE):
+                raise IserInitiatorError("not logged in", errno.ENOTCONN)
+            if read_length > self.max_transfer or len(write_data) > self.max_transfer:
+                raise ValueError(f"more than {self.max_transfer} bytes in one command")
+            req = IserRequest(
+                cdb,
+                self.lun if lun is None else lun,
+                read_length,
+                bytes(write_data),
+                serial=next(self._serials),
+                retries=self.retries,
+                submitted=self._now(),
+            )
+            if self.state is IserState.RECOVERY_FAILED:
+                req.done = True
+                req.error = IserTransportError(f"session lost: {self.lost_reason}", errno.ENOTCONN)
+                return req
+            self._pending.append(req)
+            self._dispatch()  # blk_mq_run_hw_queues; completions are reaped while waiting
+            return req
 
-    def execute(
-        self, cdb: bytes, *, read_length: int = 0, write_data: bytes = b"", lun: int | None = None
-    ) -> bytes:
-        """Run one command to completion; its data in."""
-        req = self.submit(cdb, read_length=read_length, write_data=write_data, lun=lun)
-        self._wait_reqs([req])
-        return req.result()
-
-    def inquiry(self, lun: int | None = None) -> Inquiry:
-        """Standard INQUIRY."""
-        return parse_inquiry(self.execute(cdb_inquiry(36), read_length=36, lun=lun).ljust(36))
-
-    def read_capacity(self, lun: int | None = None) -> tuple[int, int]:
-        """``(blocks, block_size)`` by READ CAPACITY(10)."""
-        blocks, size = parse_read_capacity_10(
-            self.execute(cdb_read_capacity_10(), read_length=8, lun=lun)
-        )
-        if lun is None or lun == self.lun:
-            self._capacity = (blocks, size)
-        return blocks, size
-
-    @property
-    def capacity(self) -> int:
-        if self._capacity is None:
-            self.read_capacity()
-        assert self._capacity is not None
-        return self._capacity[0]
-
-    @property
-    def block_size(self) -> int:
-        if self._capacity is None:
-            self.read_capacity()
-        assert self._capacity is not None
-        return self._capacity[1]
-
-    def submit_read(self, lba: int, nblocks: int) -> IserIo:
-        """Queue a read of ``nblocks`` from ``lba``."""
-        size = self.block_size
-        step = max(1, self.max_transfer // size)
-        reqs = [
-            self.submit(cdb_read(lba + i, n), read_length=n * size)
-            for i in range(0, nblocks, step)
-            for n in [min(step, nblocks - i)]
-        ]
-        return IserIo(reqs, False)
-
-    def submit_write(self, lba: int, data: bytes | bytearray | memoryview) -> IserIo:
-        """Queue a write of whole blocks at ``lba``."""
-        size = self.block_size
-        if not data or len(data) % size:
-            raise ValueError(f"{len(data)} bytes is not a whole number of {size}-byte blocks")
-        data = bytes(data)
-        nblocks = len(data) // size
-        step = max(1, self.max_transfer // size)
-        reqs = [
-            self.submit(cdb_write(lba + i, n), write_data=data[i * size : (i + n) * size])
-            for i in range(0, nblocks, step)
-            for n in [min(step, nblocks - i)]
-        ]
-        return IserIo(reqs, True)
+    def wait_for(self, pred: Callable[[], bool], timeout: float | None = None) -> bool:
+        """Drive progress (completions, CM events, timers, recovery) until
+        ``pred()`` holds or ``timeout`` seconds pass (default
+        :attr:`timeout`; simulated seconds on simulated time); whether it
+        holds (as :meth:`SrpInitiator.wait_for
+        <softrdma.ulp.srp.initiator.SrpInitiator.wait_for>`)."""
+        with self._lock:
+            return self._wait(pred, self.timeout if timeout is None else timeout)
 
     def wait_io(self, ios: IserIo | Sequence[IserIo], timeout: float | None = None) -> bool:
-        """Wait for ``ios``; whether they all finished."""
+        """Wait for every one of ``ios`` to end (completed or failed);
+        whether they all did within ``timeout``."""
         ios = [ios] if isinstance(ios, IserIo) else list(ios)
-        return self._wait(lambda: all(io.done for io in ios) or self._lost is not None, timeout)
+        return self.wait_for(lambda: all(io.done for io in ios), timeout)
 
-    def read(self, lba: int, nblocks: int) -> bytes:
-        io = self.submit_read(lba, nblocks)
-        self._wait_reqs(io.requests)
-        data = io.result()
-        assert data is not None
-        return data
+    def wait_any(self, ios: Sequence[IserIo], timeout: float | None = None) -> list[IserIo]:
+        """Wait until at least one of ``ios`` has ended (the block layer's
+        completion of any request in a queue kept full); those that have,
+        in the order given ([] if none did within ``timeout``)."""
+        self.wait_for(lambda: any(io.done for io in ios), timeout)
+        return [io for io in ios if io.done]
 
-    def write(self, lba: int, data: bytes | bytearray | memoryview) -> None:
-        io = self.submit_write(lba, data)
-        self._wait_reqs(io.requests)
-        io.result()
-
-    def sync(self) -> None:
-        """SYNCHRONIZE CACHE."""
-        self.execute(cdb_synchronize_cache())
+    def poll(self) -> None:
+        """Process whatever completions, events and timers are due, without
+        waiting."""
+        with self._lock:
+            self._service()
 
     def nop(self, data: bytes = b"") -> bytes:
         """A NOP-Out ping; the NOP-In's data."""
-        before = len(self._events)
-        self._post_ctrl(self.conn.nop_out(data))
-        self._wait(lambda: any(isinstance(e, NopInReceived) for e in self._events[before:]))
-        ev = next(e for e in self._events[before:] if isinstance(e, NopInReceived))
-        return ev.data
+        with self._lock:
+            if self.state is not IserState.LOGGED_IN:
+                raise IserInitiatorError(f"cannot ping: {self.state.value}", errno.ENOTCONN)
+            pdu = self.conn.nop_out(data)
+            if not self._post_pdu(pdu):
+                raise IserInitiatorError("no control descriptor free", errno.EAGAIN)
+            self._nops.add(pdu.itt)
+
+            def answer() -> NopInReceived | None:
+                return next(
+                    (e for e in self._events if isinstance(e, NopInReceived) and e.itt == pdu.itt),
+                    None,
+                )
+
+            # Bounded even without a timeout: with the pings off nothing else ends the wait.
+            bound = self.timeout if self.timeout is not None else self.login_timeout
+            if not self._wait(lambda: answer() is not None or not self.logged_in, bound):
+                raise IserInitiatorError("no NOP-In", errno.ETIMEDOUT)
+            ev = answer()
+            if ev is None:
+                raise IserTransportError(f"connection lost: {self.lost_reason}", errno.ENOTCONN)
+            self._events.remove(ev)
+            return ev.data
 
     @property
     def outstanding(self) -> int:
+        """Commands sent or queued."""
         return len(self._active) + len(self._pending)
+
+    @property
+    def queued(self) -> int:
+        """Commands waiting to be sent (window, descriptors, recovery)."""
+        return len(self._pending)
 
     # -- logout and close ----------------------------------------------------------------------
 
     def logout(self) -> None:
         """Drain, send the Logout Request, wait for its response and for the
         target's disconnect (open-iscsi's logout), then :meth:`close`."""
-        if self.logged_in and self._lost is None:
-            self._wait(lambda: not self._active and not self._pending)
-            self._post_ctrl(self.conn.logout())
-            self._wait(
-                lambda: (
-                    any(isinstance(e, LoggedOut) for e in self._events) or self._lost is not None
+        with self._lock:
+            if self.state in (IserState.LOGGED_IN, IserState.FAILED):
+                self._wait(
+                    lambda: not self.outstanding or self.state is IserState.RECOVERY_FAILED,
+                    self.timeout,
                 )
-            )
-            self._wait(lambda: not self.connected, 10.0)
-            self.stats["logouts"] += 1
-        self.close()
+            ic = self._ic
+            if self.state is IserState.LOGGED_IN and ic is not None:
+                self._logging_out = True
+                if self._post_pdu(self.conn.logout()):
+                    self._wait(
+                        lambda: (
+                            any(isinstance(e, LoggedOut) for e in self._events) or ic.disconnected
+                        ),
+                        self.login_timeout,
+                    )
+                    self._wait(lambda: ic.disconnected, 10.0)
+                    self.stats["logouts"] += 1
+            self.close()
 
     def close(self) -> None:
         """Tear everything down: disconnect, destroy the QP and CQ, deregister
-        the MRs, unmap and free every buffer (``iser_conn_release``)."""
-        cid = self._cid
-        if cid is not None:
-            if self.connected:
-                with contextlib.suppress(Exception):  # already gone
-                    cid.disconnect()
-                self.connected = False
-            if self._qp is not None:
-                cid.destroy_qp()
-                self._qp = None
-            for req in list(self._active.values()) + list(self._inv_wait.values()):
-                self._finish(req, IserInitiatorError("session closed"))
-            for req in self._pending:
-                req.done, req.error = True, IserInitiatorError("session closed")
-            self._pending.clear()
-            cid.destroy()
-            self._cid = None
-            if self._cq is not None:
-                self._cq.destroy()
-                self._cq = None
-        free_iu_ring(self._rx)
-        free_iu_ring(self._tx)
-        free_iu_ring(self._ctrl)
-        self._rx, self._tx, self._ctrl = [], [], []
-        self._free_tx, self._free_ctrl = [], []
-        if self._pool.descs:
-            self._pool.destroy()
-            self.pd.dealloc()
-        self.logged_in = False
+        the MRs, unmap and free every buffer (``iser_conn_release``); what
+        had not completed fails with :class:`IserTransportError`."""
+        with self._lock:
+            self.state = IserState.TERMINATE
+            self._free_conn("session closed", requeue=False)
+            self._fail_pending(IserTransportError("session closed", errno.ESHUTDOWN))
+            if self._pd_alive:
+                self._pd_alive = False
+                self.pd.dealloc()
 
     # -- progress ------------------------------------------------------------------------------
 
     def _has_events(self) -> bool:
-        return len(self._ch) > 0 or (self._cq is not None and len(self._cq) > 0)
+        ic = self._ic
+        return len(self._ch) > 0 or (ic is not None and ic.cq is not None and len(ic.cq) > 0)
 
-    def _wait(self, pred: Callable[[], bool], timeout: float | None = None) -> bool:
+    def _wait(self, pred: Callable[[], bool], timeout: float | None) -> bool:
+        """Service until ``pred()`` or ``timeout`` seconds (None: no bound)."""
         sched = self.dev.scheduler
-        deadline = sched.time() + (self.timeout if timeout is None else timeout)
+        deadline = None if timeout is None else sched.time() + timeout
         while True:
             self._service()
             if pred():
                 return True
             now = sched.time()
-            if now >= deadline:
+            if deadline is not None and now >= deadline:
                 return False
-            if not self._has_events() and getattr(sched, "idle", False):
-                return pred()
-            self.dev.wait(self._has_events, deadline - now)
+            quiet = self._connecting is not None or self._logging_out
+            timer = None if quiet else self._next_timer()
+            limits = [t for t in (deadline, timer) if t is not None]
+            span = max(0.0, min(limits) - now) if limits else None
+            if span is None and sched.simulated:
+                if not self._has_events() and getattr(sched, "idle", False):
+                    return pred()  # nothing scheduled, no timer: nothing can happen
+                span = 3600.0
+            self.dev.wait(self._has_events, span)
 
     def _wait_reqs(self, reqs: Sequence[IserRequest]) -> None:
-        if not self._wait(lambda: all(r.done for r in reqs) or self._lost is not None):
-            raise IserInitiatorError(f"timed out: {sum(not r.done for r in reqs)} commands")
-        if not all(r.done for r in reqs):
-            raise IserInitiatorError(
-                f"connection lost ({self._lost}): {sum(not r.done for r in reqs)} commands"
-            )
+        with self._lock:
+            if not self._wait(lambda: all(r.done for r in reqs), self.timeout):
+                left = sum(not r.done for r in reqs)
+                raise IserInitiatorError(f"timed out: {left} commands", errno.ETIMEDOUT)
 
     def _service(self) -> None:
+        """One pass: CM events, completions, then (outside a login) the
+        timers, recovery and dispatch."""
+        self._pump_cm()
+        self._poll_cq()
+        if self._connecting is not None or self._in_service:
+            return
+        self._in_service = True
+        try:
+            if not self._logging_out:
+                self._check_timers()
+            self._dispatch()
+        finally:
+            self._in_service = False
+
+    def _pump_cm(self) -> None:
         while len(self._ch):
             ev = self._ch.get_cm_event(0)
+            ic = self._connecting
+            if ic is not None and ev.id is ic.cid and not ic.established:
+                self._cm_events.append(ev)
+                continue
+            ic = self._ic
+            if ic is None or ev.id is not ic.cid:
+                continue  # a connection already released
             if ev.event in (RdmaCmEventType.DISCONNECTED, RdmaCmEventType.DEVICE_REMOVAL):
-                self.connected = False
-                if self._lost is None and not any(isinstance(e, LoggedOut) for e in self._events):
-                    self._lose(f"RDMA CM {ev.event.name}")
-        if self._cq is not None:
-            while wcs := self._cq.poll(32):
-                for wc in wcs:
-                    self._completion(wc)
-        self._dispatch()
+                ic.disconnected = True
+                if not self._logging_out:
+                    self._conn_failure(f"RDMA CM {ev.event.name}")
 
-    def _lose(self, why: str) -> None:
-        log.warning("%r: connection lost: %s", self, why)
-        self._lost = why
-        # In flight: the device may still own the buffers until the QP is
-        # destroyed (close() releases them); queued: failed now.
-        for req in list(self._active.values()):
-            req.error = IserInitiatorError(why)
-        while self._pending:
-            req = self._pending.popleft()
-            req.done, req.error = True, IserInitiatorError(why)
+    def _poll_cq(self) -> None:
+        ic = self._ic
+        while ic is not None and self._ic is ic and ic.cq is not None and len(ic.cq):
+            for wc in ic.cq.poll(32):
+                if self._ic is not ic:
+                    break  # the connection failed and was released meanwhile
+                self._completion(ic, wc)
 
-    def _completion(self, wc: WorkCompletion) -> None:
+    def _completion(self, ic: IserConn, wc: WorkCompletion) -> None:
         kind, ident = wc.wr_id & 0xF, wc.wr_id >> 4
         if wc.status is not IbWcStatus.SUCCESS:
-            if self._lost is None:
-                self._lose(f"work completion {wc.status.name} ({wc.opcode.name})")
+            self.stats["wc_errors"] += 1
+            ic.disconnected = True  # a login in progress fails
+            if not self._logging_out:
+                self._conn_failure(f"work completion {wc.status.name} ({wc.opcode.name})")
             return
         if wc.opcode is IbWcOpcode.RECV:
-            self._recv(ident, wc)
-        elif kind == _K_SEND:
+            self._recv(ic, ident, wc)
+        elif kind == K_SEND:
             req = self._active.get(ident)
             if req is not None:
                 req.send_done = True
                 self._maybe_release(req)
-        elif kind == _K_INV:
+        elif kind == K_INV:
             req = self._inv_wait.pop(ident, None)
             if req is not None:
                 req.inv_pending = False
                 self._maybe_release(req)
-        elif kind == _K_CTRL:
-            iu = self._ctrl_busy.pop(ident, None)
-            if iu is not None:
-                self._free_ctrl.append(iu)
+        elif kind == K_CTRL:
+            ic.ctrl_done(ident)
 
-    def _recv(self, index: int, wc: WorkCompletion) -> None:
+    def _recv(self, ic: IserConn, index: int, wc: WorkCompletion) -> None:
         """``iser_task_rsp``: decode, hand the PDU to libiscsi, repost."""
-        assert self._qp is not None
-        iu = self._rx[index]
-        data = iu.read(wc.byte_len)
+        data = ic.rx[index].read(wc.byte_len)
         inv = wc.invalidate_rkey if wc.wc_flags & IbWcFlags.WITH_INVALIDATE else 0
-        self._qp.post_recv([RecvWR(wc.wr_id, (iu.sge(self._lkey),))])
+        ic.repost_recv(index)
         try:
             IserHdr.decode(data)
-            step = self.conn.receive(data[ISER_HDR_LEN:])
-        except Exception as e:  # libiscsi fails the connection
-            self._lose(f"{type(e).__name__}: {e}")
-            if self._cid is not None and self.connected:
-                self._cid.disconnect()
+            step = ic.iscsi.receive(data[ISER_HDR_LEN:])
+        except IscsiLoginError as e:
+            self._login_error = IserLoginRejected(
+                f"login failed: {e}", e.status_class, e.status_detail
+            )
             return
-        for pdu in step.pdus:
-            self._post_ctrl(pdu)
+        except (IscsiError, IserError) as e:  # libiscsi fails the connection
+            why = f"{type(e).__name__}: {e}"
+            ic.disconnected = True
+            self._login_error = IserConnectError(f"login failed: {why}", errno.EPROTO)
+            self._conn_failure(why)
+            return
+        for pdu in step.pdus:  # the answers to the target's pings
+            self._post_pdu(pdu)
+        if self.state is IserState.LOGGED_IN:
+            self._received(step.events)
         for ev in step.events:
             if isinstance(ev, LoginCompleted):
                 self.login_result = ev
@@ -586,65 +626,61 @@ class IserInitiator:
                 self._maybe_release(req)
             elif isinstance(ev, TaskRejected):
                 req = self._active.get(ev.itt) if ev.itt is not None else None
-                if req is not None and ev.itt is not None:
-                    req.error = IserInitiatorError(f"command rejected: {ev.reason!r}")
-                    req.response = CommandCompleted(ev.itt, 0, 0, b"", 0, False, False)
-                    self._maybe_release(req)
-            else:
+                if req is not None and req.response is None and not req.taken_back:
+                    # Never started at the target: sent again under a new ITT
+                    # while its retries last (the reject freed the ITT).
+                    log.warning("%r: command ITT %#x rejected (%#x)", self, req.itt, ev.reason)
+                    self.stats["rejected"] += 1
+                    req.error = IserTransportError(f"command rejected: reason {ev.reason:#x}")
+                    self._take_back(req, "reject")
+            elif isinstance(ev, NopInReceived):
+                if ev.itt in self._nops:  # a ping of nop(); the others are the monitor's
+                    self._nops.discard(ev.itt)
+                    self._events.append(ev)
+            elif not isinstance(ev, TmfCompleted):
                 self._events.append(ev)
+
+    def _post_pdu(self, pdu: IscsiPdu) -> bool:
+        """``iser_send_control`` on the current connection; False if it
+        cannot be posted."""
+        ic = self._ic
+        if ic is None or ic.qp is None:
+            return False
+        try:
+            return ic.post_ctrl(pdu, next(self._ids))
+        except VerbsError as e:
+            log.warning("%r: cannot post %s: %s", self, type(pdu).__name__, e)
+            return False
 
     # -- commands (iser_send_command, iser_reg_rdma_mem) ----------------------------------------
 
     def _dispatch(self) -> None:
         """``iscsi_xmitworker``: start queued commands while the CmdSN window
         is open and a TX descriptor and an FR descriptor are free."""
-        while self._pending and self._lost is None and self.connected:
+        ic = self._ic
+        if self._blocked_until and self._now() < self._blocked_until:
+            return  # scsi_device_blocked after BUSY
+        while self._pending and self.state is IserState.LOGGED_IN and ic is self._ic:
+            assert ic is not None and ic.pool is not None
             if not self.conn.window_open():  # iscsi_check_cmdsn_window_closed
                 self.stats["window_closed"] += 1
                 return
-            if not self._free_tx or not self._pool.free:
+            if not ic.free_tx or not ic.pool.free:
                 return
             req = self._pending.popleft()
-            if not self._start(req):
+            if not self._start(ic, req):
                 if self._active:  # host busy: retried when a command completes
                     self._pending.appendleft(req)
                     return
-                req.done = True
-                req.error = IserInitiatorError("cannot map the data buffer")
+                self._complete(req, IserTransportError("cannot map the data buffer", errno.ENOMEM))
 
-    def _map(self, req: IserRequest, length: int) -> bool:
-        """``iser_dma_map_task_data`` + ``iser_fast_reg_mr``'s page list:
-        the block layer's pages, ``ib_dma_map_sg``, ``ib_map_mr_sg``; False
-        (everything undone) if the DMA mapping fails (a full bounce pool)
-        or the MR cannot take the mapped list."""
-        buf = SrpBuffer(self.host, length, highmem=self.highmem)
-        direction = DMA_FROM_DEVICE if req.read_length else DMA_TO_DEVICE
-        if req.write_data:
-            buf.write(req.write_data)
-        if not ib_dma_map_sg(self.dev, buf.sgl, direction):
-            self.stats["map_busy"] += 1
-            buf.free()
-            return False
-        fr = self._pool.get()
-        assert fr is not None
-        nents = len(buf.sgl.dma_segments())
-        if fr.mr.map_sg(buf.sgl) != nents:
-            self.stats["map_busy"] += 1
-            self._pool.put([fr])
-            ib_dma_unmap_sg(self.dev, buf.sgl, direction)
-            buf.free()
-            return False
-        self.stats["highmem_pages"] += sum(page.is_highmem for page in buf.pages)
-        req.buf, req.direction, req.fr = buf, direction, fr
-        return True
-
-    def _start(self, req: IserRequest) -> bool:
+    def _start(self, ic: IserConn, req: IserRequest) -> bool:
         """``iscsi_prep_scsi_cmd_pdu`` + ``iser_send_command``: map and
         register the buffer, then post REG_MR and the command's SEND (the
-        immediate data a second SGE in the registered buffer)."""
-        assert self._qp is not None
+        immediate data further SGEs in the registered buffer)."""
+        assert ic.qp is not None
         length = req.read_length or len(req.write_data)
-        if length and not self._map(req, length):
+        if length and not map_task_data(self.dev, ic, req, length, self.highmem, self.stats):
             return False
         wrs: list[SendWR | RegWR] = []
         hdr = IserHdr()
@@ -652,7 +688,7 @@ class IserInitiator:
         pdu = self.conn.send_command(
             req.cdb, lun=req.lun, read_length=req.read_length, write_data=req.write_data
         )
-        req.itt = pdu.itt
+        req.itt, req.cmdsn = pdu.itt, pdu.cmdsn
         fr = req.fr
         if fr is not None:
             fr.key = ib_inc_rkey(fr.key)
@@ -661,7 +697,7 @@ class IserInitiator:
             else:
                 access = IbAccess.LOCAL_WRITE | IbAccess.REMOTE_READ
             reg = RegWR(
-                _wr_id(_K_REG, pdu.itt), IbWrOpcode.REG_MR, mr=fr.mr, key=fr.key, access=access
+                wr_id(K_REG, pdu.itt), IbWrOpcode.REG_MR, mr=fr.mr, key=fr.key, access=access
             )
             wrs.append(reg)
             self.stats["reg_mr"] += 1
@@ -673,111 +709,99 @@ class IserInitiator:
                 if imm < length:  # the rest by RDMA READ, past the immediate part
                     hdr = IserHdr(IserFlag.WSV, write_stag=fr.key, write_va=fr.mr.iova + imm)
                 if imm:
-                    data_sges = self._imm_sges(req, imm)
+                    data_sges = imm_sges(req, imm, ic.lkey)
                 self.stats["writes"] += 1
-        raw = encode_iser_send(hdr, pdu)[:_TX_SIZE]
-        tx = self._free_tx.pop()
+        raw = encode_iser_send(hdr, pdu)[:TX_SIZE]
+        tx = ic.free_tx.pop()
         req.tx = tx
         tx.write(raw)
-        sges = (tx.sge(self._lkey, _TX_SIZE), *data_sges)
-        wrs.append(SendWR(_wr_id(_K_SEND, pdu.itt), IbWrOpcode.SEND, sges, IbSendFlags.SIGNALED))
+        sges = (tx.sge(ic.lkey, TX_SIZE), *data_sges)
+        wrs.append(SendWR(wr_id(K_SEND, pdu.itt), IbWrOpcode.SEND, sges, IbSendFlags.SIGNALED))
         self._active[pdu.itt] = req
+        req.deadline = self._now() + self.cmd_timeout  # blk_add_timer
+        self.stats["commands"] += 1
         self.stats["max_active"] = max(self.stats["max_active"], len(self._active))
-        self._qp.post_send(wrs)
+        try:
+            ic.qp.post_send(wrs)
+        except VerbsError as e:  # the QP failed: the command is requeued with the others
+            self._conn_failure(f"post_send: {e}")
         return True
 
-    def _imm_sges(self, req: IserRequest, imm: int) -> tuple[Sge, ...]:
-        """The SGEs for the first ``imm`` bytes of the mapped buffer.
-
-        ib_iser names them through the MR (``mem_reg->sge``, the MR's
-        lkey). Here they are the DMA segments under the PD's
-        ``local_dma_lkey`` instead: with SEND_WITH_INV the target may
-        invalidate the MR while a retransmission of this SEND (its ACK
-        lost) still has to read the data, which the MR's lkey would then
-        refuse. Falls back to the MR when the segments exceed the SGEs."""
-        assert req.buf is not None and req.fr is not None
-        out: list[Sge] = []
-        left = imm
-        for dma, length in req.buf.sgl.dma_segments():
-            n = min(length, left)
-            out.append(Sge(dma, n, self._lkey))
-            left -= n
-            if not left:
-                break
-        if len(out) > _MAX_SEND_SGE - 1:
-            return (Sge(req.fr.mr.iova, imm, req.fr.key),)
-        return tuple(out)
-
-    def _post_ctrl(self, pdu: IscsiPdu) -> None:
-        """``iser_send_control``: a PDU with its data in a control buffer."""
-        assert self._qp is not None
-        if not self._free_ctrl:
-            raise IserInitiatorError("no control descriptor free")
-        iu = self._free_ctrl.pop()
-        data = encode_iser_send(IserHdr(), pdu)
-        iu.write(data)
-        ident = next(self._ids)
-        self._ctrl_busy[ident] = iu
-        sge = iu.sge(self._lkey, len(data))
-        self._qp.post_send(
-            [SendWR(_wr_id(_K_CTRL, ident), IbWrOpcode.SEND, (sge,), IbSendFlags.SIGNALED)]
-        )
+    def _take_back(self, req: IserRequest, how: str) -> None:
+        """A TMF took the command from the target: release it (after the
+        local invalidation of its key) and send it again or fail it."""
+        req.taken_back = how
+        self._maybe_release(req)
 
     def _maybe_release(self, req: IserRequest) -> None:
         """``iser_task_rsp`` → ``iser_unreg_mem_fastreg``: once the SEND and
-        the response completed, invalidate the key unless the target did,
-        then unmap and complete."""
-        if req.response is None or not req.send_done or req.inv_pending or req.done:
+        the response (or the TMF) completed, invalidate the key unless the
+        target did, then unmap and complete."""
+        if req.done or req.inv_pending or not req.send_done:
             return
-        fr = req.fr
-        if fr is not None and req.invalidated != fr.key and self._lost is None:
+        if req.response is None and not req.taken_back:
+            return
+        fr, ic = req.fr, self._ic
+        if fr is not None and req.invalidated != fr.key:
             if req.invalidated:
                 log.warning("%r: invalidated rkey %#x is not ours", self, req.invalidated)
-            assert self._qp is not None
+            assert ic is not None and ic.qp is not None
             req.inv_pending = True
             req.invalidated = fr.key  # once
             ident = next(self._ids)
             self._inv_wait[ident] = req
             self.stats["local_inv"] += 1
-            self._qp.post_send(
-                [
-                    SendWR(
-                        _wr_id(_K_INV, ident),
-                        IbWrOpcode.LOCAL_INV,
-                        (),
-                        IbSendFlags.SIGNALED,
-                        invalidate_rkey=fr.key,
-                    )
-                ]
-            )
+            inv = SendWR(
+                wr_id(K_INV, ident), IbWrOpcode.LOCAL_INV, (), IbSendFlags.SIGNALED,
+                invalidate_rkey=fr.key,
+            )  # fmt: skip
+            try:
+                ic.qp.post_send([inv])
+            except VerbsError as e:
+                self._conn_failure(f"post_send: {e}")
             return
-        self._finish(req, req.error)
+        self._release(req, key_dead=True)
+        if req.taken_back == "reject" and req.retries <= 0:
+            self._complete(req, req.error)
+        elif req.taken_back == "reject":
+            req.retries -= 1
+            self._retry_or_fail(req, req.taken_back)
+        elif req.taken_back:
+            self._retry_or_fail(req, req.taken_back)
+        elif req.error is None and self._disposition(req):
+            self._device_blocked()  # the queue waits a moment
+            self._requeue(req)
+        else:
+            self._complete(req, req.error)
 
-    def _finish(self, req: IserRequest, error: Exception | None) -> None:
-        self._active.pop(req.itt, None)
-        for k, r in list(self._inv_wait.items()):
-            if r is req:
-                del self._inv_wait[k]
-        if req.buf is not None:
-            assert req.direction is not None
-            ib_dma_unmap_sg(self.dev, req.buf.sgl, req.direction)
-            if req.read_length and error is None:
-                rsp = req.response
-                got = req.read_length - (rsp.residual_count if rsp and rsp.underflow else 0)
-                req.data = req.buf.read(max(0, got))
-            req.buf.free()
-            req.buf = None
+    def _release(self, req: IserRequest, *, key_dead: bool) -> None:
+        """``iser_dma_unmap_task_data``: the buffer unmapped (read data
+        copied out first), the FR descriptor back in the pool if its key is
+        invalid, the TX descriptor and the ITT freed."""
+        if self._active.get(req.itt) is req:
+            del self._active[req.itt]
+            if req.taken_back not in ("", "reject") and req.itt in self.conn.outstanding:
+                self.conn.task_aborted(req.itt)  # (a Reject freed the ITT already)
+        for k in [k for k, r in self._inv_wait.items() if r is req]:
+            del self._inv_wait[k]
+        ic = self._ic
+        unmap_task_data(self.dev, req)
         if req.fr is not None:
-            if error is None or self._lost is None:
-                self._pool.put([req.fr])
+            if key_dead and ic is not None and ic.pool is not None:
+                ic.pool.put([req.fr])
             req.fr = None
         if req.tx is not None:
-            self._free_tx.append(req.tx)
+            if ic is not None and req.tx in ic.tx:
+                ic.free_tx.append(req.tx)
             req.tx = None
+
+    def _complete(self, req: IserRequest, error: Exception | None) -> None:
         rsp = req.response
         req.error = error
         if rsp is not None:
             req.status, req.sense = rsp.status, rsp.sense
         req.done = True
+        self._blocked_until = 0.0  # a completion restarts a busy queue
+        self.stats["completed"] += 1
         for fn in req.callbacks:
             fn(req)
