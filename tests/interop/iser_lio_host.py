@@ -52,6 +52,9 @@ BATCH_WRITES = (3, 24, 100, 256, 1024, 7, 4096, 40)
 #: Random reads of these sizes, besides reading back every write.
 RANDOM_READS = (1, 9, 300, 4096, 16384)
 
+LIO_POST_LOGIN_SETTLE = 1.0
+"""Seconds between the login and the first PDU (see :func:`run`)."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="iser_lio_host", description=__doc__.split("\n\n")[0])
@@ -215,6 +218,15 @@ def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
                 out["login_error"]["status_detail"] = e.status_detail
             return (0 if args.expect_reject else 1), out
         timings["login"] = time.monotonic() - t0
+        # LIO sets the connection's and session's negotiated parameters in
+        # iscsi_post_login_handler, which its login thread runs only after
+        # the final Login Response has gone out. A command ib_isert receives
+        # before that meets zeroed conn_ops / sess_ops: DataPDUInOrder=0 and
+        # MaxXmitDataSegmentLength=0 send iscsit_build_pdu_and_seq_lists into
+        # an endless loop (a soft lockup of the VM), and a Logout is ignored
+        # as "not in logged in state". open-iscsi never meets it: its first
+        # command waits for iscsid and the SCSI scan. Give LIO that moment.
+        time.sleep(LIO_POST_LOGIN_SETTLE)
         neg = done.negotiated
         out["login"] = {
             "tsih": done.tsih,
@@ -223,12 +235,6 @@ def run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
         }
         out["remote_inv"] = ini.remote_inv
         if args.expect_reject:
-            # One command before the Logout: LIO ignores a Logout Request that
-            # arrives before its post-login handler has run ("Received logout
-            # request on connection that is not in logged in state"), and a
-            # disconnect that early, followed by the next login with the same
-            # ISID, has left ib_isert spinning in iscsit_build_pdu_and_seq_lists
-            # (a soft lockup) on that login's first command.
             ini.inquiry()
             ini.logout()
             return 1, out

@@ -26,12 +26,17 @@ What LIO does, as the tests pin down:
 * a NOP-Out ping's data is not echoed: ``isert_handle_nop_out`` ignores
   the payload, so the NOP-In answering it has none (RFC 7143 asks for the
   data back);
-* a Logout Request right after the login is ignored ("Received logout
-  request on connection that is not in logged in state": LIO's post-login
-  handler has not run yet), and a disconnect that early followed by a new
-  login with the same ISID has left ib_isert in a soft lockup on the new
-  session's first command; the host script always runs a command before
-  it logs out;
+* LIO takes a session's negotiated parameters into effect only in
+  ``iscsi_post_login_handler``, after the final Login Response has gone
+  out: a Logout Request arriving before that is ignored ("Received logout
+  request on connection that is not in logged in state"), and a SCSI
+  command arriving before that meets zeroed ``conn_ops`` / ``sess_ops``
+  (``DataPDUInOrder`` 0, ``MaxXmitDataSegmentLength`` 0) and spins
+  ``iscsit_build_pdu_and_seq_lists`` forever — a soft lockup of the VM,
+  reproduced several times with a command sent at once after the login.
+  open-iscsi never meets it (its first command waits for iscsid and the
+  SCSI scan); the host script waits ``LIO_POST_LOGIN_SETTLE`` after the
+  login;
 * its REP carries the iSER CM header ``0x80``, ``0xC0`` when the REQ
   refused Send with Invalidate, and then every response comes as a plain
   SEND and every key is invalidated locally.
