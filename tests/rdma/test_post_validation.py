@@ -74,10 +74,18 @@ def test_the_wr_opcode_table_is_complete() -> None:
     assert set(WR_OPCODE_INFO) == set(IbWrOpcode)
     for opcode, info in WR_OPCODE_INFO.items():
         assert IbQpType.RC in info.qp_types
-        local = opcode in (IbWrOpcode.REG_MR, IbWrOpcode.LOCAL_INV)
+        local = opcode in (IbWrOpcode.REG_MR, IbWrOpcode.LOCAL_INV, IbWrOpcode.BIND_MW)
         assert (info.rc_ops == (-1,) * 4) == local
     ud = {op for op, info in WR_OPCODE_INFO.items() if IbQpType.UD in info.qp_types}
     assert ud == {IbWrOpcode.SEND, IbWrOpcode.SEND_WITH_IMM}
+    # UC (rxe_wr_opcode_info): no READ, atomics or SEND_WITH_INV.
+    uc = {op for op, info in WR_OPCODE_INFO.items() if IbQpType.UC in info.qp_types}
+    assert uc == set(IbWrOpcode) - {
+        IbWrOpcode.RDMA_READ,
+        IbWrOpcode.ATOMIC_CMP_AND_SWP,
+        IbWrOpcode.ATOMIC_FETCH_AND_ADD,
+        IbWrOpcode.SEND_WITH_INV,
+    }
 
 
 def test_sge_lengths_are_checked_by_the_verbs_layer() -> None:

@@ -15,7 +15,7 @@ from softrdma.memory.layout import BytesLike
 from softrdma.transport.headers import NakCode
 from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.verbs.enums import IbAccess, IbWcStatus
-from softrdma.verbs.wr import RegWR, Sge
+from softrdma.verbs.wr import BindMwWR, RegWR, Sge
 
 ALL_REMOTE = IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE | IbAccess.REMOTE_READ
 ALL_ACCESS = ALL_REMOTE | IbAccess.REMOTE_ATOMIC
@@ -130,6 +130,7 @@ class FakeMemory:
     sgl_maps: int = 0
     rkey_checks: int = 0
     invalidated: list[int] = field(default_factory=list)
+    binds: list[BindMwWR] = field(default_factory=list)
     next_index: int = 1
 
     def reg(self, size: int, access: IbAccess = ALL_ACCESS, fill: bytes | None = None) -> FakeMr:
@@ -215,6 +216,11 @@ class FakeMemory:
             raise LocalAccessError(IbWcStatus.LOC_PROT_ERR, f"LOCAL_INV of bad key {key:#x}")
         mr.valid = False
         self.invalidated.append(key)
+
+    def bind_mw(self, wr: BindMwWR) -> None:
+        # The engines' tests bind no windows; the devices' do (tests/rdma).
+        self.binds.append(wr)
+        raise LocalAccessError(IbWcStatus.MW_BIND_ERR, f"no MW {wr.mw_rkey:#x} here")
 
     def _check(self, rkey: int, va: int, length: int, access: int) -> FakeMr:
         """``lookup_mr`` + ``mr_check_range`` for a remote access."""

@@ -35,7 +35,7 @@ from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.verbs.device import IBK_LOCAL_DMA_LKEY
 from softrdma.verbs.enums import IbAccess, IbMrType, IbWcStatus
 from softrdma.verbs.mr import MemoryRegion, MrKeyError, MrState
-from softrdma.verbs.wr import RegWR, Sge
+from softrdma.verbs.wr import BindMwWR, RegWR, Sge
 
 if TYPE_CHECKING:
     from softrdma.verbs.device import IbDevice
@@ -134,9 +134,15 @@ class QpMemory:
             raise LocalAccessError(_LOC_PROT_ERR, str(e)) from e
 
     def _remote_mr(self, rkey: int, va: int, length: int, access: int) -> MemoryRegion:
-        """``lookup_mr`` + ``mr_check_range`` for a remote access."""
+        """``lookup_mr`` + ``mr_check_range`` for a remote access; a key
+        naming a memory window goes through the window's checks first
+        (rxe ``check_rkey``: ``rxe_lookup_mw``)."""
         try:
-            mr = self.mrs.lookup(rkey, self.pd, access, remote=True)
+            mw = self.mrs.mw(rkey)
+            if mw is not None:
+                mr = mw.check_remote(rkey, self.pd, self.qp, va, length, access)
+            else:
+                mr = self.mrs.lookup(rkey, self.pd, access, remote=True)
         except MrKeyError as e:
             raise RemoteAccessError(_ACCESS_ERR, str(e)) from e
         if not mr.check_range(va, length):
@@ -206,11 +212,35 @@ class QpMemory:
             raise LocalAccessError(IbWcStatus.LOC_QP_OP_ERR, str(e)) from e
 
     def local_invalidate(self, key: int) -> None:
-        """``rxe_invalidate_mr`` for IB_WR_LOCAL_INV."""
+        """``rxe_invalidate_mr`` / ``rxe_invalidate_mw`` for IB_WR_LOCAL_INV."""
         try:
-            self.mrs.invalidate(self.pd, key, remote=False)
+            mw = self.mrs.mw(key)
+            if mw is not None:
+                if mw.pd is not self.pd:
+                    raise MrKeyError(f"invalidate of MW {key:#x} of another PD")
+                mw.invalidate(key)
+            else:
+                self.mrs.invalidate(self.pd, key, remote=False)
         except MrKeyError as e:
             raise LocalAccessError(IbWcStatus.LOC_QP_OP_ERR, str(e)) from e
+
+    def bind_mw(self, wr: BindMwWR) -> None:
+        """``rxe_bind_mw`` for IB_WR_BIND_MW: the window its ``mw_rkey``
+        names, the MR (for a non-empty range), every rule of
+        :meth:`MemoryWindow.bind <softrdma.verbs.mw.MemoryWindow.bind>`;
+        any failure is ``IB_WC_MW_BIND_ERR``."""
+        try:
+            mw = self.mrs.mw(wr.mw_rkey)
+            if mw is None or mw.rkey != wr.mw_rkey or (wr.mw is not None and wr.mw is not mw):
+                raise MrKeyError(f"BIND_MW of key {wr.mw_rkey:#x}, which names no MW")
+            mr = None
+            if wr.bind_length:
+                mr = wr.mr
+                if mr is None or mr.deregistered or mr.device is not self.device:
+                    raise MrKeyError("BIND_MW of a range of no MR")
+            mw.bind(self.qp, mr, wr.rkey, wr.addr, wr.bind_length, int(wr.mw_access))
+        except MrKeyError as e:
+            raise LocalAccessError(IbWcStatus.MW_BIND_ERR, str(e)) from e
 
     # -- MemoryPort: remote -------------------------------------------------------------
 
@@ -239,9 +269,16 @@ class QpMemory:
             raise RemoteAccessError(_ACCESS_ERR, f"DMA fault: {e}") from e
 
     def remote_invalidate(self, rkey: int) -> None:
-        """``invalidate_rkey`` for SEND_WITH_INVALIDATE."""
+        """``invalidate_rkey`` for SEND_WITH_INVALIDATE: an MR, or a type 2
+        window (``rxe_invalidate_mw``)."""
         try:
-            self.mrs.invalidate(self.pd, rkey, remote=True)
+            mw = self.mrs.mw(rkey)
+            if mw is not None:
+                if mw.pd is not self.pd:
+                    raise MrKeyError(f"invalidate of MW {rkey:#x} of another PD")
+                mw.invalidate(rkey)
+            else:
+                self.mrs.invalidate(self.pd, rkey, remote=True)
         except MrKeyError as e:
             raise RemoteAccessError(NakCode.REMOTE_OP_ERR, str(e)) from e
 

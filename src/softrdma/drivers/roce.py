@@ -39,17 +39,30 @@ from softrdma.transport.roce import (
     rdma_gid2ip,
     rxe_qp_src_port,
 )
+from softrdma.transport.srq import SharedRq
+from softrdma.transport.uc import UcQp
 from softrdma.transport.ud import UdQp
-from softrdma.transport.wqe import CqSide, OutPacket, Output, QpFatal, SendWqe, check_send_wr
+from softrdma.transport.wqe import (
+    CqSide,
+    LastWqeReached,
+    OutPacket,
+    Output,
+    QpFatal,
+    SendWqe,
+    SqDrained,
+    SrqLimitReached,
+    check_send_wr,
+)
 from softrdma.verbs.device import DeviceAttr, IbDevice, IbEvent
-from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbSendFlags
+from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbSendFlags, IbSrqAttrMask
 from softrdma.verbs.errors import PostError
 from softrdma.verbs.qp import QpAttr, QueuePair
+from softrdma.verbs.srq import SharedReceiveQueue, SrqAttr
 from softrdma.verbs.wr import RecvWR, SendWR
 
 log = logging.getLogger("softrdma.drivers")
 
-Engine = RcQp | UdQp
+Engine = RcQp | UcQp | UdQp
 _INLINE = int(IbSendFlags.INLINE)  # (IntFlag's & is slow: once per WR posted)
 
 
@@ -88,6 +101,7 @@ class RoceDevice(IbDevice):
         )
         self.link = link
         self._engines: dict[int, Engine] = {}
+        self._srqs: dict[int, SharedRq] = {}
         self._timers: dict[int, Handle] = {}
         self._kicked: set[int] = set()
         self._saddr = link.address.packed
@@ -114,12 +128,15 @@ class RoceDevice(IbDevice):
     def ops_create_qp(self, qp: QueuePair) -> Engine:
         """The QP's transport object, which owns its state (``rxe_qp_init``)."""
         mem = QpMemory(self, qp)
+        srq = None if qp.srq is None else self._srqs[qp.srq.srq_num]
         engine: Engine
         if qp.qp_type == IbQpType.RC:
-            engine = RcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
+            engine = RcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
             engine.offload = self._offload
+        elif qp.qp_type == IbQpType.UC:
+            engine = UcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
         else:
-            engine = UdQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
+            engine = UdQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
         self._engines[qp.qp_num] = engine
         return engine
 
@@ -169,6 +186,34 @@ class RoceDevice(IbDevice):
         self._rc_rx.pop(qp.qp_num, None)
         self._engines.pop(qp.qp_num, None)
         self._kicked.discard(qp.qp_num)
+
+    # -- SRQ lifecycle (rxe_srq.c) ---------------------------------------------------
+
+    def ops_create_srq(self, srq: SharedReceiveQueue, attr: SrqAttr) -> SharedRq:
+        """``rxe_create_srq``: the queue the QPs attached to it take from."""
+        hw = SharedRq(srq.srq_num, attr.max_wr, attr.max_sge, attr.srq_limit)
+        self._srqs[srq.srq_num] = hw
+        return hw
+
+    def ops_post_srq_recv(self, srq: SharedReceiveQueue, wrs: Sequence[RecvWR]) -> None:
+        """``rxe_post_srq_recv``. Nothing to kick: a sender refused with an
+        RNR NAK retries on its own timer."""
+        hw = self._srqs[srq.srq_num]
+        for wr in wrs:
+            hw.post_recv(wr)
+
+    def ops_modify_srq(self, srq: SharedReceiveQueue, attr: SrqAttr, mask: IbSrqAttrMask) -> None:
+        """``rxe_modify_srq``."""
+        self._srqs[srq.srq_num].modify(
+            attr.max_wr if mask & IbSrqAttrMask.MAX_WR else None,
+            attr.srq_limit if mask & IbSrqAttrMask.LIMIT else None,
+        )
+
+    def ops_destroy_srq(self, srq: SharedReceiveQueue) -> None:
+        """``rxe_destroy_srq``: its WQEs go without completions."""
+        hw = self._srqs.pop(srq.srq_num, None)
+        if hw is not None:
+            hw.clear()
 
     def ops_unregister(self) -> None:
         """Detach from the network (``rxe_net_del``): cancel the timers and
@@ -298,8 +343,15 @@ class RoceDevice(IbDevice):
         for event in out.events:
             if isinstance(event, QpFatal):
                 self.dispatch_event(IbEvent(event.event, self, qp=qp, reason=event.reason))
-            elif qp.hw.attr.en_sqd_async_notify:
-                self.dispatch_event(IbEvent(IbEventType.SQ_DRAINED, self, qp=qp))
+            elif isinstance(event, SqDrained):
+                if qp.hw.attr.en_sqd_async_notify:
+                    self.dispatch_event(IbEvent(IbEventType.SQ_DRAINED, self, qp=qp))
+            elif isinstance(event, SrqLimitReached):
+                if qp.srq is not None:
+                    ev = IbEvent(IbEventType.SRQ_LIMIT_REACHED, self, srq=qp.srq)
+                    self.dispatch_event(ev)
+            elif isinstance(event, LastWqeReached):
+                self.dispatch_event(IbEvent(IbEventType.LAST_WQE_REACHED, self, qp=qp))
         return done
 
     # -- the wire (rxe_net.c) -------------------------------------------------------
@@ -486,6 +538,14 @@ class RoceDevice(IbDevice):
         if isinstance(engine, UdQp):
             self.stats["rcvd_pkts"] += 1
             engine.receive(pkt, now, sgid=_gid(saddr), dgid=_gid(daddr))
+        elif isinstance(engine, UcQp):
+            # Connected: only from the peer of its address vector.
+            ah = engine.attr.ah_attr
+            if ah is None or saddr != self._route(ah.dgid):
+                self.stats["rx_wrong_peer"] += 1
+                return None
+            self.stats["rcvd_pkts"] += 1
+            engine.receive(pkt, now)
         else:
             ah = engine.attr.ah_attr
             if ah is None:

@@ -32,7 +32,7 @@ from typing import Protocol
 from softrdma.memory.layout import BytesLike
 from softrdma.transport.headers import NakCode
 from softrdma.verbs.enums import IbWcStatus
-from softrdma.verbs.wr import RegWR, Sge
+from softrdma.verbs.wr import BindMwWR, RegWR, Sge
 
 
 class LocalAccessError(Exception):
@@ -142,6 +142,11 @@ class MemoryPort(Protocol):
 
     def local_invalidate(self, key: int) -> None:
         """Execute IB_WR_LOCAL_INV. Raises :class:`LocalAccessError`."""
+        ...
+
+    def bind_mw(self, wr: BindMwWR) -> None:
+        """Execute IB_WR_BIND_MW. Raises :class:`LocalAccessError`
+        (``IB_WC_MW_BIND_ERR``)."""
         ...
 
     # -- remote: requests from the peer ----------------------------------

@@ -15,7 +15,8 @@ from typing import ClassVar
 
 from softrdma.transport.errors import LocalProtocolError
 from softrdma.transport.memory_port import MemoryPort
-from softrdma.transport.wqe import WR_IMM, Completion, CqSide, Output, SendWqe
+from softrdma.transport.srq import SharedRq
+from softrdma.transport.wqe import WR_IMM, Completion, CqSide, LastWqeReached, Output, SendWqe
 from softrdma.verbs.enums import IbQpState, IbWcFlags, IbWcOpcode, IbWcStatus
 from softrdma.verbs.qp import QpAttr
 from softrdma.verbs.wr import RecvWR, WorkCompletion
@@ -61,8 +62,12 @@ class QpBase:
         *,
         sq_sig_all: bool = False,
         counters: Counter[str] | None = None,
+        srq: SharedRq | None = None,
     ) -> None:
         self.qpn = qpn
+        self.srq = srq
+        """The shared receive queue this QP takes its receive WQEs from
+        (``qp->srq``); then it has no receive queue of its own."""
         self.mem = mem
         self.sq_sig_all = sq_sig_all
         self.state = IbQpState.RESET
@@ -76,7 +81,8 @@ class QpBase:
 
     @property
     def rq_outstanding(self) -> int:
-        """Receive WQEs posted and not yet completed."""
+        """Receive WQEs posted and not yet completed (on the QP's own receive
+        queue: those of an SRQ are the SRQ's)."""
         return len(self.rq)
 
     # -- work requests ----------------------------------------------------------------
@@ -96,6 +102,8 @@ class QpBase:
         completes at once with ``IB_WC_WR_FLUSH_ERR``."""
         if self.state is IbQpState.RESET:
             raise LocalProtocolError(f"{self.transport} QP {self.qpn:#x}: post_recv in RESET")
+        if self.srq is not None:
+            raise LocalProtocolError(f"QP {self.qpn:#x} receives from SRQ {self.srq.srqn:#x}")
         if self.state is IbQpState.ERR:
             self.out.completions.append(Completion(CqSide.RECV, self._recv_flush_wc(wr)))
             return
@@ -121,9 +129,21 @@ class QpBase:
         completions = self.out.completions
         for wqe in self._flush_send_queue():
             completions.append(Completion(CqSide.SEND, flush_wc(wqe, self.qpn)))
+        for wr in self._recv_in_progress():
+            completions.append(Completion(CqSide.RECV, self._recv_flush_wc(wr)))
         for wr in self.rq:
             completions.append(Completion(CqSide.RECV, self._recv_flush_wc(wr)))
         self.rq.clear()
+        if self.srq is not None:
+            # The SRQ's WQEs stay for its other QPs; this one says it will
+            # take no more (rxe_resp.c flush_recv_queue).
+            self.out.events.append(LastWqeReached())
+
+    def _recv_in_progress(self) -> list[RecvWR]:
+        """A receive WQE taken off the SRQ for a message not yet complete:
+        it is no longer on any queue, so leaving ERR-bound it completes
+        with ``IB_WC_WR_FLUSH_ERR`` here."""
+        return []
 
     def _flush_send_queue(self) -> list[SendWqe]:
         """Empty the send queue; return the WQEs not yet completed."""

@@ -60,6 +60,7 @@ from softrdma.transport.memory_port import LocalSgl, MemoryPort, RemoteMr
 from softrdma.transport.opcodes import OPCODE_TABLE, OpcodeInfo, Transport
 from softrdma.transport.packet import Packet
 from softrdma.transport.qp_base import QpBase
+from softrdma.transport.srq import SharedRq
 from softrdma.transport.wqe import Output, QpFatal, SendWqe, SqDrained
 from softrdma.verbs.enums import (
     IbEventType,
@@ -215,8 +216,9 @@ class RcQp(QpBase):
         *,
         sq_sig_all: bool = False,
         counters: Counter[str] | None = None,
+        srq: SharedRq | None = None,
     ) -> None:
-        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters)
+        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters, srq=srq)
         self.mtu = self.attr.path_mtu.size
         self.ack_timeout = local_ack_timeout(self.attr.timeout)
         self.access = int(self.attr.qp_access_flags)
@@ -305,6 +307,10 @@ class RcQp(QpBase):
         self.resp = RespInfo()
         req = self.req
         req.retrans_deadline = req.rnr_deadline = None
+
+    def _recv_in_progress(self) -> list[RecvWR]:
+        wqe = self.resp.wqe
+        return [wqe] if wqe is not None and self.srq is not None else []
 
     def _flush_send_queue(self) -> list[SendWqe]:
         pending = self.sq[self.sq_head :]

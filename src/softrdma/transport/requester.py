@@ -56,7 +56,7 @@ from softrdma.transport.wqe import (
     SendWqe,
 )
 from softrdma.verbs.enums import IbQpState, IbSendFlags, IbWcStatus, IbWrOpcode
-from softrdma.verbs.wr import AtomicWR, RegWR
+from softrdma.verbs.wr import AtomicWR, BindMwWR, RegWR
 
 if TYPE_CHECKING:
     from softrdma.transport.rc import RcQp
@@ -255,13 +255,16 @@ def _arm(qp: RcQp, now: float) -> None:
 
 
 def _do_local_op(qp: RcQp, wqe: SendWqe) -> None:
-    """REG_MR / LOCAL_INV, executed in send queue order
+    """REG_MR / BIND_MW / LOCAL_INV, executed in send queue order
     (rxe_req.c ``rxe_do_local_ops``)."""
     wr = wqe.wr
     try:
         if wqe.opcode is IbWrOpcode.REG_MR:
             assert isinstance(wr, RegWR)  # the driver's check_send_wr made sure
             qp.mem.reg_mr(wr)
+        elif wqe.opcode is IbWrOpcode.BIND_MW:
+            assert isinstance(wr, BindMwWR)
+            qp.mem.bind_mw(wr)
         else:
             qp.mem.local_invalidate(wr.invalidate_rkey)
     except LocalAccessError as e:

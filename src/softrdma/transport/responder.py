@@ -530,10 +530,21 @@ def _check_resource(p: _Pass) -> RespState:
             return CHK_LENGTH
         return ERR_TOO_MANY_RDMA_ATM_REQ
     if info.consumes_recv_wqe:
+        resp = p.resp
+        srq = qp.srq
+        if srq is not None:
+            # rxe get_srq_wqe: popped off the SRQ by the message's first
+            # packet and held by this QP until the message completes.
+            if resp.wqe is None:
+                wqe = srq.take(qp.out.events)
+                if wqe is None:
+                    return ERR_RNR
+                resp.wqe = wqe
+                resp.sgl = None
+            return CHK_LENGTH
         if not qp.rq:
             return ERR_RNR
         wqe = qp.rq[0]
-        resp = p.resp
         if resp.wqe is not wqe:
             resp.wqe = wqe
             resp.sgl = None  # translated when the first payload lands
@@ -844,7 +855,8 @@ def _do_complete(p: _Pass) -> RespState:
         else:
             wc = WorkCompletion(wqe.wr_id, status, IbWcOpcode.RECV, qp.qpn)
         qp.out.completions.append(Completion(CqSide.RECV, wc, pkt.bth.se))
-        qp.rq.popleft()
+        if qp.srq is None:
+            qp.rq.popleft()
         resp.wqe = None
         resp.sgl = None
         resp.recv_offset = 0

@@ -40,6 +40,7 @@ from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
 from softrdma.transport.psn import PSN_MASK
 from softrdma.transport.qp_base import QpBase, send_wc
+from softrdma.transport.srq import SharedRq
 from softrdma.transport.wqe import (
     Completion,
     CqSide,
@@ -112,8 +113,9 @@ class UdQp(QpBase):
         *,
         sq_sig_all: bool = False,
         counters: Counter[str] | None = None,
+        srq: SharedRq | None = None,
     ) -> None:
-        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters)
+        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters, srq=srq)
         self.sq: deque[SendWqe] = deque()
         self.psn = 0
         self._drain_pending = False
@@ -225,9 +227,12 @@ class UdQp(QpBase):
         if deth is None:
             return
         expected = GSI_QKEY if self.qpn == 1 else self.attr.qkey
-        if deth.qkey != expected or not self.rq:
+        if deth.qkey != expected:
             return
-        wr = self.rq[0]
+        srq = self.srq
+        wr = (self.rq[0] if self.rq else None) if srq is None else srq.peek()
+        if wr is None:
+            return  # UD has no RNR NAK: no receive WQE, dropped
         payload = pkt.payload
         total = GRH_SIZE + len(payload)
         if wr.length < total:
@@ -238,7 +243,10 @@ class UdQp(QpBase):
             grh = network_hdr
         else:
             grh = make_grh(sgid, dgid, len(pkt))
-        self.rq.popleft()
+        if srq is None:
+            self.rq.popleft()
+        else:
+            srq.take(self.out.events)
         try:
             self.mem.scatter(wr.sg_list, 0, grh)
             if payload:

@@ -32,7 +32,7 @@ from softrdma.verbs.enums import (
     IbWcStatus,
     IbWrOpcode,
 )
-from softrdma.verbs.wr import AtomicWR, RdmaWR, RegWR, SendWR, UdWR, WorkCompletion
+from softrdma.verbs.wr import AtomicWR, BindMwWR, RdmaWR, RegWR, SendWR, UdWR, WorkCompletion
 
 __all__ = [
     "WQE_DONE",
@@ -50,12 +50,14 @@ __all__ = [
     "WR_WRITE",
     "Completion",
     "CqSide",
+    "LastWqeReached",
     "OutPacket",
     "Output",
     "QpEvent",
     "QpFatal",
     "SendWqe",
     "SqDrained",
+    "SrqLimitReached",
     "UdDest",
     "WqeState",
     "WrOpcodeInfo",
@@ -106,7 +108,8 @@ WR_IMM = 1 << 5
 WR_INV = 1 << 6
 
 _RC = frozenset({IbQpType.RC})
-_RC_UD = frozenset({IbQpType.RC, IbQpType.UD, IbQpType.GSI})
+_RC_UC = frozenset({IbQpType.RC, IbQpType.UC})
+_RC_UC_UD = frozenset({IbQpType.RC, IbQpType.UC, IbQpType.UD, IbQpType.GSI})
 _NO_OPS = (-1, -1, -1, -1)
 
 
@@ -133,12 +136,12 @@ class WrOpcodeInfo:
 
 WR_OPCODE_INFO: dict[IbWrOpcode, WrOpcodeInfo] = {
     IbWrOpcode.SEND: WrOpcodeInfo(
-        WR_SEND, _RC_UD, SendWR,
+        WR_SEND, _RC_UC_UD, SendWR,
         (Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST, Opcode.RC_SEND_ONLY),
         IbWcOpcode.SEND,
     ),
     IbWrOpcode.SEND_WITH_IMM: WrOpcodeInfo(
-        WR_SEND | WR_IMM, _RC_UD, SendWR,
+        WR_SEND | WR_IMM, _RC_UC_UD, SendWR,
         (Opcode.RC_SEND_FIRST, Opcode.RC_SEND_MIDDLE, Opcode.RC_SEND_LAST_WITH_IMMEDIATE,
          Opcode.RC_SEND_ONLY_WITH_IMMEDIATE),
         IbWcOpcode.SEND,
@@ -150,13 +153,13 @@ WR_OPCODE_INFO: dict[IbWrOpcode, WrOpcodeInfo] = {
         IbWcOpcode.SEND,
     ),
     IbWrOpcode.RDMA_WRITE: WrOpcodeInfo(
-        WR_WRITE, _RC, RdmaWR,
+        WR_WRITE, _RC_UC, RdmaWR,
         (Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE, Opcode.RC_RDMA_WRITE_LAST,
          Opcode.RC_RDMA_WRITE_ONLY),
         IbWcOpcode.RDMA_WRITE,
     ),
     IbWrOpcode.RDMA_WRITE_WITH_IMM: WrOpcodeInfo(
-        WR_WRITE | WR_IMM, _RC, RdmaWR,
+        WR_WRITE | WR_IMM, _RC_UC, RdmaWR,
         (Opcode.RC_RDMA_WRITE_FIRST, Opcode.RC_RDMA_WRITE_MIDDLE,
          Opcode.RC_RDMA_WRITE_LAST_WITH_IMMEDIATE, Opcode.RC_RDMA_WRITE_ONLY_WITH_IMMEDIATE),
         IbWcOpcode.RDMA_WRITE,
@@ -170,8 +173,9 @@ WR_OPCODE_INFO: dict[IbWrOpcode, WrOpcodeInfo] = {
     IbWrOpcode.ATOMIC_FETCH_AND_ADD: WrOpcodeInfo(
         WR_ATOMIC, _RC, AtomicWR, (Opcode.RC_FETCH_ADD,) * 4, IbWcOpcode.FETCH_ADD
     ),
-    IbWrOpcode.LOCAL_INV: WrOpcodeInfo(WR_LOCAL, _RC, SendWR, _NO_OPS, IbWcOpcode.LOCAL_INV),
-    IbWrOpcode.REG_MR: WrOpcodeInfo(WR_LOCAL, _RC, RegWR, _NO_OPS, IbWcOpcode.REG_MR),
+    IbWrOpcode.LOCAL_INV: WrOpcodeInfo(WR_LOCAL, _RC_UC, SendWR, _NO_OPS, IbWcOpcode.LOCAL_INV),
+    IbWrOpcode.REG_MR: WrOpcodeInfo(WR_LOCAL, _RC_UC, RegWR, _NO_OPS, IbWcOpcode.REG_MR),
+    IbWrOpcode.BIND_MW: WrOpcodeInfo(WR_LOCAL, _RC_UC, BindMwWR, _NO_OPS, IbWcOpcode.BIND_MW),
 }  # fmt: skip
 """Every send opcode, as rxe's ``rxe_wr_opcode_info[]``: the one table the
 driver validates with and the engines build packets and completions from."""
@@ -190,7 +194,7 @@ def check_send_wr(wr: SendWR, qp_type: IbQpType) -> str | None:
     info = WR_OPCODE_INFO.get(wr.opcode)
     if info is None or qp_type not in info.qp_types:
         return f"{getattr(wr.opcode, 'name', wr.opcode)} is not valid on a {qp_type.name} QP"
-    if qp_type is not IbQpType.RC:
+    if qp_type is IbQpType.UD or qp_type is IbQpType.GSI:
         if not isinstance(wr, UdWR) or wr.ah is None:
             return "a UD send needs a UdWR with an address handle"
     elif not isinstance(wr, info.wr_class):
@@ -199,6 +203,8 @@ def check_send_wr(wr: SendWR, qp_type: IbQpType) -> str | None:
         return "an atomic needs one 8-byte SGE for the original value"
     if isinstance(wr, RegWR) and wr.mr is None:
         return "REG_MR needs a RegWR with an MR"
+    if isinstance(wr, BindMwWR) and wr.mw is None:
+        return "BIND_MW needs a BindMwWR with an MW"
     return None
 
 
@@ -366,7 +372,21 @@ class SqDrained:
     (``IB_EVENT_SQ_DRAINED``)."""
 
 
-QpEvent = QpFatal | SqDrained
+@dataclass(frozen=True, slots=True)
+class SrqLimitReached:
+    """Taking a WQE left the shared receive queue ``srqn`` below its armed
+    limit (``IB_EVENT_SRQ_LIMIT_REACHED``; rxe_resp.c ``get_srq_wqe``)."""
+
+    srqn: int
+
+
+@dataclass(frozen=True, slots=True)
+class LastWqeReached:
+    """A QP attached to an SRQ entered ERR: no more receive WQEs will be
+    taken for it (``IB_EVENT_QP_LAST_WQE_REACHED``, IBTA 11.6.3.4)."""
+
+
+QpEvent = QpFatal | SqDrained | SrqLimitReached | LastWqeReached
 
 
 @dataclass(slots=True)

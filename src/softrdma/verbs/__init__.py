@@ -31,11 +31,14 @@ from softrdma.verbs.enums import (
     IbEventType,
     IbMrType,
     IbMtu,
+    IbMwType,
     IbPdFlags,
     IbQpAttrMask,
     IbQpState,
     IbQpType,
     IbSendFlags,
+    IbSrqAttrMask,
+    IbSrqType,
     IbWcFlags,
     IbWcOpcode,
     IbWcStatus,
@@ -43,10 +46,13 @@ from softrdma.verbs.enums import (
 )
 from softrdma.verbs.errors import PostError, VerbsError
 from softrdma.verbs.mr import MemoryRegion, MrKeyError, ib_inc_rkey
+from softrdma.verbs.mw import MemoryWindow
 from softrdma.verbs.pd import ProtectionDomain
 from softrdma.verbs.qp import IbSigType, QpAttr, QpCap, QpInitAttr, QueuePair, connect_qp
+from softrdma.verbs.srq import SharedReceiveQueue, SrqAttr, SrqInitAttr
 from softrdma.verbs.wr import (
     AtomicWR,
+    BindMwWR,
     RdmaWR,
     RecvWR,
     RegWR,
@@ -60,6 +66,7 @@ __all__ = [
     "AddressHandle",
     "AhAttr",
     "AtomicWR",
+    "BindMwWR",
     "CompChannel",
     "CompletionQueue",
     "DeviceAttr",
@@ -69,17 +76,21 @@ __all__ = [
     "IbEventType",
     "IbMrType",
     "IbMtu",
+    "IbMwType",
     "IbPdFlags",
     "IbQpAttrMask",
     "IbQpState",
     "IbQpType",
     "IbSendFlags",
     "IbSigType",
+    "IbSrqAttrMask",
+    "IbSrqType",
     "IbWcFlags",
     "IbWcOpcode",
     "IbWcStatus",
     "IbWrOpcode",
     "MemoryRegion",
+    "MemoryWindow",
     "MrKeyError",
     "PortAttr",
     "PostError",
@@ -93,6 +104,9 @@ __all__ = [
     "RegWR",
     "SendWR",
     "Sge",
+    "SharedReceiveQueue",
+    "SrqAttr",
+    "SrqInitAttr",
     "UdWR",
     "VerbsError",
     "WorkCompletion",

@@ -21,14 +21,25 @@ from typing import TYPE_CHECKING
 from softrdma.dma.device import Device
 from softrdma.memory.host import Host
 from softrdma.time.base import Scheduler
-from softrdma.verbs.enums import IbAccess, IbEventType, IbMrType, IbMtu, IbPdFlags, IbQpType
+from softrdma.verbs.enums import (
+    IbAccess,
+    IbEventType,
+    IbMrType,
+    IbMtu,
+    IbMwType,
+    IbPdFlags,
+    IbQpType,
+    IbSrqAttrMask,
+)
 from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.mr import MemoryRegion, MrState, MrTable, ib_check_mr_access
 
 if TYPE_CHECKING:
     from softrdma.verbs.cq import CompletionQueue
+    from softrdma.verbs.mw import MemoryWindow
     from softrdma.verbs.pd import ProtectionDomain
     from softrdma.verbs.qp import QpAttr, QpHardware, QpInitAttr, QueuePair
+    from softrdma.verbs.srq import SharedReceiveQueue, SrqAttr, SrqHardware, SrqInitAttr
     from softrdma.verbs.wr import RecvWR, SendWR
 
 #: ``IB_DEVICE_MEM_MGT_EXTENSIONS``: REG_MR, LOCAL_INV, SEND_WITH_INV.
@@ -61,6 +72,10 @@ class DeviceAttr:
     max_qp_init_rd_atom: int = 128
     max_fast_reg_page_list_len: int = 512
     max_inline_data: int = 256
+    max_srq: int = 0x10000
+    max_mw: int = 0x10000
+    max_srq_wr: int = 0x4000
+    max_srq_sge: int = 32
     local_ca_ack_delay: int = 15
     """``IB_DEVICE``'s ``local_ca_ack_delay`` (rxe's ``RXE_LOCAL_CA_ACK_DELAY``):
     the CA's ACK delay, 4.096 µs × 2**value, sent as the CM REP's target ACK delay."""
@@ -85,6 +100,7 @@ class IbEvent:
     qp: QueuePair | None = None
     cq: CompletionQueue | None = None
     reason: str = ""
+    srq: SharedReceiveQueue | None = None
 
 
 EventHandler = Callable[[IbEvent], None]
@@ -130,6 +146,7 @@ class _Tables:
     pds: list[ProtectionDomain] = field(default_factory=list)
     cqs: list[CompletionQueue] = field(default_factory=list)
     qps: dict[int, QueuePair] = field(default_factory=dict)
+    srqs: dict[int, SharedReceiveQueue] = field(default_factory=dict)
 
 
 class IbDevice(abc.ABC):
@@ -173,6 +190,7 @@ class IbDevice(abc.ABC):
         self._tables = _Tables()
         self._event_handlers: list[EventHandler] = []
         self._next_qpn = 0x11  # QP0/QP1 are special; rxe starts at 17
+        self._next_srqn = 0x40  # rxe's RXE_MIN_SRQ_INDEX
         self.unregistered = False
         self._clients: list[Callable[[], None]] = []
         self._clients_opened = False
@@ -228,6 +246,8 @@ class IbDevice(abc.ABC):
             event.qp.event_handler(event)
         if event.cq is not None and event.cq.event_handler is not None:
             event.cq.event_handler(event)
+        if event.srq is not None and event.srq.event_handler is not None:
+            event.srq.event_handler(event)
 
     # -- object creation ------------------------------------------------------------
 
@@ -277,6 +297,25 @@ class IbDevice(abc.ABC):
             self._tables.qps[qpn] = qp
         return qp
 
+    def create_srq(self, pd: ProtectionDomain, init_attr: SrqInitAttr) -> SharedReceiveQueue:
+        """``ib_create_srq``: ``EOPNOTSUPP`` on a device without SRQs
+        (``max_srq`` 0), ``ENOMEM`` past ``max_srq``."""
+        from softrdma.verbs.srq import SharedReceiveQueue
+
+        if pd.device is not self:
+            raise VerbsError(errno.EINVAL, "PD belongs to another device")
+        if not self.attrs.max_srq:
+            raise VerbsError(errno.EOPNOTSUPP, f"{self.name} has no shared receive queues")
+        with self.lock:
+            if len(self._tables.srqs) >= self.attrs.max_srq:
+                raise VerbsError(errno.ENOMEM, "max_srq reached")
+            srqn = self._next_srqn
+            srq = SharedReceiveQueue(pd, init_attr, srqn)
+            self._next_srqn += 1
+            srq.hw = self.ops_create_srq(srq, init_attr.attr)
+            self._tables.srqs[srqn] = srq
+        return srq
+
     def qp_by_num(self, qpn: int) -> QueuePair | None:
         """The QP with number ``qpn`` (``rxe_pool_get_index`` on the QP pool)."""
         return self._tables.qps.get(qpn)
@@ -306,15 +345,46 @@ class IbDevice(abc.ABC):
             return self.mr_table.add(pd, IbMrType.DMA, access)
 
     def dereg_mr(self, mr: MemoryRegion) -> None:
-        """``ib_dereg_mr``."""
+        """``ib_dereg_mr``: refused while memory windows are bound to the MR
+        (rxe ``rxe_dereg_mr``)."""
         with self.lock:
             if mr.deregistered:
                 raise VerbsError(errno.EINVAL, f"MR {mr.lkey:#x} already deregistered")
+            if mr.num_mw:
+                raise VerbsError(errno.EINVAL, f"MR {mr.lkey:#x} has {mr.num_mw} bound MWs")
             mr.deregistered = True
             mr.state = MrState.INVALID
             self.mr_table.remove(mr)
             if mr is not mr.pd.internal_mr:
                 mr.pd.usecnt -= 1
+
+    def alloc_mw(self, pd: ProtectionDomain, mw_type: int) -> MemoryWindow:
+        """``ib_alloc_mw`` (``rxe_alloc_mw``): a type 1 window, valid and
+        unbound, or a type 2 window, free until a bind work request.
+        Another type is ``EINVAL``; past ``max_mw``, ``ENOMEM``."""
+        if pd.device is not self or pd.deallocated:
+            raise VerbsError(errno.EINVAL, "PD of another device, or deallocated")
+        if mw_type not in (IbMwType.TYPE_1, IbMwType.TYPE_2):
+            raise VerbsError(errno.EINVAL, f"no memory window type {mw_type}")
+        with self.lock:
+            if self.mr_table.num_mws >= self.attrs.max_mw:
+                raise VerbsError(errno.ENOMEM, "max_mw reached")
+            mw = self.mr_table.add_mw(pd, IbMwType(mw_type))
+            pd.usecnt += 1
+        return mw
+
+    def dealloc_mw(self, mw: MemoryWindow) -> None:
+        """``uverbs_dealloc_mw`` (``rxe_dealloc_mw``): the window's key stops
+        working at once, bound or not."""
+        from softrdma.verbs.mw import MwState
+
+        with self.lock:
+            if mw.deallocated:
+                raise VerbsError(errno.EINVAL, f"MW {mw.rkey:#x} already deallocated")
+            mw._unbind(MwState.INVALID)
+            mw.deallocated = True
+            self.mr_table.remove_mw(mw)
+            mw.pd.usecnt -= 1
 
     def progress(self, until: Callable[[], bool]) -> None:
         """Let the hardware run for a poller that found nothing: on simulated
@@ -366,6 +436,9 @@ class IbDevice(abc.ABC):
     def _forget_qp(self, qp: QueuePair) -> None:
         self._tables.qps.pop(qp.qp_num, None)
 
+    def _forget_srq(self, srq: SharedReceiveQueue) -> None:
+        self._tables.srqs.pop(srq.srq_num, None)
+
     def _forget_cq(self, cq: CompletionQueue) -> None:
         self._tables.cqs.remove(cq)
 
@@ -397,6 +470,22 @@ class IbDevice(abc.ABC):
     @abc.abstractmethod
     def ops_destroy_qp(self, qp: QueuePair) -> None:
         """Tear down the driver's side of a QP."""
+
+    def ops_create_srq(self, srq: SharedReceiveQueue, attr: SrqAttr) -> SrqHardware:
+        """Set up the driver's side of a new SRQ (``rxe_create_srq``)."""
+        raise VerbsError(errno.EOPNOTSUPP, f"{self.name} has no shared receive queues")
+
+    def ops_post_srq_recv(self, srq: SharedReceiveQueue, wrs: Sequence[RecvWR]) -> None:
+        """Queue validated receive work requests on the SRQ."""
+        raise VerbsError(errno.EOPNOTSUPP, f"{self.name} has no shared receive queues")
+
+    def ops_modify_srq(self, srq: SharedReceiveQueue, attr: SrqAttr, mask: IbSrqAttrMask) -> None:
+        """Apply a validated ``ib_modify_srq``."""
+        raise VerbsError(errno.EOPNOTSUPP, f"{self.name} has no shared receive queues")
+
+    def ops_destroy_srq(self, srq: SharedReceiveQueue) -> None:
+        """Tear down the driver's side of an SRQ."""
+        raise VerbsError(errno.EOPNOTSUPP, f"{self.name} has no shared receive queues")
 
     @abc.abstractmethod
     def ops_unregister(self) -> None:

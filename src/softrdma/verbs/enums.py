@@ -20,6 +20,7 @@ class IbWrOpcode(enum.IntEnum):
     ATOMIC_CMP_AND_SWP = 5
     ATOMIC_FETCH_AND_ADD = 6
     LOCAL_INV = 7
+    BIND_MW = 8
     SEND_WITH_INV = 9
     REG_MR = 0x20
 
@@ -32,6 +33,7 @@ class IbWcOpcode(enum.IntEnum):
     RDMA_READ = 2
     COMP_SWAP = 3
     FETCH_ADD = 4
+    BIND_MW = 5
     LOCAL_INV = 6
     REG_MR = 10
     RECV = 1 << 7
@@ -181,7 +183,31 @@ class IbEventType(enum.IntEnum):
     QP_ACCESS_ERR = 3
     COMM_EST = 4
     SQ_DRAINED = 5
+    SRQ_ERR = 14
+    SRQ_LIMIT_REACHED = 15
     LAST_WQE_REACHED = 16
+
+
+class IbMwType(enum.IntEnum):
+    """``enum ib_mw_type``."""
+
+    TYPE_1 = 1
+    TYPE_2 = 2
+
+
+class IbSrqType(enum.IntEnum):
+    """``enum ib_srq_type``."""
+
+    BASIC = 0
+    XRC = 1
+    TM = 2
+
+
+class IbSrqAttrMask(enum.IntFlag):
+    """``enum ib_srq_attr_mask``: what ``ib_modify_srq`` changes."""
+
+    MAX_WR = 1 << 0
+    LIMIT = 1 << 1
 
 
 class IbMrType(enum.IntEnum):

@@ -31,6 +31,8 @@ from softrdma.verbs.errors import VerbsError
 
 if TYPE_CHECKING:
     from softrdma.verbs.device import IbDevice
+    from softrdma.verbs.enums import IbMwType
+    from softrdma.verbs.mw import MemoryWindow
     from softrdma.verbs.pd import ProtectionDomain
 
 
@@ -98,6 +100,9 @@ class MemoryRegion:
         self.state = MrState.VALID if mr_type == IbMrType.DMA else MrState.FREE
         self.need_inval = False
         self.deregistered = False
+        self.num_mw = 0
+        """Memory windows bound to it (``mr->num_mw``): no deregistration
+        while any is."""
 
     def __repr__(self) -> str:
         return (
@@ -187,6 +192,8 @@ class MrTable:
 
     def __init__(self, first_index: int = 1, seed: int = 0) -> None:
         self._mrs: dict[int, MemoryRegion] = {}
+        self._mws: dict[int, MemoryWindow] = {}
+        """Memory windows, in the same index space (``rxe``'s MW pool)."""
         self._next = first_index
         self._rng = random.Random(seed)
 
@@ -210,6 +217,30 @@ class MrTable:
 
     def remove(self, mr: MemoryRegion) -> None:
         del self._mrs[mr.index]
+
+    def add_mw(self, pd: ProtectionDomain, mw_type: IbMwType) -> MemoryWindow:
+        """A new memory window (``rxe_alloc_mw``): the next index, a random
+        key byte."""
+        from softrdma.verbs.mw import MemoryWindow
+
+        index = self._next
+        if index >= 1 << 24:
+            raise VerbsError(errno.ENOMEM, "key index space exhausted")
+        self._next += 1
+        mw = MemoryWindow(pd, mw_type, index, self.new_key_byte())
+        self._mws[index] = mw
+        return mw
+
+    def remove_mw(self, mw: MemoryWindow) -> None:
+        del self._mws[mw.index]
+
+    def mw(self, key: int) -> MemoryWindow | None:
+        """The memory window whose index ``key`` carries, if any (``rkey_is_mw``)."""
+        return self._mws.get(key >> 8) if self._mws else None
+
+    @property
+    def num_mws(self) -> int:
+        return len(self._mws)
 
     def __len__(self) -> int:
         return len(self._mrs)

@@ -2,7 +2,7 @@
 the IBTA state machine of ``ib_modify_qp_is_ok``, ``ib_post_send``,
 ``ib_post_recv``, ``ib_query_qp``, ``ib_destroy_qp``).
 
-States: RESET → INIT → RTR → RTS ⇄ SQD, SQE → RTS (UD), any → ERR, any →
+States: RESET → INIT → RTR → RTS ⇄ SQD, SQE → RTS (UD, UC), any → ERR, any →
 RESET. Each transition has required and optional attributes per QP type
 (IBTA vol. 1 §11.2.5, the kernel's ``qp_state_table``); anything else is
 ``EINVAL``. Posting in ERR is allowed and completes with
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from softrdma.verbs.cq import CompletionQueue
     from softrdma.verbs.device import EventHandler
     from softrdma.verbs.pd import ProtectionDomain
+    from softrdma.verbs.srq import SharedReceiveQueue
 
 
 class IbSigType(enum.IntEnum):
@@ -64,6 +65,10 @@ class QpInitAttr:
     cap: QpCap = field(default_factory=QpCap)
     sq_sig_type: IbSigType = IbSigType.ALL_WR
     event_handler: EventHandler | None = None
+    srq: SharedReceiveQueue | None = None
+    """Take receive WQEs from this SRQ (same PD) instead of a receive
+    queue of the QP's own; ``cap.max_recv_wr`` / ``max_recv_sge`` are then
+    ignored."""
 
 
 @dataclass
@@ -99,16 +104,25 @@ _CONNECTED_OPT_RTS = (
 )
 _UD_OPT = IbQpAttrMask.CUR_STATE | IbQpAttrMask.QKEY
 
+_UC_OPT_RTS = (
+    IbQpAttrMask.CUR_STATE
+    | IbQpAttrMask.ACCESS_FLAGS
+    | IbQpAttrMask.ALT_PATH
+    | IbQpAttrMask.PATH_MIG_STATE
+)
+
 # (from, to) -> {qp type: (required, optional)}; types missing = invalid.
-_RC, _UD = IbQpType.RC, IbQpType.UD
+_RC, _UC, _UD = IbQpType.RC, IbQpType.UC, IbQpType.UD
 _INLINE = int(IbSendFlags.INLINE)
 _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
     (IbQpState.RESET, IbQpState.INIT): {
         _RC: (IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS, 0),
+        _UC: (IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS, 0),
         _UD: (IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.QKEY, 0),
     },
     (IbQpState.INIT, IbQpState.INIT): {
         _RC: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS),
+        _UC: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.ACCESS_FLAGS),
         _UD: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.PORT | IbQpAttrMask.QKEY),
     },
     (IbQpState.INIT, IbQpState.RTR): {
@@ -119,6 +133,10 @@ _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
             | IbQpAttrMask.RQ_PSN
             | IbQpAttrMask.MAX_DEST_RD_ATOMIC
             | IbQpAttrMask.MIN_RNR_TIMER,
+            IbQpAttrMask.ALT_PATH | IbQpAttrMask.ACCESS_FLAGS | IbQpAttrMask.PKEY_INDEX,
+        ),
+        _UC: (
+            IbQpAttrMask.AV | IbQpAttrMask.PATH_MTU | IbQpAttrMask.DEST_QPN | IbQpAttrMask.RQ_PSN,
             IbQpAttrMask.ALT_PATH | IbQpAttrMask.ACCESS_FLAGS | IbQpAttrMask.PKEY_INDEX,
         ),
         _UD: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.QKEY),
@@ -132,14 +150,24 @@ _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
             | IbQpAttrMask.MAX_QP_RD_ATOMIC,
             _CONNECTED_OPT_RTS,
         ),
+        _UC: (IbQpAttrMask.SQ_PSN, _UC_OPT_RTS),
         _UD: (IbQpAttrMask.SQ_PSN, _UD_OPT),
     },
-    (IbQpState.RTS, IbQpState.RTS): {_RC: (0, _CONNECTED_OPT_RTS), _UD: (0, _UD_OPT)},
+    (IbQpState.RTS, IbQpState.RTS): {
+        _RC: (0, _CONNECTED_OPT_RTS),
+        _UC: (0, _UC_OPT_RTS),
+        _UD: (0, _UD_OPT),
+    },
     (IbQpState.RTS, IbQpState.SQD): {
         _RC: (0, IbQpAttrMask.EN_SQD_ASYNC_NOTIFY),
+        _UC: (0, IbQpAttrMask.EN_SQD_ASYNC_NOTIFY),
         _UD: (0, IbQpAttrMask.EN_SQD_ASYNC_NOTIFY),
     },
-    (IbQpState.SQD, IbQpState.RTS): {_RC: (0, _CONNECTED_OPT_RTS), _UD: (0, _UD_OPT)},
+    (IbQpState.SQD, IbQpState.RTS): {
+        _RC: (0, _CONNECTED_OPT_RTS),
+        _UC: (0, _UC_OPT_RTS),
+        _UD: (0, _UD_OPT),
+    },
     (IbQpState.SQD, IbQpState.SQD): {
         _RC: (
             0,
@@ -157,13 +185,23 @@ _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
             | IbQpAttrMask.MIN_RNR_TIMER
             | IbQpAttrMask.PATH_MIG_STATE,
         ),
+        _UC: (
+            0,
+            IbQpAttrMask.AV
+            | IbQpAttrMask.ALT_PATH
+            | IbQpAttrMask.ACCESS_FLAGS
+            | IbQpAttrMask.PATH_MIG_STATE,
+        ),
         _UD: (0, IbQpAttrMask.PKEY_INDEX | IbQpAttrMask.QKEY),
     },
-    (IbQpState.SQE, IbQpState.RTS): {_UD: (0, _UD_OPT)},
+    (IbQpState.SQE, IbQpState.RTS): {
+        _UC: (0, IbQpAttrMask.CUR_STATE | IbQpAttrMask.ACCESS_FLAGS),
+        _UD: (0, _UD_OPT),
+    },
 }
 for _state in IbQpState:
-    _TABLE[(_state, IbQpState.RESET)] = {_RC: (0, 0), _UD: (0, 0)}
-    _TABLE[(_state, IbQpState.ERR)] = {_RC: (0, 0), _UD: (0, 0)}
+    _TABLE[(_state, IbQpState.RESET)] = {_RC: (0, 0), _UC: (0, 0), _UD: (0, 0)}
+    _TABLE[(_state, IbQpState.ERR)] = {_RC: (0, 0), _UC: (0, 0), _UD: (0, 0)}
 
 _W = TypeVar("_W", SendWR, RecvWR)
 
@@ -238,7 +276,7 @@ class QueuePair:
         device = pd.device
         cap = init_attr.cap
         attrs = device.attrs
-        if init_attr.qp_type not in (IbQpType.RC, IbQpType.UD, IbQpType.GSI):
+        if init_attr.qp_type not in (IbQpType.RC, IbQpType.UC, IbQpType.UD, IbQpType.GSI):
             raise VerbsError(errno.EOPNOTSUPP, f"{init_attr.qp_type.name} QPs are not supported")
         for name, value, limit in (
             ("max_send_wr", cap.max_send_wr, attrs.max_qp_wr),
@@ -252,6 +290,12 @@ class QueuePair:
         for cq in (init_attr.send_cq, init_attr.recv_cq):
             if cq.device is not device or cq.destroyed:
                 raise VerbsError(errno.EINVAL, "CQ of another device, or destroyed")
+        srq = init_attr.srq
+        if srq is not None:
+            if srq.destroyed or srq.pd is not pd:
+                raise VerbsError(errno.EINVAL, "SRQ destroyed, or of another PD")
+            if init_attr.qp_type == IbQpType.GSI:
+                raise VerbsError(errno.EINVAL, "the GSI QP has its own receive queue")
         self.pd = pd
         self.device = device
         self.qp_num = qp_num
@@ -261,6 +305,10 @@ class QueuePair:
         self.recv_cq = init_attr.recv_cq
         self.cap = copy.copy(cap)
         self.event_handler = init_attr.event_handler
+        self.srq = srq
+        if srq is not None:
+            self.cap.max_recv_wr = self.cap.max_recv_sge = 0
+            srq.usecnt += 1
         self.destroyed = False
         pd.usecnt += 1
         self.send_cq.usecnt += 1
@@ -423,6 +471,12 @@ class QueuePair:
                 raise PostError(
                     errno.EINVAL, "post_recv on a QP in RESET", batch[0] if batch else None
                 )
+            if self.srq is not None:
+                raise PostError(
+                    errno.EINVAL,
+                    f"QP {self.qp_num:#x} receives from SRQ {self.srq.srq_num:#x}",
+                    batch[0] if batch else None,
+                )
             good: list[RecvWR] = []
             queued = self.hw.rq_outstanding
             try:
@@ -449,6 +503,8 @@ class QueuePair:
             self.pd.usecnt -= 1
             self.send_cq.usecnt -= 1
             self.recv_cq.usecnt -= 1
+            if self.srq is not None:
+                self.srq.usecnt -= 1
 
     def _alive(self) -> None:
         if self.destroyed:

@@ -13,6 +13,21 @@ addresses, and the DMA-API debug checker tracks the mapping until
 iova is the user virtual address, which is what an rkey is paired with on
 the wire.
 
+A device in a confidential-computing guest whose DMA is forced through
+swiotlb (``ib_device.cc_dma_bounce``) cannot work on pinned private
+memory: the device would keep using the bounce slots while the process
+works on its own pages. ``ib_umem_get`` refuses there (``EOPNOTSUPP``);
+such a device registers dma-buf memory of the shared heap instead
+(:func:`ib_umem_dmabuf_get`), which it reaches without bouncing.
+
+An on-demand-paging umem (:func:`ib_umem_odp_get`, ``ib_umem_odp``)
+pins nothing: the MR's page list starts empty, and the device's first
+access to a page faults it in (``ib_umem_odp_map_dma_and_lock``: the
+frame the process has there now, DMA-mapped); an MMU notifier unmaps a
+page the process unmaps, so the next access faults again — and finds
+nothing, which the device reports as an access error.
+:func:`ib_umem_odp_prefetch` maps ahead (``ibv_advise_mr``).
+
 Kernel counterparts: ``drivers/infiniband/core/umem.c``,
 ``drivers/infiniband/core/uverbs_cmd.c`` (``ib_uverbs_reg_mr``),
 rxe's ``rxe_mr_init_user``.
@@ -21,15 +36,26 @@ rxe's ``rxe_mr_init_user``.
 from __future__ import annotations
 
 import errno
+import itertools
+import operator
+import weakref
 from dataclasses import dataclass, field
+from typing import SupportsIndex, overload
 
-from softrdma.dma.types import DMA_BIDIRECTIONAL
+from softrdma.dma.types import DMA_BIDIRECTIONAL, DmaBackend
 from softrdma.memory.layout import PAGE_SHIFT, PAGE_SIZE
-from softrdma.memory.mm import MmStruct, VmError
+from softrdma.memory.mm import TASK_SIZE, MmStruct, VmError
 from softrdma.memory.page import Page
 from softrdma.memory.scatterlist import Scatterlist, ScatterlistEntry
 from softrdma.verbs.device import IbDevice
-from softrdma.verbs.dma import ib_dma_map_sg, ib_dma_max_seg_size, ib_dma_unmap_sg
+from softrdma.verbs.dma import (
+    ib_dma_map_page,
+    ib_dma_map_sg,
+    ib_dma_mapping_error,
+    ib_dma_max_seg_size,
+    ib_dma_unmap_page,
+    ib_dma_unmap_sg,
+)
 from softrdma.verbs.enums import IbAccess, IbMrType
 from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.mr import MemoryRegion, MrState, ib_check_mr_access
@@ -38,11 +64,111 @@ from softrdma.verbs.pd import ProtectionDomain
 __all__ = [
     "IbUmem",
     "ib_dereg_user_mr",
+    "ib_device_cc_dma_bounce",
+    "ib_device_set_cc_dma_bounce",
     "ib_reg_user_mr",
     "ib_rereg_user_mr",
+    "ib_umem_dmabuf_get",
     "ib_umem_get",
+    "ib_umem_odp_get",
+    "ib_umem_odp_prefetch",
     "ib_umem_release",
 ]
+
+
+#: The MR page-list entry of a page the device has not faulted in.
+ODP_NOT_PRESENT = -1
+#: The DMA address a fault that finds no page gives: every device access
+#: to it fails, which the device reports as an access error.
+ODP_FAULT_DMA = (1 << 64) - PAGE_SIZE
+
+
+class OdpPageList(list[int]):
+    """The page list of an ODP MR: reading an entry the device has not
+    mapped is the device's page fault (the page is faulted in then)."""
+
+    def __init__(self, odp: OdpMap, npages: int) -> None:
+        super().__init__([ODP_NOT_PRESENT] * npages)
+        self.odp = odp
+
+    @overload
+    def __getitem__(self, i: SupportsIndex) -> int: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[int]: ...
+    def __getitem__(self, i: SupportsIndex | slice) -> int | list[int]:
+        if isinstance(i, slice):
+            return list(super().__getitem__(i))
+        value = super().__getitem__(i)
+        if value == ODP_NOT_PRESENT:
+            value = self.odp.fault(operator.index(i))
+        return value
+
+
+@dataclass(eq=False)
+class OdpMap:
+    """``struct ib_umem_odp``: per page of the range from user address
+    ``first``, its frame and DMA address while the device has it mapped."""
+
+    device: IbDevice
+    mm: MmStruct
+    first: int
+    writable: bool
+    frames: list[Page | None]
+    token: int = 0
+    faults: int = 0
+    """Pages faulted in (by an access or a prefetch)."""
+    invalidations: int = 0
+    """Pages the MMU notifier took away."""
+
+    def __post_init__(self) -> None:
+        self.dma = OdpPageList(self, len(self.frames))
+
+    def fault(self, index: int) -> int:
+        """``ib_umem_odp_map_dma_and_lock`` of page ``index``: its DMA
+        address, or :data:`ODP_FAULT_DMA` when the process has nothing
+        mapped there (nothing is recorded: the next access tries again)."""
+        page = self.mm.follow_page(self.first + (index << PAGE_SHIFT))
+        if page is None:
+            return ODP_FAULT_DMA
+        dma = ib_dma_map_page(self.device, page, 0, PAGE_SIZE, DMA_BIDIRECTIONAL)
+        if ib_dma_mapping_error(self.device, dma):
+            return ODP_FAULT_DMA  # no IOVA space: the access fails, a later one may not
+        self.frames[index] = page
+        list.__setitem__(self.dma, index, dma)
+        self.faults += 1
+        return int(dma)
+
+    def invalidate(self, lo: int, hi: int) -> None:
+        """The MMU notifier: the pages of ``[lo, hi)`` go; unmap them for
+        the device (under its lock: no access is half way through)."""
+        first = max(0, (lo - self.first) >> PAGE_SHIFT)
+        last = min(len(self.frames), (hi - self.first + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        with self.device.lock:
+            for i in range(first, last):
+                self._unmap(i)
+
+    def _unmap(self, i: int) -> None:
+        dma = list.__getitem__(self.dma, i)
+        if dma != ODP_NOT_PRESENT:
+            ib_dma_unmap_page(self.device, dma, PAGE_SIZE, DMA_BIDIRECTIONAL)
+            list.__setitem__(self.dma, i, ODP_NOT_PRESENT)
+            self.frames[i] = None
+            self.invalidations += 1
+
+    def mapped(self) -> list[int]:
+        """The DMA addresses of the pages mapped now."""
+        return [d for d in list.__iter__(self.dma) if d != ODP_NOT_PRESENT]
+
+    def release(self) -> None:
+        self.mm.mmu_notifier_unregister(self.token)
+        with self.device.lock:
+            for i in range(len(self.frames)):
+                if list.__getitem__(self.dma, i) != ODP_NOT_PRESENT:
+                    ib_dma_unmap_page(
+                        self.device, list.__getitem__(self.dma, i), PAGE_SIZE, DMA_BIDIRECTIONAL
+                    )
+                    list.__setitem__(self.dma, i, ODP_NOT_PRESENT)
+                    self.frames[i] = None
 
 
 @dataclass(eq=False)
@@ -56,9 +182,15 @@ class IbUmem:
     length: int
     writable: bool
     pages: list[Page]
-    sgt: Scatterlist
+    sgt: Scatterlist | None
+    """The pinned pages' scatterlist, DMA-mapped (None for ODP)."""
     nmap: int
     released: bool = field(default=False)
+    dmabuf: bool = field(default=False)
+    odp: OdpMap | None = field(default=None)
+    """The on-demand paging state of an ``IB_ACCESS_ON_DEMAND`` umem."""
+    """A dma-buf import (``ib_umem_dmabuf``): the exporter's coherent,
+    DMA-mapped pages, neither pinned nor mapped here, needing no syncs."""
 
     @property
     def offset(self) -> int:
@@ -67,20 +199,54 @@ class IbUmem:
 
     @property
     def npages(self) -> int:
-        return len(self.pages)
+        return len(self.pages) if self.odp is None else len(self.odp.frames)
 
     def dma_segments(self) -> list[tuple[int, int]]:
-        """The mapped ``(dma_address, dma_length)`` segments."""
+        """The mapped ``(dma_address, dma_length)`` segments (of ODP: the
+        pages mapped now)."""
+        if self.sgt is None:
+            return [] if self.odp is None else [(d, PAGE_SIZE) for d in self.odp.mapped()]
         return self.sgt.dma_segments()
 
     def sync_for_cpu(self) -> None:
         """``ib_dma_sync_sg_for_cpu`` over the whole umem: on a bounce
         platform, the device's writes reach the user pages."""
-        self.device.dma_device.sync_sg_for_cpu(self.sgt, DMA_BIDIRECTIONAL)
+        dev = self.device.dma_device
+        if self.sgt is None:
+            for dma, n in self.dma_segments():
+                dev.sync_single_for_cpu(dma, n, DMA_BIDIRECTIONAL)
+        elif not self.dmabuf:
+            dev.sync_sg_for_cpu(self.sgt, DMA_BIDIRECTIONAL)
 
     def sync_for_device(self) -> None:
         """``ib_dma_sync_sg_for_device``: the CPU's writes reach the device."""
-        self.device.dma_device.sync_sg_for_device(self.sgt, DMA_BIDIRECTIONAL)
+        dev = self.device.dma_device
+        if self.sgt is None:
+            for dma, n in self.dma_segments():
+                dev.sync_single_for_device(dma, n, DMA_BIDIRECTIONAL)
+        elif not self.dmabuf:
+            dev.sync_sg_for_device(self.sgt, DMA_BIDIRECTIONAL)
+
+
+# ib_device.cc_dma_bounce of registered devices (a side table: the flag is
+# set once, when the device is registered in a CoCo guest)
+_CC_DMA_BOUNCE: weakref.WeakSet[IbDevice] = weakref.WeakSet()
+
+
+def ib_device_set_cc_dma_bounce(device: IbDevice) -> None:
+    """Mark ``device`` as registered in a confidential-computing guest
+    (``cc_platform_has(CC_ATTR_GUEST_MEM_ENCRYPT)``): with its DMA forced
+    through swiotlb, as it must be there, it gets ``cc_dma_bounce``.
+    Raises :class:`VerbsError` (``EINVAL``) for a device whose DMA is not
+    bounced (an encrypted guest cannot give it private memory at all)."""
+    if device.dma_device.backend is not DmaBackend.SWIOTLB:
+        raise VerbsError(errno.EINVAL, f"{device.name}: a CoCo guest's device DMAs through swiotlb")
+    _CC_DMA_BOUNCE.add(device)
+
+
+def ib_device_cc_dma_bounce(device: IbDevice) -> bool:
+    """``ib_device.cc_dma_bounce`` (``IB_UVERBS_DEVICE_CC_DMA_BOUNCE``)."""
+    return device in _CC_DMA_BOUNCE
 
 
 def ib_umem_get(device: IbDevice, mm: MmStruct, addr: int, size: int, access: IbAccess) -> IbUmem:
@@ -88,6 +254,10 @@ def ib_umem_get(device: IbDevice, mm: MmStruct, addr: int, size: int, access: Ib
     ``addr``. Raises :class:`VerbsError`: ``EINVAL`` for an empty or
     wrapping range, ``EFAULT`` when a page is not mapped, ``ENOMEM`` when
     the mapping fails (IOVA space or bounce slots exhausted)."""
+    if ib_device_cc_dma_bounce(device):
+        raise VerbsError(
+            errno.EOPNOTSUPP, f"{device.name}: pinned memory cannot be bounce-buffered"
+        )
     if size <= 0 or addr < 0 or addr + size < addr:
         raise VerbsError(errno.EINVAL, f"umem of {size} bytes at {addr:#x}")
     first = addr & ~(PAGE_SIZE - 1)
@@ -120,11 +290,95 @@ def ib_umem_get(device: IbDevice, mm: MmStruct, addr: int, size: int, access: Ib
     return IbUmem(device, mm, addr, size, writable, pages, sgt, nmap)
 
 
+def ib_umem_dmabuf_get(
+    device: IbDevice,
+    mm: MmStruct,
+    addr: int,
+    size: int,
+    access: IbAccess,
+    pages: list[Page],
+    dma: int,
+) -> IbUmem:
+    """``ib_umem_dmabuf_get_pinned``: ``size`` bytes at user address
+    ``addr`` of a dma-buf whose exporter gave ``device`` the physically
+    contiguous ``pages`` at DMA address ``dma`` (``addr`` maps the start
+    of ``pages``' first page plus ``addr``'s page offset). Raises
+    :class:`VerbsError` (``EINVAL``) for an empty range or one past the
+    buffer."""
+    offset = addr & (PAGE_SIZE - 1)
+    if size <= 0 or not pages or offset + size > len(pages) * PAGE_SIZE:
+        raise VerbsError(errno.EINVAL, f"dma-buf umem of {size} bytes at {addr:#x}")
+    npages = (offset + size + PAGE_SIZE - 1) >> PAGE_SHIFT
+    used = pages[:npages]
+    for prev, page in itertools.pairwise(used):
+        if page.pfn != prev.pfn + 1:
+            raise VerbsError(errno.EINVAL, "dma-buf pages are not contiguous")
+    entry = ScatterlistEntry(used[0], 0, npages * PAGE_SIZE)
+    entry.dma_address, entry.dma_length = dma, npages * PAGE_SIZE
+    sgt = Scatterlist([entry])
+    sgt.nents = 1
+    writable = bool(access & (IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE))
+    return IbUmem(device, mm, addr, size, writable, used, sgt, 1, dmabuf=True)
+
+
+def ib_umem_odp_get(
+    device: IbDevice, mm: MmStruct, addr: int, size: int, access: IbAccess
+) -> IbUmem:
+    """``ib_umem_odp_get``: ``size`` bytes at user address ``addr``, nothing
+    pinned or mapped yet, an MMU notifier on the range. Raises
+    :class:`VerbsError`: ``EINVAL`` for an empty or wrapping range,
+    ``EFAULT`` past user space, ``EOPNOTSUPP`` on a device whose DMA
+    bounces (a bounced page could not stay coherent with the process's)."""
+    if ib_device_cc_dma_bounce(device) or device.dma_device.backend is DmaBackend.SWIOTLB:
+        raise VerbsError(errno.EOPNOTSUPP, f"{device.name}: no on-demand paging over bouncing")
+    if size <= 0 or addr < 0 or addr + size < addr:
+        raise VerbsError(errno.EINVAL, f"umem of {size} bytes at {addr:#x}")
+    if addr + size > TASK_SIZE:
+        raise VerbsError(errno.EFAULT, f"{addr:#x}+{size:#x} is not user memory")
+    first = addr & ~(PAGE_SIZE - 1)
+    npages = (addr + size - first + PAGE_SIZE - 1) >> PAGE_SHIFT
+    writable = bool(access & (IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE))
+    odp = OdpMap(device, mm, first, writable, [None] * npages)
+    odp.token = mm.mmu_notifier_register(first, npages << PAGE_SHIFT, odp.invalidate)
+    return IbUmem(device, mm, addr, size, writable, [], None, 0, odp=odp)
+
+
+def ib_umem_odp_prefetch(
+    pd: ProtectionDomain, lkey: int, iova: int, length: int, fault: bool = True
+) -> None:
+    """``ib_uverbs_advise_mr`` ``PREFETCH`` / ``PREFETCH_WRITE`` (``fault``)
+    or ``PREFETCH_NO_FAULT`` of one SGE: map the pages behind ``[iova, iova
+    + length)`` of the ODP MR ``lkey`` of ``pd`` now. Raises
+    :class:`VerbsError`: ``EINVAL`` for a key that names no ODP MR of
+    ``pd`` or a range outside it, ``EFAULT`` when a faulting prefetch finds
+    a page unmapped (``PREFETCH_NO_FAULT`` maps only what is there)."""
+    device = pd.device
+    mr = device.mr_table.lookup(lkey, pd, 0, remote=False)
+    pages = mr.page_list
+    if not isinstance(pages, OdpPageList) or length < 0 or not mr.check_range(iova, length):
+        raise VerbsError(errno.EINVAL, f"prefetch of {iova:#x}+{length:#x}: no ODP MR there")
+    odp = pages.odp
+    base = mr.iova & ~(PAGE_SIZE - 1)
+    first = (iova - base) >> PAGE_SHIFT
+    last = (iova + max(length, 1) - base + PAGE_SIZE - 1) >> PAGE_SHIFT
+    with device.lock:
+        for i in range(first, last):
+            absent = list.__getitem__(odp.dma, i) == ODP_NOT_PRESENT
+            if absent and odp.fault(i) == ODP_FAULT_DMA and fault:
+                raise VerbsError(errno.EFAULT, f"prefetch: nothing mapped at page {i}")
+
+
 def ib_umem_release(umem: IbUmem) -> None:
-    """``ib_umem_release``: unmap and unpin (idempotent)."""
+    """``ib_umem_release``: unmap and unpin (idempotent); a dma-buf import
+    leaves its pages and mapping to the exporter."""
     if umem.released:
         return
     umem.released = True
+    if umem.odp is not None:
+        umem.odp.release()
+        return
+    if umem.dmabuf or umem.sgt is None:
+        return
     ib_dma_unmap_sg(umem.device, umem.sgt, DMA_BIDIRECTIONAL)
     umem.mm.unpin_user_pages(umem.pages)
 
@@ -132,6 +386,14 @@ def ib_umem_release(umem: IbUmem) -> None:
 def _map_umem(mr: MemoryRegion, umem: IbUmem, iova: int) -> None:
     """Point ``mr`` at ``umem``: its page list from the DMA segments, its
     iova the user's (``rxe_mr_fill_pages_from_sgt``)."""
+    if umem.odp is not None:
+        # nothing mapped yet: the device faults pages into this list
+        mr.page_size = PAGE_SIZE
+        mr.page_list = umem.odp.dma
+        mr.iova = iova
+        mr.length = umem.length
+        return
+    assert umem.sgt is not None
     mapped = mr.map_sg(umem.sgt, page_size=PAGE_SIZE)
     if mapped != umem.nmap:
         raise VerbsError(errno.EINVAL, "umem DMA segments do not form a page list")

@@ -27,9 +27,11 @@ from softrdma.verbs.enums import (
 if TYPE_CHECKING:
     from softrdma.verbs.ah import AddressHandle
     from softrdma.verbs.mr import MemoryRegion
+    from softrdma.verbs.mw import MemoryWindow
 
 
 _NO_FLAGS = IbSendFlags(0)
+_NO_ACCESS = IbAccess(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,23 @@ class RegWR(SendWR):
     mr: MemoryRegion | None = None
     key: int = 0
     access: IbAccess = IbAccess.LOCAL_WRITE
+
+
+@dataclass(frozen=True, slots=True)
+class BindMwWR(SendWR):
+    """IB_WR_BIND_MW (rxe's ``wr.mw``; ``struct ibv_mw_bind_info`` in
+    user space): bind ``mw`` — its current key is ``mw_rkey`` — to
+    ``[addr, addr + length)`` of ``mr`` with ``mw_access``, under the new
+    key ``rkey`` (only its low byte is taken). Length 0 unbinds a type 1
+    window."""
+
+    mw: MemoryWindow | None = None
+    mw_rkey: int = 0
+    rkey: int = 0
+    mr: MemoryRegion | None = None
+    addr: int = 0
+    bind_length: int = 0
+    mw_access: IbAccess = _NO_ACCESS
 
 
 @dataclass(frozen=True, slots=True)
