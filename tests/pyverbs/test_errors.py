@@ -48,7 +48,6 @@ def test_mr_errors(machine: str) -> None:
         for access, err in (
             (e.IBV_ACCESS_REMOTE_WRITE, errno.EINVAL),  # remote write needs local write
             (e.IBV_ACCESS_REMOTE_ATOMIC, errno.EINVAL),
-            (e.IBV_ACCESS_LOCAL_WRITE | e.IBV_ACCESS_ON_DEMAND, errno.EOPNOTSUPP),
             (1 << 15, errno.EINVAL),
         ):
             with pytest.raises(PyverbsRDMAError, match="Failed to register a MR") as ex:
@@ -67,8 +66,8 @@ def test_mr_errors(machine: str) -> None:
             mr.rereg(0x40)
         assert ex.value.error_code == errno.EINVAL
         with pytest.raises(PyverbsRDMAError) as ex:
-            MW(pd, e.IBV_MW_TYPE_1)
-        assert ex.value.error_code == errno.EOPNOTSUPP
+            MW(pd, 3)  # neither type 1 nor type 2
+        assert ex.value.error_code == errno.EINVAL
         pd.close()
         assert mr.closed  # closing the PD closed its MR first
         mr.close()  # and closing again is harmless
@@ -85,10 +84,9 @@ def test_qp_errors(machine: str) -> None:
     from tests.pyverbs import helpers as h
 
     a = h.player(machine)
-    for qpt in (e.IBV_QPT_UC, e.IBV_QPT_RAW_PACKET, e.IBV_QPT_XRC_SEND):
-        with pytest.raises(PyverbsRDMAError) as ex:
-            QP(a.pd, QPInitAttr(qp_type=qpt, scq=a.cq, rcq=a.cq))
-        assert ex.value.error_code == errno.EOPNOTSUPP
+    with pytest.raises(PyverbsRDMAError) as ex:
+        QP(a.pd, QPInitAttr(qp_type=e.IBV_QPT_RAW_PACKET, scq=a.cq, rcq=a.cq))
+    assert ex.value.error_code == errno.EOPNOTSUPP
     with pytest.raises(PyverbsRDMAError) as ex:
         QP(
             a.pd,
@@ -96,8 +94,8 @@ def test_qp_errors(machine: str) -> None:
         )
     assert ex.value.error_code == errno.EINVAL
     with pytest.raises(PyverbsRDMAError) as ex:
-        SRQ(a.pd, SrqInitAttr(SrqAttr(max_wr=10)))
-    assert ex.value.error_code == errno.EOPNOTSUPP
+        SRQ(a.pd, SrqInitAttr(SrqAttr(max_wr=1 << 30)))
+    assert ex.value.error_code == errno.EINVAL
     # the QP is in INIT: posting a send is refused, a bad transition too
     with pytest.raises(PyverbsRDMAError, match="Failed to post send") as ex:
         a.qp.post_send(SendWR(num_sge=1, sg=[SGE(a.mr.buf, 8, a.mr.lkey)]))

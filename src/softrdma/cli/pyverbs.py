@@ -203,7 +203,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument(
         "--devices",
         metavar="SPEC",
-        help="devices of the run, name:kind[,...] with kind cpu, iommu, swiotlb or direct "
+        help="devices of the run, name:kind[,...] with kind cpu, iommu, swiotlb, direct or coco "
         f"(default: ${ENV_DEVICES}, else rxe0:cpu)",
     )
     p.add_argument(

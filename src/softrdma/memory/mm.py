@@ -12,6 +12,15 @@ is unmapped *and* no longer pinned, so memory registered for RDMA stays
 valid for the device even after the process unmaps it — as with
 ``FOLL_LONGTERM`` pins in the kernel.
 
+A mapping change tells the MMU notifiers first
+(:meth:`MmStruct.mmu_notifier_register`, ``mmu_interval_notifier``), so a
+device that maps user pages without pinning them (on-demand paging) stops
+using a page before it is freed.
+
+A driver's or a dma-buf exporter's ``mmap`` maps frames it owns instead
+(:meth:`MmStruct.mmap_pages`, ``remap_pfn_range``: a ``VM_PFNMAP`` VMA):
+unmapping leaves them to their owner, and they cannot be pinned.
+
 Kernel counterparts: ``mm/mmap.c``, ``mm/gup.c``, ``include/linux/mm_types.h``.
 """
 
@@ -19,7 +28,9 @@ from __future__ import annotations
 
 import bisect
 import errno
+import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from softrdma.errors import AddressError, SoftRdmaError
@@ -67,9 +78,12 @@ class VmArea:
     start: int
     end: int
     pages: list[Page] = field(default_factory=list)
+    pfnmap: bool = False
+    """``VM_PFNMAP``: the frames belong to whoever mapped them."""
 
     def __repr__(self) -> str:
-        return f"VmArea({self.start:#x}-{self.end:#x}, {len(self.pages)} pages)"
+        kind = ", pfnmap" if self.pfnmap else ""
+        return f"VmArea({self.start:#x}-{self.end:#x}, {len(self.pages)} pages{kind})"
 
 
 class MmStruct:
@@ -87,6 +101,9 @@ class MmStruct:
         self._next = MMAP_BASE
         self._pins: Counter[int] = Counter()  # pfn -> pin count
         self._orphans: set[int] = set()  # unmapped but still pinned pfns
+        # token -> (start, end, invalidate(start, end)) of interval notifiers
+        self._notifiers: dict[int, tuple[int, int, Callable[[int, int], None]]] = {}
+        self._tokens = itertools.count(1)
         self.total_vm = 0
         """Mapped pages (``mm->total_vm``)."""
         self.pinned_vm = 0
@@ -152,25 +169,48 @@ class MmStruct:
             self._next = vma.end
         return start
 
+    def mmap_pages(self, pages: list[Page]) -> int:
+        """``remap_pfn_range`` in a driver's ``mmap``: a new ``VM_PFNMAP``
+        mapping of ``pages`` (owned by the caller, who frees them after the
+        mapping is gone). Raises :class:`VmError` (``EINVAL``, ``ENOMEM``)."""
+        if not pages:
+            raise VmError(errno.EINVAL, "mmap of no pages")
+        size = len(pages) << PAGE_SHIFT
+        start = self._next
+        while not self._free_range(start, start + size):
+            vma = self.find_vma(start)
+            start = vma.end if vma is not None else start + PAGE_SIZE
+            if start + size > TASK_SIZE:
+                raise VmError(errno.ENOMEM, "no room in the user address space")
+        self._insert(VmArea(start, start + size, list(pages), pfnmap=True))
+        self.total_vm += len(pages)
+        self._next = start + size
+        return start
+
     def munmap(self, addr: int, length: int) -> None:
         """``munmap``: remove whole mappings or page ranges of them. Pinned
         pages stay allocated until :meth:`unpin_user_pages`."""
         if addr % PAGE_SIZE or length <= 0:
             raise VmError(errno.EINVAL, f"munmap({addr:#x}, {length}): bad range")
         end = addr + ((length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1))
+        # mmu_notifier_invalidate_range_start: before any frame goes
+        for lo, hi, invalidate in list(self._notifiers.values()):
+            if lo < end and addr < hi:
+                invalidate(max(lo, addr), min(hi, end))
         for start in [s for s in self._starts if s < end and self._vmas[s].end > addr]:
             vma = self._vmas.pop(start)
             self._starts.remove(start)
             lo, hi = max(vma.start, addr), min(vma.end, end)
             first, last = (lo - vma.start) >> PAGE_SHIFT, (hi - vma.start) >> PAGE_SHIFT
-            for page in vma.pages[first:last]:
-                self._release(page)
+            if not vma.pfnmap:
+                for page in vma.pages[first:last]:
+                    self._release(page)
             self.total_vm -= last - first
             # keep what is left on either side as VMAs of their own
             if vma.start < lo:
-                self._insert(VmArea(vma.start, lo, vma.pages[:first]))
+                self._insert(VmArea(vma.start, lo, vma.pages[:first], vma.pfnmap))
             if hi < vma.end:
-                self._insert(VmArea(hi, vma.end, vma.pages[last:]))
+                self._insert(VmArea(hi, vma.end, vma.pages[last:], vma.pfnmap))
 
     def _insert(self, vma: VmArea) -> None:
         bisect.insort(self._starts, vma.start)
@@ -181,6 +221,33 @@ class MmStruct:
             self._orphans.add(page.pfn)
         else:
             self.host.free_pages(page, 0)
+
+    # -- MMU notifiers and page walks (mm/mmu_notifier.c, mm/hmm.c) -------------
+
+    def mmu_notifier_register(
+        self, start: int, length: int, invalidate: Callable[[int, int], None]
+    ) -> int:
+        """``mmu_interval_notifier_insert``: ``invalidate(lo, hi)`` is called
+        before any page of ``[start, start + length)`` is unmapped (with the
+        part of the range that goes). Returns the token to unregister with."""
+        if length <= 0:
+            raise VmError(errno.EINVAL, f"notifier of {length} bytes")
+        token = next(self._tokens)
+        self._notifiers[token] = (start, start + length, invalidate)
+        return token
+
+    def mmu_notifier_unregister(self, token: int) -> None:
+        """``mmu_interval_notifier_remove`` (idempotent)."""
+        self._notifiers.pop(token, None)
+
+    def follow_page(self, addr: int) -> Page | None:
+        """``hmm_range_fault`` of one page, without pinning it: the frame
+        behind ``addr``, or None when nothing (or a ``VM_PFNMAP`` mapping,
+        which has no ``struct page``) is mapped there."""
+        vma = self.find_vma(addr)
+        if vma is None or vma.pfnmap:
+            return None
+        return vma.pages[(addr - vma.start) >> PAGE_SHIFT]
 
     # -- user access -----------------------------------------------------------
 
@@ -231,13 +298,21 @@ class MmStruct:
     def pin_user_pages(self, addr: int, npages: int) -> list[Page]:
         """``pin_user_pages(FOLL_LONGTERM)``: the frames behind ``npages``
         pages from page-aligned ``addr``, each pinned once. Raises
-        :class:`VmError` (``EFAULT``) when a page is not mapped."""
+        :class:`VmError` (``EFAULT``) when a page is not mapped or is in a
+        ``VM_PFNMAP`` mapping (no ``struct page`` to pin, as GUP sees it)."""
         if addr % PAGE_SIZE or npages <= 0:
             raise VmError(errno.EINVAL, f"pin of {npages} pages at {addr:#x}")
         try:
             runs = self._runs(addr, npages << PAGE_SHIFT)
         except UserAddressError as e:
             raise VmError(errno.EFAULT, str(e)) from e
+        pos = addr
+        while pos < addr + (npages << PAGE_SHIFT):
+            vma = self.find_vma(pos)
+            assert vma is not None  # _runs found every page
+            if vma.pfnmap:
+                raise VmError(errno.EFAULT, f"pin at {pos:#x}: a VM_PFNMAP mapping")
+            pos = vma.end
         pages = [self.host.phys_to_page(p) for p, _ in runs]
         for page in pages:
             self._pins[page.pfn] += 1

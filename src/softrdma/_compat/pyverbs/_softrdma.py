@@ -12,7 +12,11 @@ a softrdma host, with RDMA devices on an in-process RoCEv2 network.
   ``cpu`` (a CPU-copy device like rxe: virtual DMA), ``iommu`` (a
   hardware HCA behind an IOMMU: its DMA addresses are IOVAs), ``swiotlb``
   (a hardware HCA whose DMA bounces through swiotlb slots), ``direct`` (a
-  hardware HCA with direct DMA). Every device has one port, ACTIVE, link
+  hardware HCA with direct DMA), ``coco`` (a hardware HCA in a
+  confidential-computing guest: DMA forced through swiotlb, so it reports
+  ``IBV_DEVICE_CC_DMA_BOUNCE``, refuses to register pinned private memory
+  and takes shared-heap buffers, ``ibv_alloc_buf`` on a CC parent domain).
+  Every device has one port, ACTIVE, link
   layer Ethernet, with a link-local and a RoCEv2 GID (``::ffff:127.0.0.N``
   for the N-th device). The DMA-API debug checker watches every device.
 * **Network and time.** The devices share an in-process fabric on
@@ -20,6 +24,13 @@ a softrdma host, with RDMA devices on an in-process RoCEv2 network.
   hardware runs whenever a CQ is polled or a completion event is awaited.
   A forked child gets its own copy of the whole machine (as it gets its own
   copy of process memory), so nothing is shared between processes.
+  With ``SOFTRDMA_PYVERBS_NETWORK=udp[:ADDR]`` the devices are on the real
+  network instead (RoCEv2 over UDP on loopback or a local address, the
+  first device at ``ADDR``, 127.0.0.1 by default, the next at ``ADDR+1``),
+  on real time with a progress thread: processes reach each other, e.g.
+  through the RDMA CM (:mod:`pyverbs.cmid`). That machine is the
+  process's own: a forked child builds its own on first use, with its own
+  progress thread (threads do not survive ``fork``).
 
 Contexts of one device share the device — its QP numbers, its keys — as
 two ``ibv_open_device`` calls in one process share the hardware.
@@ -27,8 +38,11 @@ two ``ibv_open_device`` calls in one process share the hardware.
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
+import threading
+import time
 import weakref
 from dataclasses import dataclass
 from ipaddress import IPv4Address
@@ -42,25 +56,31 @@ from softrdma.drivers.roce import RoceDevice
 from softrdma.drivers.rxe import SoftRoce
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.inproc import Fabric
+from softrdma.fabric.udp import UdpNetwork
 from softrdma.memory.host import GiB, Host
 from softrdma.memory.mm import MmStruct
 from softrdma.verbs.device import IbEvent
 from softrdma.verbs.errors import VerbsError
+from softrdma.verbs.umem import ib_device_set_cc_dma_bounce
 
 __all__ = [
     "DEFAULT_DEVICES",
     "DEVICE_KINDS",
     "ENV_DEVICES",
+    "ENV_NETWORK",
     "DeviceSpec",
     "EventSink",
     "SimProcess",
     "parse_devices",
+    "parse_network",
     "process",
     "rdma_error",
 ]
 
 #: The environment variable that configures the devices of the process.
 ENV_DEVICES = "SOFTRDMA_PYVERBS_DEVICES"
+#: The environment variable that puts them on the real network (``udp[:ADDR]``).
+ENV_NETWORK = "SOFTRDMA_PYVERBS_NETWORK"
 #: The devices when it is unset.
 DEFAULT_DEVICES = "rxe0:cpu"
 #: Device kinds and what they model.
@@ -69,6 +89,7 @@ DEVICE_KINDS: dict[str, str] = {
     "iommu": "hardware HCA behind an IOMMU (DMA through IOVAs)",
     "swiotlb": "hardware HCA with bounce buffers (DMA through swiotlb slots)",
     "direct": "hardware HCA with direct DMA (bus addresses)",
+    "coco": "hardware HCA in a CoCo guest (DMA bounce: shared-heap buffers only)",
 }
 #: The simulated host's memory (touched lazily: unused pages cost nothing).
 HOST_MEMORY = 1 * GiB
@@ -121,17 +142,19 @@ class SimProcess:
     event of a QP or CQ to the context that created it (:attr:`owners`),
     any other to every open context of the device (:attr:`contexts`)."""
 
-    def __init__(self, specs: list[DeviceSpec]) -> None:
+    def __init__(self, specs: list[DeviceSpec], udp_addr: IPv4Address | None = None) -> None:
         self.pid = os.getpid()
         self.host = Host(HOST_MEMORY, name="pyverbs-host")
         self.mm = MmStruct(self.host, name=f"pid {self.pid}")
-        self.fabric = Fabric()
+        self.udp_addr = udp_addr
+        """The first device's address on the real network; None in-process."""
+        self.fabric: Fabric | UdpNetwork = Fabric() if udp_addr is None else UdpNetwork()
         self.specs = specs
         needs_iommu = any(s.kind == "iommu" for s in specs)
         self.platform = Platform(self.host, iommu=needs_iommu, dma_debug=True)
         self.devices: dict[str, RoceDevice] = {}
         for i, spec in enumerate(specs):
-            ip = IPv4Address("127.0.0.1") + i
+            ip = (udp_addr or IPv4Address("127.0.0.1")) + i
             dev: RoceDevice
             if spec.kind == "cpu":
                 dev = SoftRoce(self.platform, self.fabric, ip, name=spec.name)
@@ -139,9 +162,12 @@ class SimProcess:
                 backend = {
                     "iommu": DmaBackend.IOMMU,
                     "swiotlb": DmaBackend.SWIOTLB,
+                    "coco": DmaBackend.SWIOTLB,
                     "direct": DmaBackend.DIRECT,
                 }[spec.kind]
                 dev = HwHca(self.platform, self.fabric, ip, name=spec.name, backend=backend)
+                if spec.kind == "coco":
+                    ib_device_set_cc_dma_bounce(dev)
             self.devices[spec.name] = dev
             dev.register_event_handler(self._on_event)
         self.owners: weakref.WeakKeyDictionary[object, EventSink] = weakref.WeakKeyDictionary()
@@ -151,7 +177,7 @@ class SimProcess:
         }
 
     def _on_event(self, event: IbEvent) -> None:
-        target = event.qp if event.qp is not None else event.cq
+        target = next((t for t in (event.qp, event.cq, event.srq) if t is not None), None)
         if target is not None:
             owner = self.owners.get(target)
             sinks = [] if owner is None else [owner]
@@ -174,8 +200,64 @@ def process() -> SimProcess:
     :data:`ENV_DEVICES`."""
     global _PROCESS
     if _PROCESS is None:
-        _PROCESS = SimProcess(parse_devices(os.environ.get(ENV_DEVICES, DEFAULT_DEVICES)))
+        specs = parse_devices(os.environ.get(ENV_DEVICES, DEFAULT_DEVICES))
+        _PROCESS = SimProcess(specs, parse_network(os.environ.get(ENV_NETWORK, "")))
     return _PROCESS
+
+
+def parse_network(text: str) -> IPv4Address | None:
+    """The first device's address of ``udp[:ADDR]`` (127.0.0.1 for a bare
+    ``udp``), None for the in-process fabric (empty or ``inproc``). Raises
+    :class:`PyverbsUserError` for anything else."""
+    text = text.strip()
+    if text in ("", "inproc"):
+        return None
+    kind, _, addr = text.partition(":")
+    if kind != "udp":
+        raise PyverbsUserError(f"{ENV_NETWORK}: {text!r} is neither inproc nor udp[:ADDR]")
+    try:
+        return IPv4Address(addr or "127.0.0.1")
+    except ValueError:
+        raise PyverbsUserError(f"{ENV_NETWORK}: bad address {addr!r}") from None
+
+
+#: Seconds an exiting process gives its progress thread to send what is
+#: queued (a CM's DREP, the last ACKs), as the kernel would after it.
+EXIT_FLUSH = 0.5
+
+
+def _flush_at_exit() -> None:
+    proc = _PROCESS
+    if proc is None or proc.pid != os.getpid() or not isinstance(proc.fabric, UdpNetwork):
+        return
+    loop = proc.fabric.scheduler
+    done = threading.Event()
+    deadline = time.monotonic() + EXIT_FLUSH
+    # rounds of "everything queued before this has run": a packet may take
+    # a few hops through the loop (send queue, then the link)
+    for _ in range(8):
+        done.clear()
+        try:
+            loop.call_soon(done.set)
+        except SoftRdmaError:
+            return
+        if not done.wait(max(0.0, deadline - time.monotonic())):
+            break
+    proc.fabric.close()
+
+
+atexit.register(_flush_at_exit)
+
+
+def _after_fork_in_child() -> None:
+    # a machine on the real network has a progress thread, which the child
+    # lacks: it builds its own on first use (the in-process one is copied)
+    global _PROCESS
+    if _PROCESS is not None and _PROCESS.udp_addr is not None:
+        _PROCESS = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def rdma_error(msg: str, exc: SoftRdmaError | int) -> PyverbsRDMAError:

@@ -22,6 +22,7 @@ import pyverbs.enums as e
 from pyverbs import _softrdma as sim
 from pyverbs.base import PyverbsCM, PyverbsObject
 from pyverbs.device import Context
+from pyverbs.pd import PD_RES_TYPE_CQ, ParentDomain, cq_buffer_size
 from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
 from softrdma.errors import SoftRdmaError
 from softrdma.verbs.cq import CompChannel as IbCompChannel
@@ -305,7 +306,9 @@ class PollCqAttr(PyverbsObject):
 class CQEX(CQ):
     """``struct ibv_cq_ex`` (``ibv_create_cq_ex``) with the standard
     ``wc_flags``; completion timestamps, CVLAN, flow tags and tag-matching
-    info are not supported (``EOPNOTSUPP``)."""
+    info are not supported (``EOPNOTSUPP``). With
+    ``IBV_CQ_INIT_ATTR_MASK_PD`` the CQ belongs to a parent domain, whose
+    allocators give its ring, and is closed before it."""
 
     def __init__(self, context: Context, init_attr: CqInitAttrEx) -> None:
         PyverbsCM.__init__(self)
@@ -314,8 +317,16 @@ class CQEX(CQ):
             raise PyverbsRDMAError(f"{what}: wc_flags {init_attr.wc_flags:#x}", errno.EOPNOTSUPP)
         if init_attr.comp_mask & ~(e.IBV_CQ_INIT_ATTR_MASK_FLAGS | e.IBV_CQ_INIT_ATTR_MASK_PD):
             raise PyverbsRDMAError(f"{what}: comp_mask {init_attr.comp_mask:#x}", errno.EINVAL)
-        if init_attr.comp_mask & e.IBV_CQ_INIT_ATTR_MASK_PD:
-            raise PyverbsRDMAError(f"{what}: parent domains", errno.EOPNOTSUPP)
+        domain = (
+            init_attr.parent_domain if init_attr.comp_mask & e.IBV_CQ_INIT_ATTR_MASK_PD else None
+        )
+        if init_attr.comp_mask & e.IBV_CQ_INIT_ATTR_MASK_PD and (
+            not isinstance(domain, ParentDomain)
+            or domain.closed
+            or domain.ctx.device is not context._alive()
+        ):
+            # rdma-core: the PD of ibv_cq_init_attr_ex must be a parent domain
+            raise PyverbsRDMAError(f"{what}: parent_domain is not a parent domain", errno.EINVAL)
         if init_attr.comp_mask & e.IBV_CQ_INIT_ATTR_MASK_FLAGS and init_attr.flags & ~(
             e.IBV_CREATE_CQ_ATTR_SINGLE_THREADED
         ):
@@ -325,6 +336,16 @@ class CQEX(CQ):
             context, int(init_attr.cqe), init_attr.comp_channel, init_attr.comp_vector, what
         )
         self.cq_context = init_attr.cq_context
+        self.parent_domain = domain
+        if domain is not None:
+            # the CQ's ring comes from the parent domain's allocators
+            try:
+                ring = domain.queue_buffer(cq_buffer_size(self.cq.cqe), PD_RES_TYPE_CQ, what)
+            except BaseException:
+                self.close()
+                raise
+            self.add_ref(ring)
+            domain.add_ref(self)
         self._cur: WorkCompletion | None = None
         self._polling = False
 

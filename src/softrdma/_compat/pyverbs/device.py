@@ -22,12 +22,15 @@ import pyverbs.enums as e
 from pyverbs import _softrdma as sim
 from pyverbs.addr import GID
 from pyverbs.base import PyverbsCM, PyverbsObject
+from pyverbs.libibverbs_enums import _IBV_DEVICE_CC_DMA_BOUNCE
 from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError, PyverbsUserError
+from softrdma.dma.types import DmaBackend
 from softrdma.drivers.roce import RoceDevice
 from softrdma.errors import SoftRdmaError
 from softrdma.memory.layout import PAGE_SHIFT
 from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IbEvent
 from softrdma.verbs.dm import DM_MAX_SIZE, IbDm, ib_alloc_dm
+from softrdma.verbs.umem import ib_device_cc_dma_bounce
 
 __all__ = [
     "DM",
@@ -135,9 +138,25 @@ class DeviceAttr(PyverbsObject):
         PyverbsObject.__init__(self)
 
 
+def _odp_caps(dev: RoceDevice) -> ODPCaps:
+    """On-demand paging (explicit MRs) where the DMA does not bounce: every
+    transport's requests and receives reach an ODP MR through the same page
+    walk; no implicit (whole address space) MRs."""
+    if dev.dma_device.backend is DmaBackend.SWIOTLB:
+        return ODPCaps()
+    ops = e.IBV_ODP_SUPPORT_SEND | e.IBV_ODP_SUPPORT_RECV
+    rdma = e.IBV_ODP_SUPPORT_WRITE | e.IBV_ODP_SUPPORT_READ | e.IBV_ODP_SUPPORT_ATOMIC
+    return ODPCaps(
+        general_caps=int(e.IBV_ODP_SUPPORT),
+        rc_odp_caps=int(ops | rdma | e.IBV_ODP_SUPPORT_SRQ_RECV),
+        uc_odp_caps=int(ops | e.IBV_ODP_SUPPORT_WRITE),
+        ud_odp_caps=int(ops),
+    )
+
+
 @dataclass
 class ODPCaps(PyverbsObject):
-    """``struct ibv_odp_caps``: no on-demand paging."""
+    """``struct ibv_odp_caps`` (see :func:`_odp_caps`)."""
 
     general_caps: int = 0
     rc_odp_caps: int = 0
@@ -320,7 +339,7 @@ class Context(PyverbsCM):
             atomic_caps=e.IBV_ATOMIC_HCA,
             max_ee=0,
             max_rdd=0,
-            max_mw=0,
+            max_mw=a.max_mw,
             max_raw_ipv6_qps=0,
             max_raw_ethy_qp=0,
             max_mcast_grp=0,
@@ -329,9 +348,9 @@ class Context(PyverbsCM):
             max_ah=a.max_qp,
             max_fmr=0,
             max_map_per_fmr=0,
-            max_srq=0,
-            max_srq_wr=0,
-            max_srq_sge=0,
+            max_srq=a.max_srq,
+            max_srq_wr=a.max_srq_wr,
+            max_srq_sge=a.max_srq_sge,
             max_pkeys=1,
             local_ca_ack_delay=a.local_ca_ack_delay,
             phys_port_cnt=1,
@@ -339,7 +358,12 @@ class Context(PyverbsCM):
 
     def query_device_ex(self, ex_input: object = None) -> DeviceAttrEx:
         """``ibv_query_device_ex``."""
-        return DeviceAttrEx(orig_attr=self.query_device())
+        dev = self._alive()
+        # a device in a CoCo guest says it needs shared-heap memory
+        cc = _IBV_DEVICE_CC_DMA_BOUNCE if ib_device_cc_dma_bounce(dev) else 0
+        return DeviceAttrEx(
+            orig_attr=self.query_device(), device_cap_flags_ex=cc, odp_caps=_odp_caps(dev)
+        )
 
     # -- ports and GIDs ------------------------------------------------------------------
 

@@ -24,24 +24,37 @@ from typing import Any
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
 from pyverbs.base import PyverbsCM, PyverbsObject
+from pyverbs.cc_heap import CcSharedBuffer
 from pyverbs.device import DM
-from pyverbs.pd import PD
+from pyverbs.pd import PD, ParentDomain
 from pyverbs.pyverbs_error import PyverbsError, PyverbsRDMAError, PyverbsUserError
 from softrdma.errors import SoftRdmaError
 from softrdma.memory.mm import UserAddressError, VmError
 from softrdma.verbs.dm import ib_dereg_dm_mr, ib_reg_dm_mr
 from softrdma.verbs.enums import IbAccess
 from softrdma.verbs.mr import MemoryRegion
+from softrdma.verbs.mw import MemoryWindow
 from softrdma.verbs.umem import (
     IbUmem,
     ib_dereg_user_mr,
     ib_reg_user_mr,
     ib_rereg_user_mr,
     ib_umem_get,
+    ib_umem_odp_get,
     ib_umem_release,
 )
 
-__all__ = ["DMMR", "MR", "MW", "DmaBufMR", "MWBind", "MWBindInfo", "ibv_access_to_ib"]
+__all__ = [
+    "DMMR",
+    "MR",
+    "MW",
+    "Buf",
+    "BufMR",
+    "DmaBufMR",
+    "MWBind",
+    "MWBindInfo",
+    "ibv_access_to_ib",
+]
 
 #: The access bits the kernel's RDMA core takes (``IB_ACCESS_SUPPORTED``
 #: without ODP): the ones the MR enforces.
@@ -59,12 +72,11 @@ _IGNORED_ACCESS = 0x3FF00000 | e.IBV_ACCESS_HUGETLB
 
 
 def ibv_access_to_ib(access: int, what: str) -> IbAccess:
-    """The kernel access flags of ``ibv_access_flags``: optional bits
-    dropped, on-demand paging refused (``EOPNOTSUPP``), unknown bits
-    refused (``EINVAL``)."""
-    if access & e.IBV_ACCESS_ON_DEMAND:
-        raise PyverbsRDMAError(f"{what}: on-demand paging is not supported", errno.EOPNOTSUPP)
-    unknown = access & ~(_CORE_ACCESS | _IGNORED_ACCESS)
+    """The kernel access flags of ``ibv_access_flags``: optional bits and
+    ``IBV_ACCESS_ON_DEMAND`` dropped (a registration asks for an ODP umem
+    itself; on a QP the bit means nothing), unknown bits refused
+    (``EINVAL``)."""
+    unknown = access & ~(_CORE_ACCESS | _IGNORED_ACCESS | e.IBV_ACCESS_ON_DEMAND)
     if unknown:
         raise PyverbsRDMAError(f"{what}: unknown access flags {unknown:#x}", errno.EINVAL)
     return IbAccess(access & _CORE_ACCESS)
@@ -90,6 +102,8 @@ class MR(PyverbsCM):
             raise PyverbsRDMAError(f"{what}: implicit ODP MRs", errno.EOPNOTSUPP)
         self.pd = creator
         pd = creator.alive(what)
+        # IBV_ACCESS_ON_DEMAND: an ODP umem, faulted in by the device
+        odp = bool(access & e.IBV_ACCESS_ON_DEMAND)
         ib_access = ibv_access_to_ib(access, what)
         if length <= 0:
             raise PyverbsRDMAError(f"{what} of length {length}", errno.EINVAL)
@@ -106,7 +120,8 @@ class MR(PyverbsCM):
         self._access = access
         iova = 0 if ib_access & IbAccess.ZERO_BASED else address
         try:
-            self.umem: IbUmem = ib_umem_get(pd.device, proc.mm, address, length, ib_access)
+            get_umem = ib_umem_odp_get if odp else ib_umem_get
+            self.umem: IbUmem = get_umem(pd.device, proc.mm, address, length, ib_access)
             try:
                 self.mr: MemoryRegion = ib_reg_user_mr(pd, self.umem, iova, ib_access)
             except SoftRdmaError:
@@ -234,7 +249,8 @@ class MR(PyverbsCM):
 
 
 class MWBindInfo(PyverbsObject):
-    """``struct ibv_mw_bind_info`` (a value; binding is not supported)."""
+    """``struct ibv_mw_bind_info``: the MR, the range of it and the
+    window's access flags (``IBV_ACCESS_REMOTE_*``)."""
 
     def __init__(self, mr: MR, addr: int, length: int, mw_access_flags: int) -> None:
         super().__init__()
@@ -245,7 +261,8 @@ class MWBindInfo(PyverbsObject):
 
 
 class MWBind(PyverbsObject):
-    """``struct ibv_mw_bind`` (a value; binding is not supported)."""
+    """``struct ibv_mw_bind``: what ``QP.bind_mw`` binds a type 1 window
+    with (the bind info, send flags and the completion's ``wr_id``)."""
 
     def __init__(self, info: MWBindInfo, send_flags: int, wr_id: int = 0) -> None:
         super().__init__()
@@ -255,13 +272,45 @@ class MWBind(PyverbsObject):
 
 
 class MW(PyverbsCM):
-    """``ibv_alloc_mw``: memory windows are not supported (``EOPNOTSUPP``;
-    the devices report ``max_mw`` 0)."""
+    """``struct ibv_mw``: ``MW(pd, mw_type)`` is ``ibv_alloc_mw`` of a type 1
+    or type 2 window (another type: ``EINVAL``); ``close()`` is
+    ``ibv_dealloc_mw``. ``rkey`` is the window's current key: a type 1
+    bind (``QP.bind_mw``) moves it on, as rdma-core's providers do; a
+    type 2 window takes the key of its ``IBV_WR_BIND_MW``."""
 
     def __init__(self, pd: PD, mw_type: int) -> None:
         super().__init__()
-        self._closed = True
-        raise PyverbsRDMAError("Failed to allocate MW", errno.EOPNOTSUPP)
+        what = "Failed to allocate MW"
+        ibpd = pd.alive(what)
+        try:
+            self.mw: MemoryWindow = ibpd.device.alloc_mw(ibpd, int(mw_type))
+        except SoftRdmaError as ex:
+            self._closed = True
+            raise sim.rdma_error(what, ex) from None
+        self.pd = pd
+        self.mw_type = int(mw_type)
+        self._rkey = self.mw.rkey
+        pd.add_ref(self)
+
+    @property
+    def rkey(self) -> int:
+        """``ibv_mw.rkey``, the user's copy: ``QP.bind_mw`` sets it when it
+        posts the bind; an ``IBV_WR_BIND_MW`` leaves it (the key is the
+        work request's ``rkey``)."""
+        return self._rkey
+
+    @property
+    def handle(self) -> int:
+        return self.mw.index
+
+    def __str__(self) -> str:
+        return f"MW: type {self.mw_type}, rkey {self.rkey:#x}"
+
+    def _release(self) -> None:
+        try:
+            self.mw.device.dealloc_mw(self.mw)
+        except SoftRdmaError as ex:
+            raise sim.rdma_error("Failed to dealloc MW", ex) from None
 
 
 class DMMR(MR):
@@ -320,3 +369,107 @@ class DmaBufMR(MR):
         PyverbsCM.__init__(self)
         self._closed = True
         raise PyverbsRDMAError("Failed to register a dma-buf MR", errno.EOPNOTSUPP)
+
+
+class Buf(PyverbsCM):
+    """``ibv_alloc_buf``: ``Buf(pd, size)``, ``size`` bytes of memory chosen
+    for ``pd`` (``addr`` / ``buf`` is its user address). On a parent domain
+    created with ``IBV_PARENT_DOMAIN_INIT_ATTR_ALLOW_CC_UNPROTECTED_ALLOC``
+    on a device that reports ``IBV_DEVICE_CC_DMA_BOUNCE`` it is a buffer of
+    the shared heap (:mod:`pyverbs.cc_heap`); elsewhere ordinary process
+    memory, as libibverbs' default allocator gives. ``close()`` is
+    ``ibv_free_buf`` (its MRs are closed first)."""
+
+    def __init__(self, pd: PD, size: int) -> None:
+        super().__init__()
+        what = "Failed to allocate a buffer"
+        if not isinstance(pd, PD):
+            raise PyverbsUserError("A Buf is allocated on a PD")
+        ibpd = pd.alive(what)
+        size = int(size)
+        if size <= 0:
+            raise PyverbsRDMAError(f"{what} of {size} bytes", errno.EINVAL)
+        self.pd = pd
+        self._mm = sim.process().mm
+        self.shared: CcSharedBuffer | None = None
+        if isinstance(pd, ParentDomain) and pd.cc_shared:
+            self.shared = CcSharedBuffer(ibpd.device, self._mm, size)
+            self.addr = self.shared.addr
+        else:
+            try:
+                self.addr = self._mm.mmap(size)
+            except VmError as ex:
+                raise PyverbsRDMAError(f"{what}: no memory", ex.errno) from None
+        self.length = size
+        pd.add_ref(self)
+
+    @property
+    def buf(self) -> int:
+        """The user address of the buffer (as ``addr``)."""
+        return self.addr
+
+    def _release(self) -> None:
+        if self.shared is not None:
+            self.shared.free()
+        else:
+            self._mm.munmap(self.addr, self.length)
+
+
+class BufMR(MR):
+    """``ibv_reg_buf_mr``: ``BufMR(pd, buf, length, access, offset=0)``
+    registers ``length`` bytes at ``buf.addr + offset``. ``pd`` must be the
+    PD that allocated ``buf`` and the range must lie inside it (``EINVAL``
+    otherwise). Shared-heap memory is registered by dma-buf import;
+    ordinary memory as ``ibv_reg_mr`` does (refused with ``EOPNOTSUPP`` on
+    a DMA-bounce device)."""
+
+    def __init__(self, pd: PD, buf: Buf, length: int, access: int, offset: int = 0) -> None:
+        PyverbsCM.__init__(self)
+        what = "Failed to register a buffer MR"
+        if not isinstance(pd, PD) or not isinstance(buf, Buf):
+            raise PyverbsUserError("BufMR(pd, buf, length, access, offset=0)")
+        ibpd = pd.alive(what)
+        if buf.closed:
+            raise PyverbsRDMAError(f"{what}: the buffer is freed", errno.EINVAL)
+        if pd is not buf.pd:
+            raise PyverbsRDMAError(f"{what}: the buffer is of another PD", errno.EINVAL)
+        length, offset = int(length), int(offset)
+        if length <= 0 or offset < 0 or offset + length > buf.length:
+            raise PyverbsRDMAError(
+                f"{what}: {length} bytes at offset {offset} of a {buf.length}-byte buffer",
+                errno.EINVAL,
+            )
+        ib_access = ibv_access_to_ib(access, what)
+        address = buf.addr + offset
+        self.pd = pd
+        self._mm = buf._mm
+        self._owns_buf = False
+        self._buf = address
+        self._length = length
+        self._access = access
+        self._shared = buf.shared is not None
+        try:
+            if buf.shared is not None:
+                self.umem = buf.shared.import_range(address, length, ib_access)
+            else:
+                self.umem = ib_umem_get(ibpd.device, self._mm, address, length, ib_access)
+            try:
+                self.mr = ib_reg_user_mr(ibpd, self.umem, address, ib_access)
+            except SoftRdmaError:
+                ib_umem_release(self.umem)
+                raise
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        pd.add_ref(self)
+        buf.add_ref(self)
+
+    def rereg(
+        self, flags: int, pd: PD | None = None, addr: int = 0, length: int = 0, access: int = 0
+    ) -> None:
+        """``ibv_rereg_mr``; a new translation of a dma-buf import is
+        refused (``EOPNOTSUPP``), as the kernel refuses it."""
+        if self._shared and flags & e.IBV_REREG_MR_CHANGE_TRANSLATION:
+            raise PyverbsRDMAError(
+                "Failed to rereg MR: new translation of a dma-buf MR", errno.EOPNOTSUPP
+            )
+        super().rereg(flags, pd, addr, length, access)

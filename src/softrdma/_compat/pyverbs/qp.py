@@ -2,14 +2,15 @@
 ``ibv_modify_qp``, ``ibv_query_qp``, ``ibv_post_send``, ``ibv_post_recv``,
 ``ibv_destroy_qp``) and their attribute objects.
 
-A QP is a softrdma :class:`~softrdma.verbs.qp.QueuePair` (RC or UD; the
-transport is softrdma's). ``QP(pd, init_attr, qp_attr)`` moves an RC QP
-to INIT and a UD QP to RTS, and ``to_init`` / ``to_rtr`` / ``to_rts``
-use the attribute masks pyverbs uses, so the kernel's transition table
-(``ib_modify_qp_is_ok``) judges exactly what rdma-core's would.
-:class:`QPEx` adds the extended post-send API (``ibv_wr_*``). UC, XRC and
-raw packet QPs and SRQs are not supported: creating them raises
-``EOPNOTSUPP``.
+A QP is a softrdma :class:`~softrdma.verbs.qp.QueuePair` (RC, UC or UD;
+the transport is softrdma's), optionally receiving from a
+:class:`pyverbs.srq.SRQ`. ``QP(pd, init_attr, qp_attr)`` moves an RC or
+UC QP to INIT and a UD QP to RTS, and ``to_init`` / ``to_rtr`` /
+``to_rts`` use the attribute masks pyverbs uses, so the kernel's
+transition table (``ib_modify_qp_is_ok``) judges exactly what
+rdma-core's would. :class:`QPEx` adds the extended post-send API
+(``ibv_wr_*``). XRC and raw packet QPs are not supported: creating them
+raises ``EOPNOTSUPP``.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ from typing import Any
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
 from pyverbs.addr import AH, AHAttr
-from pyverbs.base import PyverbsCM, PyverbsObject
+from pyverbs.base import PyverbsCM, PyverbsObject, inc_rkey
 from pyverbs.cq import CQ
 from pyverbs.device import Context
-from pyverbs.mr import ibv_access_to_ib
+from pyverbs.mr import MW, MWBind, MWBindInfo, ibv_access_to_ib
 from pyverbs.pd import PD
 from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
+from pyverbs.srq import SRQ
 from pyverbs.wr import SGE, RecvWR, SendWR
 from softrdma.errors import SoftRdmaError
 from softrdma.verbs import qp as ibqp
@@ -67,6 +69,11 @@ _MASKS: dict[int, dict[str, int]] = {
         | e.IBV_QP_SQ_PSN
         | e.IBV_QP_MAX_QP_RD_ATOMIC,
     },
+    e.IBV_QPT_UC: {
+        "INIT": e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT | e.IBV_QP_ACCESS_FLAGS,
+        "RTR": e.IBV_QP_AV | e.IBV_QP_PATH_MTU | e.IBV_QP_DEST_QPN | e.IBV_QP_RQ_PSN,
+        "RTS": e.IBV_QP_SQ_PSN,
+    },
     e.IBV_QPT_UD: {
         "INIT": e.IBV_QP_PKEY_INDEX | e.IBV_QP_PORT | e.IBV_QP_QKEY,
         "RTR": 0,
@@ -80,6 +87,7 @@ _SEND_OPCODES: dict[int, IbWrOpcode] = {
     e.IBV_WR_SEND_WITH_IMM: IbWrOpcode.SEND_WITH_IMM,
     e.IBV_WR_SEND_WITH_INV: IbWrOpcode.SEND_WITH_INV,
     e.IBV_WR_LOCAL_INV: IbWrOpcode.LOCAL_INV,
+    e.IBV_WR_BIND_MW: IbWrOpcode.BIND_MW,
     e.IBV_WR_RDMA_WRITE: IbWrOpcode.RDMA_WRITE,
     e.IBV_WR_RDMA_WRITE_WITH_IMM: IbWrOpcode.RDMA_WRITE_WITH_IMM,
     e.IBV_WR_RDMA_READ: IbWrOpcode.RDMA_READ,
@@ -351,10 +359,14 @@ class QP(PyverbsCM):
         else:
             raise PyverbsUserError("A QP is created on a PD or a Context")
         qp_type = _QP_TYPES.get(init_attr.qp_type)
-        if qp_type is None or qp_type == IbQpType.UC:
+        if qp_type is None:
             raise PyverbsRDMAError(f"{what}: QP type {init_attr.qp_type}", errno.EOPNOTSUPP)
-        if init_attr.srq is not None:
-            raise PyverbsRDMAError(f"{what}: shared receive queues", errno.EOPNOTSUPP)
+        srq = init_attr.srq
+        ibsrq = None
+        if srq is not None:
+            if not isinstance(srq, SRQ):
+                raise PyverbsUserError("srq must be a pyverbs.srq.SRQ")
+            ibsrq = srq._alive(what)
         scq, rcq = init_attr.send_cq, init_attr.recv_cq
         if scq is None or rcq is None or scq.closed or rcq.closed:
             raise PyverbsRDMAError(f"{what}: send and receive CQs are needed", errno.EINVAL)
@@ -365,6 +377,7 @@ class QP(PyverbsCM):
             rcq.cq,
             init_attr.cap.to_ib(),
             ibqp.IbSigType.ALL_WR if init_attr.sq_sig_all else ibqp.IbSigType.REQ_WR,
+            srq=ibsrq,
         )
         try:
             self.qp: ibqp.QueuePair = ibpd.device.create_qp(ibpd, ib_init)
@@ -565,11 +578,34 @@ class QP(PyverbsCM):
             )
         if opcode in (IbWrOpcode.SEND_WITH_INV, IbWrOpcode.LOCAL_INV):
             return ibwr.SendWR(w.wr_id, opcode, sgl, flags, invalidate_rkey=inv)
+        if opcode is IbWrOpcode.BIND_MW:
+            if w.bind is None:
+                raise PyverbsRDMAError(f"{what}: BIND_MW without set_bind_wr", errno.EINVAL)
+            mw, rkey, info = w.bind
+            return _bind_wr(w.wr_id, flags, mw, rkey, info, what)
         return ibwr.SendWR(w.wr_id, opcode, sgl, flags, imm_data=imm)
 
-    def bind_mw(self, mw: object, mw_bind: object) -> None:
-        """``ibv_bind_mw``: memory windows are not supported."""
-        raise PyverbsRDMAError("Failed to Bind MW", errno.EOPNOTSUPP)
+    def bind_mw(self, mw: MW, mw_bind: MWBind) -> None:
+        """``ibv_bind_mw`` of a type 1 window: a bind work request with the
+        next key, ``inc_rkey(mw.rkey)``, which becomes the window's key once
+        posted (rdma-core's rxe provider; an error completion leaves the
+        caller to undo it). A type 2 window is ``EINVAL``."""
+        what = "Failed to Bind MW"
+        qp = self._alive(what)
+        if not isinstance(mw, MW) or not isinstance(mw_bind, MWBind):
+            raise PyverbsUserError("bind_mw takes an MW and an MWBind")
+        if mw.mw_type != e.IBV_MW_TYPE_1 or mw.closed:
+            raise PyverbsRDMAError(f"{what}: not a type 1 MW", errno.EINVAL)
+        if mw_bind.send_flags & ~_SEND_FLAGS:
+            raise PyverbsRDMAError(f"{what}: send flags {mw_bind.send_flags:#x}", errno.EINVAL)
+        flags = IbSendFlags(mw_bind.send_flags & _SEND_FLAGS)
+        rkey = inc_rkey(mw.rkey)
+        wr = _bind_wr(mw_bind.wr_id, flags, mw, rkey, mw_bind.bind_info, what)
+        try:
+            qp.post_send(wr)
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        mw._rkey = rkey  # the provider's ibmw->rkey, at post time
 
     def query_ece(self) -> Any:
         """``ibv_query_ece``: no enhanced connection establishment."""
@@ -746,6 +782,28 @@ def _check_send_ops(qp_type: int, flags: int, what: str) -> None:
     unsupported = flags & ~_SEND_OPS.get(qp_type, 0)
     if unsupported:
         raise PyverbsRDMAError(f"{what}: send ops {unsupported:#x}", errno.EOPNOTSUPP)
+
+
+def _bind_wr(
+    wr_id: int, flags: IbSendFlags, mw: MW, rkey: int, info: MWBindInfo, what: str
+) -> ibwr.BindMwWR:
+    """The IB_WR_BIND_MW work request of ``ibv_bind_mw`` / ``bind_mw``."""
+    if mw.closed or (info.length and (info.mr is None or info.mr.closed)):
+        raise PyverbsRDMAError(f"{what}: the MW or MR is closed", errno.EINVAL)
+    access = ibv_access_to_ib(info.mw_access_flags, what)
+    return ibwr.BindMwWR(
+        wr_id,
+        IbWrOpcode.BIND_MW,
+        (),
+        flags,
+        mw=mw.mw,
+        mw_rkey=mw.mw.rkey,
+        rkey=rkey,
+        mr=info.mr.mr if info.length else None,
+        addr=info.addr,
+        bind_length=info.length,
+        mw_access=access,
+    )
 
 
 def _sge(s: SGE) -> ibwr.Sge:

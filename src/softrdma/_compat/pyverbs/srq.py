@@ -1,13 +1,175 @@
-"""``pyverbs.srq``: shared receive queues (``ibv_create_srq``), not supported by softrdma's devices (``max_srq`` is 0): creating one raises ``EOPNOTSUPP``."""
+"""``pyverbs.srq``: shared receive queues (``ibv_create_srq``,
+``ibv_create_srq_ex`` for basic SRQs, ``ibv_post_srq_recv``,
+``ibv_modify_srq``, ``ibv_query_srq``, ``ibv_get_srq_num``,
+``ibv_destroy_srq``) on softrdma's
+:class:`~softrdma.verbs.srq.SharedReceiveQueue`. XRC SRQs and tag
+matching (``OpsWr``) are not supported: ``EOPNOTSUPP``."""
 
 from __future__ import annotations
 
-from pyverbs._unsupported import unsupported_class, value_class
+import errno
+
+import pyverbs.enums as e
+from pyverbs import _softrdma as sim
+from pyverbs._unsupported import unsupported_class
+from pyverbs.base import PyverbsCM, PyverbsObject
+from pyverbs.cq import CQ
+from pyverbs.device import Context
+from pyverbs.pd import PD
+from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
+from pyverbs.wr import SGE, RecvWR
+from softrdma.errors import SoftRdmaError
+from softrdma.verbs import srq as ibsrq
+from softrdma.verbs import wr as ibwr
+from softrdma.verbs.enums import IbSrqAttrMask
+from softrdma.verbs.errors import PostError
 
 __all__ = ["SRQ", "OpsWr", "SrqAttr", "SrqInitAttr", "SrqInitAttrEx"]
 
-SRQ = unsupported_class("SRQ", "Shared receive queues", __name__)
-SrqAttr = value_class("SrqAttr", "Shared receive queues", __name__)
-SrqInitAttr = value_class("SrqInitAttr", "Shared receive queues", __name__)
-SrqInitAttrEx = value_class("SrqInitAttrEx", "Shared receive queues", __name__)
 OpsWr = unsupported_class("OpsWr", "Tag matching", __name__)
+
+
+class SrqAttr(PyverbsObject):
+    """``struct ibv_srq_attr``."""
+
+    def __init__(self, max_wr: int = 100, max_sge: int = 1, srq_limit: int = 0) -> None:
+        super().__init__()
+        self.max_wr = max_wr
+        self.max_sge = max_sge
+        self.srq_limit = srq_limit
+
+
+class SrqInitAttr(PyverbsObject):
+    """``struct ibv_srq_init_attr`` (for ``SRQ(pd, ...)``)."""
+
+    def __init__(self, attr: SrqAttr | None = None) -> None:
+        super().__init__()
+        attr = attr if attr is not None else SrqAttr(0, 0, 0)
+        self.attr = SrqAttr(attr.max_wr, attr.max_sge, attr.srq_limit)
+
+    @property
+    def max_wr(self) -> int:
+        return self.attr.max_wr
+
+    @property
+    def max_sge(self) -> int:
+        return self.attr.max_sge
+
+    @property
+    def srq_limit(self) -> int:
+        return self.attr.srq_limit
+
+
+class SrqInitAttrEx(SrqInitAttr):
+    """``struct ibv_srq_init_attr_ex`` (for ``SRQ(context, ...)``):
+    ``comp_mask`` says which of ``srq_type``, ``pd``, ``cq``, ``xrcd`` count."""
+
+    def __init__(self, max_wr: int = 100, max_sge: int = 1, srq_limit: int = 0) -> None:
+        super().__init__(SrqAttr(max_wr, max_sge, srq_limit))
+        self.comp_mask = 0
+        self.srq_type = e.IBV_SRQT_BASIC
+        self.pd: PD | None = None
+        self.cq: CQ | None = None
+        self.xrcd: object = None
+
+
+class SRQ(PyverbsCM):
+    """``struct ibv_srq``: ``SRQ(pd, SrqInitAttr)`` (``ibv_create_srq``) or
+    ``SRQ(context, SrqInitAttrEx)`` (``ibv_create_srq_ex``)."""
+
+    def __init__(self, creator: PD | Context, attr: SrqInitAttr) -> None:
+        super().__init__()
+        what = "Failed to create SRQ"
+        if isinstance(creator, PD):
+            pd = creator
+        elif isinstance(creator, Context):
+            if not isinstance(attr, SrqInitAttrEx):
+                raise PyverbsUserError("An SRQ created on a Context needs a SrqInitAttrEx")
+            mask = attr.comp_mask
+            srq_type = attr.srq_type if mask & e.IBV_SRQ_INIT_ATTR_TYPE else e.IBV_SRQT_BASIC
+            if srq_type != e.IBV_SRQT_BASIC or mask & (
+                e.IBV_SRQ_INIT_ATTR_XRCD | e.IBV_SRQ_INIT_ATTR_TM
+            ):
+                raise PyverbsRDMAError(f"{what}: SRQ type {srq_type}", errno.EOPNOTSUPP)
+            if not mask & e.IBV_SRQ_INIT_ATTR_PD or attr.pd is None:
+                raise PyverbsRDMAError(f"{what}: no PD", errno.EINVAL)
+            pd = attr.pd
+            if pd.ctx is not creator:
+                raise PyverbsRDMAError(f"{what}: PD of another context", errno.EINVAL)
+        else:
+            raise PyverbsUserError("An SRQ is created on a PD or a Context")
+        ibpd = pd.alive(what)
+        a = attr.attr
+        init = ibsrq.SrqInitAttr(ibsrq.SrqAttr(a.max_wr, a.max_sge, a.srq_limit))
+        try:
+            self.srq: ibsrq.SharedReceiveQueue = ibpd.device.create_srq(ibpd, init)
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        sim.process().owners[self.srq] = pd.ctx  # its limit event goes there
+        self.pd = pd
+        pd.add_ref(self)
+
+    def __str__(self) -> str:
+        return f"SRQ {self.srq.srq_num:#x}"
+
+    def _alive(self, what: str) -> ibsrq.SharedReceiveQueue:
+        if self.closed:
+            raise PyverbsRDMAError(f"{what}: the SRQ is destroyed", errno.EINVAL)
+        return self.srq
+
+    def _release(self) -> None:
+        try:
+            self.srq.destroy()
+        except SoftRdmaError as ex:
+            raise sim.rdma_error("Failed to destroy SRQ", ex) from None
+
+    def get_srq_num(self) -> int:
+        """``ibv_get_srq_num`` (XRC SRQs only in C; the number of any here)."""
+        return self._alive("Failed to retrieve SRQ number").srq_num
+
+    def post_recv(self, wr: RecvWR, bad_wr: RecvWR | None = None) -> None:
+        """``ibv_post_srq_recv`` of a WR chain: the WRs before a bad one are
+        posted; ``bad_wr`` gets the bad one's ``wr_id``."""
+        what = "Failed to post receive to SRQ"
+        srq = self._alive(what)
+        chain: list[RecvWR] = []
+        ibwrs: list[ibwr.RecvWR] = []
+        node: RecvWR | None = wr
+        while node is not None:
+            chain.append(node)
+            ibwrs.append(ibwr.RecvWR(node.wr_id, tuple(_sge(s) for s in node.sg_list)))
+            node = node.next_wr
+        try:
+            srq.post_recv(ibwrs)
+        except PostError as ex:
+            if bad_wr is not None and ex.bad_wr in ibwrs:
+                bad_wr.wr_id = chain[ibwrs.index(ex.bad_wr)].wr_id
+            raise sim.rdma_error(what, ex) from None
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+
+    def modify(self, attr: SrqAttr, comp_mask: int) -> None:
+        """``ibv_modify_srq`` with ``IBV_SRQ_MAX_WR`` / ``IBV_SRQ_LIMIT``."""
+        what = "Failed to modify SRQ"
+        srq = self._alive(what)
+        try:
+            srq.modify(
+                ibsrq.SrqAttr(attr.max_wr, attr.max_sge, attr.srq_limit), IbSrqAttrMask(comp_mask)
+            )
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+
+    def query(self) -> SrqAttr:
+        """``ibv_query_srq``: ``max_wr``, ``max_sge``, the armed limit."""
+        what = "Failed to query SRQ"
+        try:
+            a = self._alive(what).query()
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        return SrqAttr(a.max_wr, a.max_sge, a.srq_limit)
+
+
+def _sge(s: SGE) -> ibwr.Sge:
+    if not isinstance(s, SGE):
+        raise PyverbsUserError("A scatter/gather list holds SGE objects")
+    return ibwr.Sge(s.addr, s.length, s.lkey)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
-from pyverbs.base import PyverbsCM
+from pyverbs.base import PyverbsCM, inc_rkey
 from pyverbs.pyverbs_error import PyverbsError, PyverbsUserError
 from softrdma.memory.mm import UserAddressError
 
@@ -132,9 +132,11 @@ class SendWR(PyverbsCM):
         self.remote_qkey = rqkey
 
     def set_bind_wr(self, mw: MW, bind_info: MWBindInfo) -> None:
-        """``bind_mw`` (IBV_WR_BIND_MW): memory windows are not supported,
-        so posting it fails."""
-        self.bind = (mw, 0, bind_info)
+        """``bind_mw`` of an IBV_WR_BIND_MW (type 2 window): the window, the
+        bind info and the new key, ``inc_rkey(mw.rkey)``, which ``rkey``
+        then reads (as pyverbs' ``rkey`` reads ``bind_mw.rkey``)."""
+        self.rkey = inc_rkey(mw.rkey)
+        self.bind = (mw, self.rkey, bind_info)
 
     def set_qp_type_xrc(self, remote_srqn: int) -> None:
         """``qp_type.xrc.remote_srqn``."""
