@@ -43,17 +43,12 @@ every failure message.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,22 +69,27 @@ from softrdma.ulp.iscsi.proto import (
 )
 from softrdma.ulp.iscsi.text import decode_text
 from softrdma.ulp.iser.proto import IserCmFlag, IserFlag
+from tests.interop.host_process import STAMP, STEP_TIMEOUT, HostTarget, host_target
 from tests.interop.iser_wire import read_iser_pcap
-from tests.interop.linuxvm import CommandResult, LinuxPeer
+from tests.interop.linuxvm import LinuxPeer
+from tests.interop.vm_disk import (
+    check_image,
+    check_pattern,
+    make_ext4,
+    read_back,
+    vm_sums,
+    write_pattern,
+)
 
 pytestmark = pytest.mark.interop
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-STEP_TIMEOUT = 120.0
-"""Bound on each step in the VM (TCG; the slowest, mkfs, takes seconds)."""
 LOGIN_TIMEOUT = 60.0
 """Bound on a login and the SCSI scan that follows it."""
 IMAGE_SIZE = 64 << 20
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
 IFACE = "softrdma-iser"
 INITIATOR = "iqn.2005-03.org.open-iscsi:softrdma-peer"
 MNT = "/mnt/iser"
-FILES = ("random.bin", "hello.txt", "dir/seq.txt")
+SUMS = "/tmp/iser.sums"
 DISCOVERY_ATTEMPTS = 6
 """Bound on the discovery attempts (see :func:`discover`)."""
 IMMEDIATE_MAX = 8192
@@ -142,72 +142,16 @@ and ib_iser (which stays loaded only while a session a crashed discovery
 left behind, with no target name, "(null)", still holds it)."""
 
 
-def softrdma_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 @dataclass
-class Target:
+class Target(HostTarget):
     """``softrdma iser target`` on the host side, in the VM's namespace."""
 
-    peer: LinuxPeer
-    proc: subprocess.Popen[str]
-    out: Path
-    err: Path
     iqn: str = ""
     banner: list[str] = field(default_factory=list)
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def stdout(self) -> str:
-        return self.out.read_text()
-
-    def describe(self) -> str:
-        dmesg = self.peer.run(["dmesg"], timeout=30).stdout
-        return (
-            f"--- target (exit {self.proc.poll()}):\n{self.stdout()[-4000:]}\n"
-            f"{self.err.read_text()[-3000:]}\n--- VM dmesg:\n{dmesg[-5000:]}"
-        )
-
-    def wait_lines(self, pattern: str, count: int, timeout: float) -> list[str]:
-        """Wait until ``count`` stdout lines match ``pattern``; those lines."""
-        end = time.monotonic() + timeout
-        while True:
-            lines = [ln for ln in self.stdout().splitlines() if re.fullmatch(pattern, ln)]
-            if len(lines) >= count:
-                return lines
-            if self.proc.poll() is not None or time.monotonic() > end:
-                pytest.fail(f"{count} lines {pattern!r} expected\n{self.describe()}")
-            time.sleep(0.1)
-
-    def vm(self, what: str, script: str, timeout: float = STEP_TIMEOUT) -> CommandResult:
-        """Run a step in the VM; it must succeed. Its time goes in :attr:`timings`."""
-        t0 = time.monotonic()
-        result = self.peer.run(script, timeout=timeout)
-        self.timings[what] = self.timings.get(what, 0.0) + time.monotonic() - t0
-        if result.returncode != 0:
-            pytest.fail(
-                f"{what}: exit {result.returncode}\n{result.stdout[-3000:]}\n"
-                f"{result.stderr[-3000:]}\n{self.describe()}"
-            )
-        return result
 
     def node(self, iface: str = IFACE) -> str:
         """The ``-T -p -I`` arguments naming this target's node."""
         return f"-T {self.iqn} -p {self.peer.host_ip}:3260 -I {iface}"
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL after 20 s; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 @pytest.fixture(scope="module")
@@ -227,20 +171,12 @@ def open_iscsi(linux_peer: LinuxPeer) -> Iterator[LinuxPeer]:
 
 @contextmanager
 def softrdma_target(peer: LinuxPeer, tmp: Path, *args: str) -> Iterator[Target]:
-    out, err = tmp / "target.out", tmp / "target.err"
-    argv = [sys.executable, "-m", "softrdma", "iser", "target", "--ip", peer.host_ip, *args]
-    with out.open("w") as o, err.open("w") as e:
-        proc = peer.host_popen(argv, env=softrdma_env(), stdout=o, stderr=e)
-    target = Target(peer, proc, out, err)
-    try:
+    argv = ["iser", "target", "--ip", peer.host_ip, *args]
+    # CLEANUP: whatever happened, no session or node record stays in the (shared) VM.
+    with host_target(peer, tmp, Target, argv, CLEANUP) as target:
         target.iqn = target.wait_lines(r"iqn: \S+", 1, 30.0)[0].removeprefix("iqn: ")
         target.banner = target.wait_lines(r"iscsiadm .*", 2, 10.0)
         yield target
-    finally:
-        # Whatever happened, no session or node record stays in the (shared) VM.
-        with suppress(Exception):
-            peer.run(CLEANUP, timeout=STEP_TIMEOUT)
-        target.stop()
 
 
 def find_disk(target: Target, before: set[str]) -> str:
@@ -315,21 +251,6 @@ def discover(target: Target) -> int:
     pytest.fail(f"discovery failed {DISCOVERY_ATTEMPTS} times\n{target.describe()}")
 
 
-def debugfs_cat(image: Path, name: str) -> bytes:
-    proc = subprocess.run(
-        ["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, timeout=60, check=True
-    )
-    return proc.stdout
-
-
-def read_back(target: Target, disk: str) -> None:
-    target.vm(
-        "read back",
-        f"echo 3 > /proc/sys/vm/drop_caches && mount -o ro /dev/{disk} {MNT} && "
-        f"cd {MNT} && sha256sum -c /tmp/iser.sums && cd / && umount {MNT}",
-    )
-
-
 @pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs on the host")
 def test_open_iscsi_discovers_logs_in_twice_and_makes_ext4_on_a_softrdma_target(
     open_iscsi: LinuxPeer,
@@ -371,18 +292,8 @@ def test_open_iscsi_discovers_logs_in_twice_and_makes_ext4_on_a_softrdma_target(
             assert int(size) == IMAGE_SIZE
             session = target.vm("session", "iscsiadm -m session -P 3").stdout
             assert "Iface Transport: iser" in session and f"Iface Name: {IFACE}" in session
-            target.vm("mkfs.ext4", f"mkfs.ext4 -q -F -L softrdma-iser {dev}")
-            target.vm(
-                "write files",
-                f"mount {dev} {MNT} && cd {MNT} && "
-                "dd if=/dev/urandom of=random.bin bs=1M count=8 status=none && "
-                "echo 'written by Linux ib_iser to a softrdma target' > hello.txt && "
-                "mkdir dir && seq 1 20000 > dir/seq.txt && "
-                f"sha256sum {' '.join(FILES)} > /tmp/iser.sums && cd / && sync && umount {MNT}",
-            )
-            fsck = target.vm("fsck", f"fsck.ext4 -f -n {dev}")
-            assert "softrdma-iser: 15/" in fsck.stdout, fsck.stdout  # 11 reserved + 4 of ours
-            read_back(target, disk)
+            make_ext4(target, dev, MNT, "softrdma-iser", SUMS, "ib_iser")
+            read_back(target, dev, MNT, SUMS)
             logout(target, IFACE)
             target.wait_lines(
                 rf"{STAMP} logout: {who} \({connection(first[0])}\): logged out by the initiator",
@@ -394,17 +305,14 @@ def test_open_iscsi_discovers_logs_in_twice_and_makes_ext4_on_a_softrdma_target(
             target.vm("delete node", f"iscsiadm -m node -o delete {target.node()}")
             disk = login(target, target.banner)
             second = target.wait_lines(rf"{STAMP} login: {who} \(connection \d+\)", 2, 10.0)
-            read_back(target, disk)
+            read_back(target, f"/dev/{disk}", MNT, SUMS)
             logout(target, "iser")
             target.wait_lines(
                 rf"{STAMP} logout: {who} \({connection(second[1])}\): logged out by the initiator",
                 1,
                 30.0,
             )
-            sums: dict[str, str] = {}
-            for line in peer.run(["cat", "/tmp/iser.sums"], timeout=30).stdout.splitlines():
-                digest, name = line.split()
-                sums[name] = digest
+            sums = vm_sums(target, SUMS)
             dmesg = peer.run(["dmesg"], timeout=30).stdout
             status = target.stop()
             out = target.stdout()
@@ -423,12 +331,7 @@ def test_open_iscsi_discovers_logs_in_twice_and_makes_ext4_on_a_softrdma_target(
         assert re.search(r"Direct-Access +SOFTRDMA +FILEIO", dmesg), dmesg
 
         # The image, on the host: a clean ext4 with the files Linux wrote.
-        e2fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
-        assert e2fsck.returncode == 0, e2fsck.stdout + e2fsck.stderr
-        for name in FILES:
-            assert hashlib.sha256(debugfs_cat(image, name)).hexdigest() == sums[name], name
-        assert image.stat().st_blocks * 512 < IMAGE_SIZE  # still sparse
+        check_image(image, sums, IMAGE_SIZE)
 
         check_wire(pcap, peer, target.iqn, discoveries)
     total = time.monotonic() - t_start
@@ -520,29 +423,17 @@ def test_a_restarted_target_gets_linux_back_by_session_recovery(open_iscsi: Linu
         with softrdma_target(peer, tmp / "1", image, "--create-size", "16M") as first:
             disk = login(first, first.banner)
             first.wait_lines(rf"{STAMP} login: {who} \(connection 1\)", 1, 10.0)
-            first.vm(
-                "write",
-                "dd if=/dev/urandom of=/tmp/iser.pattern bs=64k count=16 status=none && "
-                f"dd if=/tmp/iser.pattern of=/dev/{disk} bs=64k oflag=direct status=none",
-            )
+            write_pattern(first, f"/dev/{disk}", "iser")
             assert first.stop() == 0, first.stdout()
             out = first.stdout()
             assert re.search(rf"^{STAMP} stopping \(SIGTERM\): logging out 1 initiators?$",
                              out, re.M), out  # fmt: skip
             assert re.search(rf"^{STAMP} logout: {who} \(connection 1\): .*$", out, re.M), out
-            end = time.monotonic() + 30.0
-            while "detected conn error" not in (dmesg := peer.run(["dmesg"], timeout=30).stdout):
-                assert time.monotonic() < end, dmesg
-                time.sleep(0.5)
+            first.wait_dmesg(lambda log: "detected conn error" in log, 30.0)
 
             with softrdma_target(peer, tmp / "2", image) as second:
                 assert second.iqn == first.iqn
-                second.vm(
-                    "read after the recovery",
-                    f"dd if=/dev/{disk} of=/tmp/iser.back bs=64k count=16 iflag=direct "
-                    "status=none && cmp /tmp/iser.pattern /tmp/iser.back",
-                    timeout=STEP_TIMEOUT,
-                )
+                check_pattern(second, f"/dev/{disk}", "iser", "read after the recovery")
                 second.wait_lines(rf"{STAMP} login: {who} \(connection 1\)", 1, 10.0)
                 logout(second, "iser")
                 second.wait_lines(

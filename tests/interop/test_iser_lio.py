@@ -59,11 +59,8 @@ so the shared VM is left as it was.
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +75,13 @@ from softrdma.ulp.iscsi.proto import (
 )
 from softrdma.ulp.iscsi.text import decode_text
 from softrdma.ulp.iser.proto import IserCmFlag, IserFlag
+from tests.interop.host_process import run_host_script
 from tests.interop.iser_wire import read_iser_pcap
-from tests.interop.linuxvm import CommandResult, LinuxPeer
+from tests.interop.linuxvm import LinuxPeer
+from tests.interop.lio_target import LioTarget
 
 pytestmark = pytest.mark.interop
 
-ROOT = Path(__file__).resolve().parents[2]
-STEP_TIMEOUT = 120.0
-"""Bound on each step in the VM (targetcli takes about 5 s under TCG)."""
 HOST_TIMEOUT = 600.0
 """Bound on one run of the host-side initiator (a workload takes seconds)."""
 IQN = "iqn.2003-01.org.linux-iscsi.softrdma-peer.x8664:sn.5e7d0c1f2a3b"
@@ -97,87 +93,23 @@ EXPECTED_DMESG = r"eth0 speed is unknown"
 (at the default ``isert_debug_level`` ib_isert prints only its errors)."""
 
 
-@dataclass
-class Lio:
-    """LIO in the VM with an iSER portal on the VM's address."""
-
-    peer: LinuxPeer
-
-    def vm(self, script: str, what: str, timeout: float = STEP_TIMEOUT) -> CommandResult:
-        """Run a shell step in the VM; it must succeed."""
-        result = self.peer.run(script, timeout=timeout)
-        if result.returncode != 0:
-            pytest.fail(
-                f"{what}: exit {result.returncode}\n{result.stdout[-3000:]}\n"
-                f"{result.stderr[-3000:]}\n--- dmesg:\n{self.dmesg()[-3000:]}"
-            )
-        return result
-
-    def targetcli(self, *commands: str) -> str:
-        """Run targetcli commands in one session (its start takes seconds);
-        what it printed. It goes on after a failed command: callers check
-        the output or configfs."""
-        script = "\n".join(commands) + "\nexit\n"
-        result = self.peer.run(["targetcli"], timeout=STEP_TIMEOUT, input=script)
-        return result.stdout + result.stderr
-
-    def dmesg(self) -> str:
-        return self.peer.run(["dmesg"], timeout=30).stdout
-
-    def mark(self, text: str) -> str:
-        """Put a line in the kernel log; :meth:`since` finds what came after it."""
-        line = f"softrdma-lio: {text}"
-        self.peer.run(f"echo '{line}' > /dev/kmsg", timeout=30)
-        return line
-
-    def since(self, mark: str) -> str:
-        log = self.dmesg()
-        return log[log.rfind(mark) :] if mark in log else log
-
-    def zero_disk(self) -> None:
-        """Make the backstore read as zeros again (LIO keeps it open)."""
-        self.vm(f"fallocate --punch-hole --offset 0 --length {DISK_SIZE} {DISK}", "zero disk")
-
-
 def host_initiator(peer: LinuxPeer, *args: str) -> tuple[int, dict[str, Any], str]:
     """Run ``iser_lio_host.py`` in the namespace: exit status, its JSON, stderr."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    paths = (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", ""))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
-    argv = [
-        sys.executable, "-m", "tests.interop.iser_lio_host",
-        "--ip", peer.host_ip, "--dest", peer.vm_ip, *args,
-    ]  # fmt: skip
-    result = peer.host_run(argv, timeout=HOST_TIMEOUT, env=env)
-    lines = result.stdout.strip().splitlines()
-    try:
-        out = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        out = {}
-    if not out:
-        pytest.fail(f"host initiator: exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result.returncode, out, result.stderr
+    argv = ["--ip", peer.host_ip, "--dest", peer.vm_ip, *args]
+    return run_host_script(peer, "tests.interop.iser_lio_host", argv, HOST_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
-def lio(linux_peer: LinuxPeer) -> Iterator[Lio]:
+def lio(linux_peer: LinuxPeer) -> Iterator[LioTarget]:
     """ib_isert loaded, targetcli's D-Bus up, the target with its iSER
     portal listening; all of it removed afterwards."""
     peer = linux_peer
-    lio = Lio(peer)
+    lio = LioTarget(peer, "ib_isert", DISK, DISK_SIZE)
     tpg = f"/iscsi/{IQN}/tpg1"
     try:
-        # targetcli asks the system bus for tcmu-runner's backstores as it starts.
-        lio.vm(
-            "mkdir -p /run/dbus && { [ -S /run/dbus/system_bus_socket ] || "
-            "dbus-daemon --system --fork; } && modprobe ib_isert && modprobe target_core_file",
-            "ib_isert",
-        )
+        lio.load()
         out = lio.targetcli(
-            "set global auto_save_on_exit=false",
-            f"/backstores/fileio create name=softrdma file_or_dev={DISK} size={DISK_SIZE} "
-            "sparse=true",
+            *lio.backstore_commands(),
             f"/iscsi create {IQN}",
             f"{tpg}/luns create /backstores/fileio/softrdma",
             f"{tpg}/portals delete 0.0.0.0 3260",
@@ -196,20 +128,10 @@ def lio(linux_peer: LinuxPeer) -> Iterator[Lio]:
         ), listeners
         yield lio
     finally:
-        teardown = """
-            printf 'clearconfig confirm=True\\nexit\\n' | targetcli
-            rmmod ib_isert
-            rm -f {DISK}
-            [ -f /run/dbus/pid ] && kill $(cat /run/dbus/pid)
-            if lsmod | grep -q '^ib_isert '; then echo 'ib_isert still loaded'; fi
-            rdma res show cm_id | grep ':3260 ' || true
-        """.replace("{DISK}", DISK)
-        left = peer.run(teardown, timeout=STEP_TIMEOUT).stdout
-        # The VM is shared with the other modules: leave nothing behind.
-        assert "still loaded" not in left and ":3260 " not in left, left
+        lio.remove(3260)
 
 
-def test_lio_refuses_an_unknown_target_name_with_a_target_error(lio: Lio) -> None:
+def test_lio_refuses_an_unknown_target_name_with_a_target_error(lio: LioTarget) -> None:
     """A login to an IQN LIO does not have: Login Response 0x0301, the
     connection closed, :class:`IserLoginRejected` with that status; the
     right IQN is admitted right after (demo mode, no ACL, no CHAP)."""
@@ -239,7 +161,7 @@ SETUPS = {
 
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_softrdma_initiator_reads_and_writes_lio_over_iser(
-    lio: Lio, setup: str, tmp_path: Path
+    lio: LioTarget, setup: str, tmp_path: Path
 ) -> None:
     peer = lio.peer
     lio.zero_disk()

@@ -25,43 +25,40 @@ in every failure message.
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
-from ipaddress import IPv4Address
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from softrdma.cm.cma_hdr import CMA_HDR_SIZE
-from softrdma.cm.messages import CmRep, CmReq, decode_cm_mad
-from softrdma.fabric.pcap import PcapReader
 from softrdma.transport.opcodes import Opcode
-from softrdma.transport.roce import decode_roce_v2
+from softrdma.transport.packet import Packet
 from softrdma.ulp.srp.proto import SrpLoginReq, SrpLoginRsp
-from tests.interop.linuxvm import CommandResult, LinuxPeer
+from tests.interop.host_process import STAMP, HostTarget, host_target
+from tests.interop.linuxvm import LinuxPeer
+from tests.interop.srp_wire import SrpWire, read_srp_pcap
+from tests.interop.vm_disk import (
+    check_image,
+    check_pattern,
+    make_ext4,
+    read_back,
+    vm_sums,
+    write_pattern,
+)
 
 pytestmark = pytest.mark.interop
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-STEP_TIMEOUT = 120.0
-"""Bound on each step in the VM (TCG; the slowest, mkfs, takes seconds)."""
 LOGIN_TIMEOUT = 60.0
 """Bound on the login and the SCSI scan that follows it."""
 IMAGE_SIZE = 64 << 20
-STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}"
 MNT = "/mnt/srp"
-FILES = ("random.bin", "hello.txt", "dir/seq.txt")
+SUMS = "/tmp/srp.sums"
 
 FIND_DISK = r"""
 for h in /sys/class/scsi_host/host*; do
@@ -80,85 +77,21 @@ true
 """Unmounts and removes every SRP target port in the VM."""
 
 
-def softrdma_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 @dataclass
-class Target:
+class Target(HostTarget):
     """``softrdma srp target`` on the host side, in the VM's namespace."""
 
-    peer: LinuxPeer
-    proc: subprocess.Popen[str]
-    out: Path
-    err: Path
     add_target: str = ""
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def stdout(self) -> str:
-        return self.out.read_text()
-
-    def describe(self) -> str:
-        dmesg = self.peer.run(["dmesg"], timeout=30).stdout
-        return (
-            f"--- target (exit {self.proc.poll()}):\n{self.stdout()[-4000:]}\n"
-            f"{self.err.read_text()[-3000:]}\n--- VM dmesg:\n{dmesg[-5000:]}"
-        )
-
-    def wait_lines(self, pattern: str, count: int, timeout: float) -> list[str]:
-        """Wait until ``count`` stdout lines match ``pattern``; those lines."""
-        end = time.monotonic() + timeout
-        while True:
-            lines = [ln for ln in self.stdout().splitlines() if re.fullmatch(pattern, ln)]
-            if len(lines) >= count:
-                return lines
-            if self.proc.poll() is not None or time.monotonic() > end:
-                pytest.fail(f"{count} lines {pattern!r} expected\n{self.describe()}")
-            time.sleep(0.1)
-
-    def vm(self, what: str, script: str, timeout: float = STEP_TIMEOUT) -> CommandResult:
-        """Run a step in the VM; it must succeed. Its time goes in :attr:`timings`."""
-        t0 = time.monotonic()
-        result = self.peer.run(script, timeout=timeout)
-        self.timings[what] = time.monotonic() - t0
-        if result.returncode != 0:
-            pytest.fail(
-                f"{what}: exit {result.returncode}\n{result.stdout[-3000:]}\n"
-                f"{result.stderr[-3000:]}\n{self.describe()}"
-            )
-        return result
-
-    def stop(self) -> int:
-        """SIGTERM, then SIGKILL after 20 s; the exit status."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 @contextmanager
 def softrdma_target(peer: LinuxPeer, tmp: Path, *args: str) -> Iterator[Target]:
-    out, err = tmp / "target.out", tmp / "target.err"
-    argv = [sys.executable, "-m", "softrdma", "srp", "target", "--ip", peer.host_ip, *args]
-    with out.open("w") as o, err.open("w") as e:
-        proc = peer.host_popen(argv, env=softrdma_env(), stdout=o, stderr=e)
-    target = Target(peer, proc, out, err)
-    try:
+    argv = ["srp", "target", "--ip", peer.host_ip, *args]
+    # CLEANUP: whatever happened, no SRP port stays behind in the (shared) VM.
+    with host_target(peer, tmp, Target, argv, CLEANUP) as target:
         line = target.wait_lines(r"add_target: .*", 1, 30.0)[0]
         target.add_target = line.removeprefix("add_target: ")
         yield target
-    finally:
-        # Whatever happened, no SRP port stays behind in the (shared) VM.
-        with suppress(Exception):
-            peer.run(CLEANUP, timeout=60)
-        target.stop()
 
 
 def login(target: Target) -> tuple[str, str]:
@@ -191,37 +124,19 @@ def remove(target: Target, host: str) -> None:
     )
 
 
-def debugfs_cat(image: Path, name: str) -> bytes:
-    proc = subprocess.run(
-        ["debugfs", "-R", f"cat /{name}", str(image)], capture_output=True, timeout=60, check=True
-    )
-    return proc.stdout
-
-
 def pcap_summary(
     path: Path, host_ip: str
 ) -> tuple[list[SrpLoginReq], list[SrpLoginRsp], Counter[str]]:
     """The SRP logins and their responses in the CM REQs and REPs of the
-    pcap, and the RC opcodes each side sent (``"<side> <OPCODE>"``)."""
-    reqs, reps, opcodes = [], [], Counter[str]()
-    host = IPv4Address(host_ip)
-    with PcapReader(path) as reader:
-        for rec in reader:
-            frame = decode_roce_v2(bytes(rec.data))
-            p = frame.packet
-            side = "target" if IPv4Address(frame.saddr) == host else "linux"
-            if p.bth.dest_qp == 1:
-                msg = decode_cm_mad(bytes(p.payload))[1]
-                if isinstance(msg, CmReq):
-                    reqs.append(SrpLoginReq.decode_rdma(msg.private_data[CMA_HDR_SIZE:]))
-                elif isinstance(msg, CmRep):
-                    reps.append(SrpLoginRsp.decode(msg.private_data))
-                continue
-            opcodes[f"{side} {Opcode(p.bth.opcode).name}"] += 1
-            if p.bth.opcode in (Opcode.RC_SEND_ONLY, Opcode.RC_SEND_FIRST) and side == "linux":
-                size = len(bytes(p.payload))
-                opcodes["linux SRP IU over 68 bytes"] += size > 68
-    return reqs, reps, opcodes
+    pcap, and the RC opcodes each side sent (``"<side> <OPCODE>"``), with
+    Linux's SENDs of more than 68 bytes (SRP_CMDs with immediate data)."""
+
+    def on_packet(wire: SrpWire, side: str, op: Opcode, p: Packet) -> None:
+        if op in (Opcode.RC_SEND_ONLY, Opcode.RC_SEND_FIRST) and side == "linux":
+            wire.opcodes["linux SRP IU over 68 bytes"] += len(bytes(p.payload)) > 68
+
+    wire = read_srp_pcap(path, host_ip, ("target", "linux"), on_packet)
+    return wire.logins, wire.responses, wire.opcodes
 
 
 @pytest.mark.skipif(shutil.which("debugfs") is None, reason="needs e2fsprogs on the host")
@@ -246,26 +161,9 @@ def test_linux_ib_srp_makes_and_checks_ext4_on_a_softrdma_target(linux_peer: Lin
             size = target.vm("size", f"blockdev --getsize64 {dev}").stdout.strip()
             assert int(size) == IMAGE_SIZE
 
-            target.vm("mkfs.ext4", f"mkfs.ext4 -q -F -L softrdma-srp {dev}")
-            target.vm(
-                "write files",
-                f"mkdir -p {MNT} && mount {dev} {MNT} && cd {MNT} && "
-                "dd if=/dev/urandom of=random.bin bs=1M count=8 status=none && "
-                "echo 'written by Linux ib_srp to a softrdma target' > hello.txt && "
-                "mkdir dir && seq 1 20000 > dir/seq.txt && "
-                f"sha256sum {' '.join(FILES)} > /tmp/srp.sums && cd / && sync && umount {MNT}",
-            )
-            fsck = target.vm("fsck", f"fsck.ext4 -f -n {dev}")
-            assert "softrdma-srp: 15/" in fsck.stdout, fsck.stdout  # 11 reserved + 4 of ours
-            target.vm(
-                "read back",
-                f"echo 3 > /proc/sys/vm/drop_caches && mount -o ro {dev} {MNT} && "
-                f"cd {MNT} && sha256sum -c /tmp/srp.sums && cd / && umount {MNT}",
-            )
-            sums: dict[str, str] = {}
-            for line in peer.run(["cat", "/tmp/srp.sums"], timeout=30).stdout.splitlines():
-                digest, name = line.split()
-                sums[name] = digest
+            make_ext4(target, dev, MNT, "softrdma-srp", SUMS, "ib_srp")
+            read_back(target, dev, MNT, SUMS)
+            sums = vm_sums(target, SUMS)
             remove(target, host)
             logouts = target.wait_lines(
                 rf"{STAMP} logout: {who} \(channel \d+\): disconnected by the initiator",
@@ -282,12 +180,7 @@ def test_linux_ib_srp_makes_and_checks_ext4_on_a_softrdma_target(linux_peer: Lin
         assert re.search(rf"ib_srp: new target: id_ext {target.add_target[7:23]} ", dmesg), dmesg
 
         # The image, on the host: a clean ext4 with the files Linux wrote.
-        e2fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
-                                timeout=120)  # fmt: skip
-        assert e2fsck.returncode == 0, e2fsck.stdout + e2fsck.stderr
-        for name in FILES:
-            assert hashlib.sha256(debugfs_cat(image, name)).hexdigest() == sums[name], name
-        assert image.stat().st_blocks * 512 < IMAGE_SIZE  # still sparse
+        check_image(image, sums, IMAGE_SIZE)
 
         # The wire: the login in each CM REQ, the response in each REP,
         # immediate data in Linux's SENDs, RDMA both ways from the target.
@@ -320,11 +213,7 @@ def test_a_stopping_target_logs_linux_out_and_linux_reconnects(linux_peer: Linux
             host, disk = login(first)
             who = rf"initiator 0x[0-9a-f]{{32}} from {re.escape(peer.vm_ip)}:\d+"
             n = len(first.wait_lines(rf"{STAMP} login: {who} \(channel \d+\)", 1, 10.0))
-            first.vm(
-                "write",
-                "dd if=/dev/urandom of=/tmp/srp.pattern bs=64k count=16 status=none && "
-                f"dd if=/tmp/srp.pattern of=/dev/{disk} bs=64k oflag=direct status=none",
-            )
+            write_pattern(first, f"/dev/{disk}", "srp")
             assert first.stop() == 0, first.stdout()
             out = first.stdout()
             assert re.search(
@@ -334,18 +223,11 @@ def test_a_stopping_target_logs_linux_out_and_linux_reconnects(linux_peer: Linux
                                  out, re.M)  # fmt: skip
             assert len(stopped) == n, out
             dreq = f"scsi host{host}: ib_srp: received DREQ"
-            end = time.monotonic() + 30.0
-            while (dmesg := peer.run(["dmesg"], timeout=30).stdout).count(dreq) < n:
-                assert time.monotonic() < end, dmesg
-                time.sleep(0.5)
+            first.wait_dmesg(lambda log: log.count(dreq) >= n, 30.0)
 
             with softrdma_target(peer, tmp / "2", image) as second:
                 assert second.add_target == first.add_target
-                second.vm(
-                    "read after the reconnect",
-                    f"dd if=/dev/{disk} of=/tmp/srp.back bs=64k count=16 iflag=direct "
-                    "status=none && cmp /tmp/srp.pattern /tmp/srp.back",
-                )
+                check_pattern(second, f"/dev/{disk}", "srp", "read after the reconnect")
                 second.wait_lines(rf"{STAMP} login: {who} \(channel \d+\)", n, 10.0)
                 dmesg = peer.run(["dmesg"], timeout=30).stdout
                 assert f"scsi host{host}: ib_srp: reconnect succeeded" in dmesg, dmesg

@@ -55,10 +55,7 @@ module, so the shared VM is left as it was.
 from __future__ import annotations
 
 import json
-import os
 import re
-import sys
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
@@ -67,19 +64,16 @@ from typing import Any
 
 import pytest
 
-from softrdma.cm.cma_hdr import CMA_HDR_SIZE
-from softrdma.cm.messages import CmRep, CmReq, decode_cm_mad
-from softrdma.fabric.pcap import PcapReader
 from softrdma.transport.opcodes import Opcode
-from softrdma.transport.roce import decode_roce_v2
-from softrdma.ulp.srp.proto import SrpLoginReq, SrpLoginReqFlag, SrpLoginRsp
-from tests.interop.linuxvm import CommandResult, LinuxPeer
+from softrdma.transport.packet import Packet
+from softrdma.ulp.srp.proto import SrpLoginReqFlag
+from tests.interop.host_process import run_host_script
+from tests.interop.linuxvm import LinuxPeer
+from tests.interop.lio_target import LioTarget
+from tests.interop.srp_wire import SrpWire, read_srp_pcap
 
 pytestmark = pytest.mark.interop
 
-ROOT = Path(__file__).resolve().parents[2]
-STEP_TIMEOUT = 120.0
-"""Bound on each step in the VM (targetcli takes about 5 s under TCG)."""
 HOST_TIMEOUT = 600.0
 """Bound on one run of the host-side initiator (a workload takes seconds)."""
 CM_PORT = 5555
@@ -116,10 +110,9 @@ def guid_colons(guid: str) -> str:
 
 
 @dataclass
-class Lio:
+class Lio(LioTarget):
     """LIO in the VM, and the names ib_srpt gives rxe0's port."""
 
-    peer: LinuxPeer
     node_guid: str  # 16 hex digits
     gid_port: str  # configfs name: 0x + 32 hex digits
     guid_port: str  # configfs name: 5054:00ff:fe77:0001
@@ -129,37 +122,6 @@ class Lio:
     def wwn(self) -> str:
         """The target's name in targetcli."""
         return "ib." + self.gid_port[2:]
-
-    def vm(self, script: str, what: str, timeout: float = STEP_TIMEOUT) -> CommandResult:
-        """Run a shell step in the VM; it must succeed."""
-        result = self.peer.run(script, timeout=timeout)
-        if result.returncode != 0:
-            pytest.fail(
-                f"{what}: exit {result.returncode}\n{result.stdout[-3000:]}\n"
-                f"{result.stderr[-3000:]}\n--- dmesg:\n{self.dmesg()[-3000:]}"
-            )
-        return result
-
-    def targetcli(self, *commands: str) -> str:
-        """Run targetcli commands in one session (its start takes seconds);
-        what it printed. It goes on after a failed command: callers check
-        the output or configfs."""
-        script = "\n".join(commands) + "\nexit\n"
-        result = self.peer.run(["targetcli"], timeout=STEP_TIMEOUT, input=script)
-        return result.stdout + result.stderr
-
-    def dmesg(self) -> str:
-        return self.peer.run(["dmesg"], timeout=30).stdout
-
-    def mark(self, text: str) -> str:
-        """Put a line in the kernel log; :meth:`since` finds what came after it."""
-        line = f"softrdma-lio: {text}"
-        self.peer.run(f"echo '{line}' > /dev/kmsg", timeout=30)
-        return line
-
-    def since(self, mark: str) -> str:
-        log = self.dmesg()
-        return log[log.rfind(mark) :] if mark in log else log
 
     def acl_path(self, name: str) -> str:
         """An ACL of the GID-named port."""
@@ -187,10 +149,6 @@ class Lio:
     def set_cm_port(self, port: int) -> None:
         self.vm(f"echo {port} > {SRPT}/discovery_auth/rdma_cm_port", "rdma_cm_port")
 
-    def zero_disk(self) -> None:
-        """Make the backstore read as zeros again (LIO keeps it open)."""
-        self.vm(f"fallocate --punch-hole --offset 0 --length {DISK_SIZE} {DISK}", "zero disk")
-
 
 def host_initiator(
     peer: LinuxPeer, *args: str, port_id: str, expect_reject: bool = False
@@ -198,26 +156,13 @@ def host_initiator(
     """Run ``srp_lio_host.py`` in the namespace, logging in to the target
     port ID ``port_id`` (32 hex digits: id_ext, ioc_guid): exit status, its
     JSON, stderr."""
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    paths = (str(ROOT / "src"), str(ROOT), env.get("PYTHONPATH", ""))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     argv = [
-        sys.executable, "-m", "tests.interop.srp_lio_host",
         "--ip", peer.host_ip, "--dest", peer.vm_ip, "--port", str(CM_PORT),
         "--id-ext", port_id[:16], "--ioc-guid", port_id[16:], *args,
     ]  # fmt: skip
     if expect_reject:
         argv.append("--expect-reject")
-    result = peer.host_run(argv, timeout=HOST_TIMEOUT, env=env)
-    lines = result.stdout.strip().splitlines()
-    try:
-        out = json.loads(lines[-1]) if lines else {}
-    except ValueError:
-        out = {}
-    if not out:
-        pytest.fail(f"host initiator: exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result.returncode, out, result.stderr
+    return run_host_script(peer, "tests.interop.srp_lio_host", argv, HOST_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -229,47 +174,37 @@ def lio(linux_peer: LinuxPeer) -> Iterator[Lio]:
     node_guid = eui64(peer.vm_mac)
     lio = Lio(
         peer,
+        "ib_srpt",
+        DISK,
+        DISK_SIZE,
         node_guid=node_guid,
         gid_port="0xfe80000000000000" + node_guid,
         guid_port=guid_colons(node_guid),
         initiator_port_id="0x" + "0" * 16 + eui64(peer.host_mac),
     )
     try:
-        # targetcli asks the system bus for tcmu-runner's backstores as it starts.
-        lio.vm(
-            "mkdir -p /run/dbus && { [ -S /run/dbus/system_bus_socket ] || "
-            "dbus-daemon --system --fork; } && modprobe ib_srpt && modprobe target_core_file",
-            "ib_srpt",
-        )
+        lio.load()
         lio.targetcli(
-            "set global auto_save_on_exit=false",
-            f"/backstores/fileio create name=softrdma file_or_dev={DISK} size={DISK_SIZE} "
-            "sparse=true",
+            *lio.backstore_commands(),
             f"/srpt create {lio.wwn}",
             f"/srpt/{lio.wwn}/luns create /backstores/fileio/softrdma",
         )
         lio.vm(f"test -d {SRPT}/{lio.gid_port}/tpgt_1/lun/lun_0", "LUN 0 in configfs")
         yield lio
     finally:
-        teardown = f"""
-            echo 0 > {SRPT}/discovery_auth/rdma_cm_port
-            G={SRPT}/{lio.guid_port}/tpgt_1
-            if [ -d $G ]; then
-                echo 0 > $G/enable
-                for a in $G/acls/*; do [ -d "$a" ] && rmdir "$a"; done
-                rm -f $G/lun/lun_0/softrdma; rmdir $G/lun/lun_0 $G {SRPT}/{lio.guid_port}
-            fi
-            printf 'clearconfig confirm=True\\nexit\\n' | targetcli
-            rmdir {SRPT} 2>/dev/null
-            rmmod ib_srpt
-            rm -f {DISK}
-            [ -f /run/dbus/pid ] && kill $(cat /run/dbus/pid)
-            if lsmod | grep -q '^ib_srpt '; then echo 'ib_srpt still loaded'; fi
-            rdma res show cm_id | grep ':{CM_PORT} ' || true
-        """
-        left = peer.run(teardown, timeout=STEP_TIMEOUT).stdout
-        # The VM is shared with the other modules: leave nothing behind.
-        assert "still loaded" not in left and f":{CM_PORT} " not in left, left
+        lio.remove(
+            CM_PORT,
+            first=f"""
+                echo 0 > {SRPT}/discovery_auth/rdma_cm_port
+                G={SRPT}/{lio.guid_port}/tpgt_1
+                if [ -d $G ]; then
+                    echo 0 > $G/enable
+                    for a in $G/acls/*; do [ -d "$a" ] && rmdir "$a"; done
+                    rm -f $G/lun/lun_0/softrdma; rmdir $G/lun/lun_0 $G {SRPT}/{lio.guid_port}
+                fi
+            """,
+            then=f"rmdir {SRPT} 2>/dev/null",
+        )
 
 
 def test_lio_port_names_target_port_id_listening_and_acls(lio: Lio) -> None:
@@ -382,48 +317,35 @@ def test_lio_port_names_target_port_id_listening_and_acls(lio: Lio) -> None:
 
 
 @dataclass
-class Wire:
-    """What softrdma's pcap of one run shows."""
+class LioRdma:
+    """What LIO's RDMA in softrdma's pcap of one run shows."""
 
-    logins: list[SrpLoginReq] = field(default_factory=list)
-    responses: list[SrpLoginRsp] = field(default_factory=list)
-    opcodes: Counter[str] = field(default_factory=Counter)
     target_rkeys: set[int] = field(default_factory=set)
     lio_first_rdma: str = ""
 
 
-def read_wire(path: Path, host_ip: str) -> Wire:
-    wire = Wire()
-    host = IPv4Address(host_ip)
-    with PcapReader(path) as reader:
-        for rec in reader:
-            frame = decode_roce_v2(bytes(rec.data))
-            p = frame.packet
-            side = "initiator" if IPv4Address(frame.saddr) == host else "lio"
-            if p.bth.dest_qp == 1:
-                msg = decode_cm_mad(bytes(p.payload))[1]
-                if isinstance(msg, CmReq):
-                    wire.logins.append(SrpLoginReq.decode_rdma(msg.private_data[CMA_HDR_SIZE:]))
-                elif isinstance(msg, CmRep):
-                    wire.responses.append(SrpLoginRsp.decode(msg.private_data))
-                continue
-            op = Opcode(p.bth.opcode)
-            wire.opcodes[f"{side} {op.name}"] += 1
-            if side == "initiator" and (
-                op is Opcode.RC_SEND_FIRST
-                or (op is Opcode.RC_SEND_ONLY and len(bytes(p.payload)) >= IMM_SEND_MIN)
-            ):
-                wire.opcodes["initiator SRP_CMD with immediate data"] += 1
-            if side == "lio" and p.reth is not None:
-                if p.reth.dma_len == 0 and op is Opcode.RC_RDMA_WRITE_ONLY:
-                    # srpt_zerolength_write: no data, no key.
-                    wire.opcodes["lio zero-length RDMA WRITE"] += 1
-                    what = "zero-length WRITE"
-                else:
-                    wire.target_rkeys.add(p.reth.rkey)
-                    what = op.name
-                wire.lio_first_rdma = wire.lio_first_rdma or what
-    return wire
+def read_wire(path: Path, host_ip: str) -> tuple[SrpWire, LioRdma]:
+    """The logins and opcodes (``"initiator SRP_CMD with immediate data"``
+    counted too), and the keys of LIO's RDMA."""
+    rdma = LioRdma()
+
+    def on_packet(wire: SrpWire, side: str, op: Opcode, p: Packet) -> None:
+        if side == "initiator" and (
+            op is Opcode.RC_SEND_FIRST
+            or (op is Opcode.RC_SEND_ONLY and len(bytes(p.payload)) >= IMM_SEND_MIN)
+        ):
+            wire.opcodes["initiator SRP_CMD with immediate data"] += 1
+        if side == "lio" and p.reth is not None:
+            if p.reth.dma_len == 0 and op is Opcode.RC_RDMA_WRITE_ONLY:
+                # srpt_zerolength_write: no data, no key.
+                wire.opcodes["lio zero-length RDMA WRITE"] += 1
+                what = "zero-length WRITE"
+            else:
+                rdma.target_rkeys.add(p.reth.rkey)
+                what = op.name
+            rdma.lio_first_rdma = rdma.lio_first_rdma or what
+
+    return read_srp_pcap(path, host_ip, ("initiator", "lio"), on_packet), rdma
 
 
 @dataclass(frozen=True)
@@ -504,7 +426,7 @@ def test_softrdma_initiator_reads_and_writes_a_lio_fileio_lun(
     assert sums == [w["final_sha256"] for w in out["writes"]], why
 
     # On the wire: the login, immediate data, LIO's RDMA with our keys only.
-    wire = read_wire(pcap, peer.host_ip)
+    wire, rdma = read_wire(pcap, peer.host_ip)
     assert len(wire.logins) == len(wire.responses) == 1, wire
     req = wire.logins[0]
     assert "0x" + req.initiator_port_id.hex() == lio.initiator_port_id, req
@@ -514,10 +436,10 @@ def test_softrdma_initiator_reads_and_writes_a_lio_fileio_lun(
     assert (wire.opcodes["initiator SRP_CMD with immediate data"] > 0) is s.imm, wire.opcodes
     assert wire.opcodes["lio RC_RDMA_READ_REQUEST"] > 0, wire.opcodes
     assert wire.opcodes["lio RC_RDMA_WRITE_FIRST"] + wire.opcodes["lio RC_RDMA_WRITE_ONLY"] > 0
-    assert wire.target_rkeys and wire.target_rkeys <= set(out["keys"]), (wire.target_rkeys, why)
+    assert rdma.target_rkeys and rdma.target_rkeys <= set(out["keys"]), (rdma.target_rkeys, why)
     # ib_srpt's first RDMA on a new channel is a zero-length WRITE (rkey 0),
     # whose completion tells it the QP is live.
-    assert wire.lio_first_rdma == "zero-length WRITE", wire
+    assert rdma.lio_first_rdma == "zero-length WRITE", rdma
 
     # The kernel: one login, and nothing else to say but the logout IU
     # (when it arrives before the DREQ) and the receives flushed at the end.
