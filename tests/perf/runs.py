@@ -102,6 +102,24 @@ def wait_listening(proc: subprocess.Popen[str], port: int, timeout: float = 60.0
     raise AssertionError(f"nothing listens on TCP port {port}")
 
 
+def wait_udp_bound(proc: subprocess.Popen[str], ip: str, port: int = 4791,
+                   timeout: float = 60.0) -> None:  # fmt: skip
+    """Until ``proc`` has opened its RoCE device (its UDP port on ``ip``):
+    an RDMA CM server (``-R`` / ``-z``) has no TCP socket to wait for."""
+    want = re.compile(
+        rf": *{''.join(f'{b:02X}' for b in reversed(bytes(map(int, ip.split('.')))))}:{port:04X} "
+    )
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"the server exited: {proc.communicate()}")
+        if want.search(Path("/proc/net/udp").read_text()):
+            time.sleep(0.3)  # then its CM listens
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"nothing bound UDP {ip}:{port}")
+
+
 def two_processes(
     tool: str, *opts: str, server_opts: Sequence[str] = (), client_opts: Sequence[str] = ()
 ) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
@@ -111,7 +129,10 @@ def two_processes(
     server = perf_argv(tool, "-p", str(port), "--ip", ip_s, *opts, *server_opts)
     client = perf_argv(tool, "-p", str(port), "--ip", ip_c, *opts, *client_opts, ip_s)
     with spawned(server) as srv:
-        wait_listening(srv, port)
+        if {"-R", "-z"} & set(opts):
+            wait_udp_bound(srv, ip_s)
+        else:
+            wait_listening(srv, port)
         with spawned(client) as cli:
             c_out, c_err = cli.communicate(timeout=TIMEOUT)
         s_out, s_err = srv.communicate(timeout=TIMEOUT)

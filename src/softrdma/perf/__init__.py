@@ -8,7 +8,11 @@
 * :mod:`~softrdma.perf.engine_bw` / :mod:`~softrdma.perf.engine_lat` —
   the data paths;
 * :mod:`~softrdma.perf.report` — what is printed, CSV / JSON, plots;
-* :mod:`~softrdma.perf.session` — one run over a socket.
+* :mod:`~softrdma.perf.cm_comm` — the exchange over the RDMA CM (``-z``,
+  ``-R``);
+* :mod:`~softrdma.perf.rdma_cm` — the test's QP connected by the RDMA CM
+  (``-R``);
+* :mod:`~softrdma.perf.session` — one run over a socket or the RDMA CM.
 
 The command is ``softrdma perf`` (:mod:`softrdma.cli.perf`).
 """

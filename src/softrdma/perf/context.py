@@ -17,15 +17,18 @@ handful of MR pages and one contiguous I/O virtual range.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import random
 from dataclasses import dataclass
 
+from softrdma.cm.cma import RdmaCmError, RdmaCmId
 from softrdma.dma.types import DMA_BIDIRECTIONAL
 from softrdma.errors import SoftRdmaError
 from softrdma.memory.scatterlist import Scatterlist, ScatterlistEntry
 from softrdma.perf.oob import PingpongDest
-from softrdma.perf.params import PerfParams, Verb
-from softrdma.verbs.ah import AhAttr
+from softrdma.perf.params import DEF_QKEY, UD_ADDITION, PerfParams, Verb
+from softrdma.verbs.ah import AddressHandle, AhAttr, create_ah
 from softrdma.verbs.cq import CompletionQueue
 from softrdma.verbs.device import IbDevice
 from softrdma.verbs.dma import ib_dma_map_sg, ib_dma_unmap_sg
@@ -42,7 +45,7 @@ from softrdma.verbs.enums import (
 from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.mr import MemoryRegion, ib_inc_rkey
 from softrdma.verbs.qp import IbSigType, QpAttr, QpCap, QpInitAttr, QueuePair
-from softrdma.verbs.wr import RegWR
+from softrdma.verbs.wr import RegWR, SendWR, Sge, UdWR
 
 __all__ = ["MAX_CHUNK", "PerfContext", "PerfError", "QpSlot"]
 
@@ -74,11 +77,18 @@ class PerfContext:
     """``struct pingpong_context``: PD, CQs, QPs and the registered buffer
     on ``dev`` for ``params``."""
 
-    def __init__(self, dev: IbDevice, params: PerfParams, *, sgid_index: int) -> None:
+    def __init__(
+        self, dev: IbDevice, params: PerfParams, *, sgid_index: int, cm_id: RdmaCmId | None = None
+    ) -> None:
         self.dev = dev
         self.params = params
         self.sgid_index = sgid_index
+        # -R: the QP is the CM ID's (rdma_create_qp), which the CM connects
+        self.cm_id = cm_id
         self.qps: list[QueuePair] = []
+        self.ahs: list[AddressHandle] = []
+        """UD: the address handle of each QP's peer (from its key line's GID)."""
+        self.remote_qpns: list[int] = []
         self.chunks: list[int] = []
         self.mr: MemoryRegion | None = None
         self.sgl: Scatterlist | None = None
@@ -110,34 +120,42 @@ class PerfContext:
         if ib_dma_map_sg(dev, sgl, DMA_BIDIRECTIONAL) == 0:
             raise PerfError("Couldn't allocate MR")
         self.sgl = sgl
-        pages = n_chunks + 1
-        mr = dev.alloc_mr(self.pd, pages)
-        self.mr = mr
-        if mr.map_sg(sgl, None, 0, self.chunk) != sgl.nents or mr.length < self.length:
-            raise PerfError("Couldn't allocate MR")
-        self.rkey = ib_inc_rkey(mr.rkey)  # ib_update_fast_reg_key
-        self.base = mr.iova
+        if p.ud:
+            self._init_ud_buffer(sgl)
+        else:
+            self._init_mr(sgl, n_chunks)
         # One CQ for sends and receives, as perftest without -e on RC.
         depth = max(p.tx_depth, 1) * p.num_qps + max(p.rx_depth, 1) * p.num_qps + 1
         self.cq: CompletionQueue = dev.create_cq(depth)
+        qp_type = IbQpType.UD if p.ud else IbQpType.RC
         for _ in range(p.num_qps):
-            qp = dev.create_qp(
-                self.pd,
-                QpInitAttr(
-                    IbQpType.RC,
-                    self.cq,
-                    self.cq,
-                    QpCap(
-                        max_send_wr=max(p.tx_depth, p.post_list) + 1,
-                        max_recv_wr=max(p.rx_depth, 1),
-                        max_send_sge=1,
-                        max_recv_sge=1,
-                    ),
-                    sq_sig_type=IbSigType.REQ_WR,
+            init = QpInitAttr(
+                qp_type,
+                self.cq,
+                self.cq,
+                QpCap(
+                    max_send_wr=max(p.tx_depth, p.post_list) + 1,
+                    max_recv_wr=max(p.rx_depth, 1),
+                    max_send_sge=1,
+                    max_recv_sge=1,
                 ),
+                sq_sig_type=IbSigType.REQ_WR,
             )
+            if self.cm_id is not None:
+                try:
+                    self.qps.append(self.cm_id.create_qp(self.pd, init))
+                except RdmaCmError as e:
+                    raise PerfError(f" Couldn't create the rdma_cm QP: {e}") from None
+                continue  # the CM moves it to INIT with its access flags
+            qp = dev.create_qp(self.pd, init)
             self.qps.append(qp)
             m = IbQpAttrMask
+            if p.ud:
+                qp.modify(
+                    QpAttr(qp_state=IbQpState.INIT, pkey_index=0, port_num=1, qkey=DEF_QKEY),
+                    m.STATE | m.PKEY_INDEX | m.PORT | m.QKEY,
+                )
+                continue
             qp.modify(
                 QpAttr(
                     qp_state=IbQpState.INIT,
@@ -150,6 +168,28 @@ class PerfContext:
                 ),
                 m.STATE | m.PKEY_INDEX | m.PORT | m.ACCESS_FLAGS,
             )
+
+    def _init_mr(self, sgl: Scatterlist, n_chunks: int) -> None:
+        """A fast-registration MR over the chunks (registered at connect)."""
+        mr = self.dev.alloc_mr(self.pd, n_chunks + 1)
+        self.mr = mr
+        if mr.map_sg(sgl, None, 0, self.chunk) != sgl.nents or mr.length < self.length:
+            raise PerfError("Couldn't allocate MR")
+        self.rkey = ib_inc_rkey(mr.rkey)  # ib_update_fast_reg_key
+        self.base = mr.iova
+        self._lkey = self.rkey
+
+    def _init_ud_buffer(self, sgl: Scatterlist) -> None:
+        """UD needs no remote access, and a UD QP cannot post REG_MR (as on
+        rxe): SGEs name the DMA addresses under the PD's ``local_dma_lkey``,
+        which needs the buffer in one DMA-contiguous range."""
+        segs = sgl.dma_segments()
+        gaps = any(a + n != b for (a, n), (b, _) in itertools.pairwise(segs))
+        if gaps or sum(n for _, n in segs) < self.length:
+            raise PerfError(f"Couldn't allocate MR: {self.length} bytes are not contiguous")
+        self.base = segs[0][0]
+        self.rkey = 0
+        self._lkey = self.pd.local_dma_lkey
 
     # -- addresses -------------------------------------------------------------------
 
@@ -205,6 +245,9 @@ class PerfContext:
         then the buffer registered (``IB_WR_REG_MR`` on QP 0, waited for)
         before the peer can be told to go."""
         p = self.params
+        if p.ud:
+            self._connect_ud(my, rem)
+            return
         reads = p.tool.verb in (Verb.READ, Verb.ATOMIC)
         m = IbQpAttrMask
         for qp, me, dest in zip(self.qps, my, rem, strict=True):
@@ -245,9 +288,40 @@ class PerfContext:
                 )
             except VerbsError as e:
                 raise PerfError(f" Failed to modify QP {qp.qp_num} to RTS: {e}") from None
-        self._register()
+        self.register()
 
-    def _register(self) -> None:
+    def _connect_ud(self, my: list[PingpongDest], rem: list[PingpongDest]) -> None:
+        """``ctx_connect`` for UD: RTR, RTS at our PSN, and an address
+        handle towards the peer's GID (``ibv_create_ah``)."""
+        m = IbQpAttrMask
+        for qp, me, dest in zip(self.qps, my, rem, strict=True):
+            try:
+                qp.modify(QpAttr(qp_state=IbQpState.RTR), m.STATE)
+                qp.modify(QpAttr(qp_state=IbQpState.RTS, sq_psn=me.psn), m.STATE | m.SQ_PSN)
+            except VerbsError as e:
+                raise PerfError(f" Failed to modify UD QP {qp.qp_num} to RTS: {e}") from None
+            attr = AhAttr(dgid=dest.gid, sgid_index=self.sgid_index, hop_limit=0xFF)
+            try:
+                self.ahs.append(create_ah(self.pd, attr))
+            except VerbsError as e:
+                raise PerfError(f" Unable to create AH for UD: {e}") from None
+            self.remote_qpns.append(dest.qpn)
+
+    def send_wr(self, i: int, sge: Sge, flags: IbSendFlags) -> SendWR:
+        """A SEND of ``sge`` on QP ``i`` (wr_id ``i``): on UD, to the peer's
+        QP through its address handle with perftest's QKey."""
+        if self.params.ud:
+            return UdWR(i, IbWrOpcode.SEND, (sge,), flags, ah=self.ahs[i],
+                        remote_qpn=self.remote_qpns[i], remote_qkey=DEF_QKEY)  # fmt: skip
+        return SendWR(i, IbWrOpcode.SEND, (sge,), flags)
+
+    def recv_length(self, size: int) -> int:
+        """What a receive of a ``size``-byte message needs (UD: the GRH too)."""
+        return size + UD_ADDITION if self.params.ud else size
+
+    def register(self) -> None:
+        """Register the buffer (``IB_WR_REG_MR`` on QP 0, which must be at
+        RTS) and wait for it, before the peer may use the key."""
         assert self.mr is not None
         wr = RegWR(
             REG_WRID,
@@ -272,17 +346,26 @@ class PerfContext:
 
     @property
     def lkey(self) -> int:
-        """The key local SGEs use (the MR is registered with one key)."""
-        return self.rkey
+        """The key local SGEs use (the MR is registered with one key; UD:
+        the PD's ``local_dma_lkey``)."""
+        return self._lkey
 
     def close(self) -> None:
         """``destroy_ctx``: QPs, CQ, MR, mapping, pages, PD."""
         dev = self.dev
+        if self.cm_id is not None:  # rdma_disconnect, then rdma_destroy_id
+            cid, self.cm_id = self.cm_id, None
+            with contextlib.suppress(RdmaCmError):  # never connected, or the peer left first
+                cid.disconnect()
+            cid.destroy()
         with dev.lock:
             for qp in self.qps:
                 if not qp.destroyed:
                     qp.destroy()
             self.qps = []
+            for ah in self.ahs:
+                ah.destroy()
+            self.ahs = []
             if getattr(self, "cq", None) is not None:
                 self.cq.destroy()
                 del self.cq

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from softrdma.perf.context import PerfContext, PerfError
 from softrdma.perf.params import Verb
-from softrdma.verbs.enums import IbSendFlags, IbWcStatus, IbWrOpcode
+from softrdma.verbs.enums import IbSendFlags, IbWcOpcode, IbWcStatus, IbWrOpcode
 from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, SendWR, Sge, WorkCompletion
 
@@ -34,7 +34,9 @@ __all__ = [
     "BwSamples",
     "Receives",
     "completion_error",
+    "ctx_side",
     "post_receives",
+    "run_iter_bi",
     "run_iter_bw",
     "run_iter_bw_server",
     "step_size",
@@ -124,7 +126,7 @@ def _wr(
             wr_id, IbWrOpcode.ATOMIC_FETCH_AND_ADD, sge, flags,
             remote_addr=st.remote, compare_add=ATOMIC_ADD_VALUE, rkey=rkey,
         )  # fmt: skip
-    return SendWR(wr_id, IbWrOpcode.SEND, sge, flags)
+    return ctx.send_wr(wr_id, sge[0], flags)
 
 
 def run_iter_bw(
@@ -205,8 +207,10 @@ def run_iter_bw(
         if progress is not None:
             progress(done)
     if duration:
+        # print_report_bw in duration mode: the count and the average over
+        # the run; no peak (one post time), as perftest prints 0.00
         samples.iters = max(1, len(tcompleted) // nq)
-        del tposted[len(tcompleted) :]
+        del tposted[1:]
     return samples
 
 
@@ -221,8 +225,9 @@ class Receives:
     def repost(self, ctx: PerfContext, i: int) -> None:
         """Post QP ``i``'s next receive."""
         st = self.steppers[i]
+        length = ctx.recv_length(self.size)
         try:
-            ctx.qps[i].post_recv(RecvWR(i, (Sge(st.local, self.size, ctx.lkey),)))
+            ctx.qps[i].post_recv(RecvWR(i, (Sge(st.local, length, ctx.lkey),)))
         except VerbsError as e:
             raise PerfError(f"Couldn't post receive (qp {i}): {e}") from None
         st.advance(self.posted[i])
@@ -231,17 +236,19 @@ class Receives:
 
 def post_receives(ctx: PerfContext, size: int, depth: int | None = None) -> Receives:
     """``ctx_set_recv_wqes`` + the first ``rx_depth`` receives on each QP,
-    into its VADDR slot stepped as perftest steps it."""
+    into its VADDR slot stepped as perftest steps it (UD: each with room
+    for the GRH before the message)."""
     p = ctx.params
     posted = []
     steppers = []
+    length = ctx.recv_length(size)
     for i, qp in enumerate(ctx.qps):
         slot = ctx.slot(i)
-        st = _Stepper(slot.remote, slot.remote, size, ctx, False)
+        st = _Stepper(slot.remote, slot.remote, length, ctx, False)
         n = min(depth or p.rx_depth, p.iters)
         wrs = []
         for k in range(n):
-            wrs.append(RecvWR(i, (Sge(st.local, size, ctx.lkey),)))
+            wrs.append(RecvWR(i, (Sge(st.local, length, ctx.lkey),)))
             st.advance(k)
         try:
             qp.post_recv(wrs)
@@ -253,22 +260,34 @@ def post_receives(ctx: PerfContext, size: int, depth: int | None = None) -> Rece
 
 
 def run_iter_bw_server(
-    ctx: PerfContext, recvs: Receives, *, progress: Progress | None = None
+    ctx: PerfContext,
+    recvs: Receives,
+    *,
+    progress: Progress | None = None,
+    duration: float = 0.0,
 ) -> BwSamples:
     """``run_iter_bw_server``: send_bw's receiving side, with the receives
-    :func:`post_receives` posted."""
+    :func:`post_receives` posted; with ``duration`` (``-D``), counting what
+    arrives in that many seconds and reposting every receive (those still
+    posted at the end take what the client sends until its own end)."""
     p = ctx.params
     nq = len(ctx.qps)
-    iters = p.iters
+    iters = (1 << 62) if duration else p.iters
     rcnt = [0] * nq
-    samples = BwSamples(recvs.size, iters, nq)
+    samples = BwSamples(recvs.size, p.iters, nq)
     clock = time.perf_counter
     samples.tposted.append(clock())
+    end = samples.tposted[0] + duration if duration else 0.0
     last_progress = clock()
     total = iters * nq
     while len(samples.tcompleted) < total:
+        if end and clock() >= end:
+            break
         wcs = ctx.cq.poll(POLL_BATCH)
         if not wcs:
+            if end:
+                ctx.cq.wait(min(WAIT_SLICE, max(0.0, end - clock())))
+                continue  # nothing may come in a -D run: not a stall
             if clock() - last_progress > STALL_TIMEOUT:
                 raise PerfError(
                     f" Test stalled: no completion in {STALL_TIMEOUT:.0f} s\nrcnt={sum(rcnt)}"
@@ -286,4 +305,79 @@ def run_iter_bw_server(
                 recvs.repost(ctx, i)
         if progress is not None:
             progress(len(wcs))
+    if duration:
+        samples.iters = len(samples.tcompleted) // nq
     return samples
+
+
+def run_iter_bi(
+    ctx: PerfContext, recvs: Receives, *, progress: Progress | None = None
+) -> BwSamples:
+    """``run_iter_bi``: send_bw ``--bidirectional``, both sides at once:
+    SENDs as :func:`run_iter_bw` posts them (``tx_depth`` outstanding, one
+    signalled in ``cq_mod``) while the receives :func:`post_receives`
+    posted complete and are reposted; done when every SEND completed and
+    every message arrived. The report is the sending side's."""
+    p = ctx.params
+    nq = len(ctx.qps)
+    iters, size = p.iters, recvs.size
+    cq_mod, tx_depth = p.cq_mod, p.tx_depth
+    steppers = [_Stepper(ctx.slot(i).local, 0, size, ctx, False) for i in range(nq)]
+    scnt, ccnt, rcnt = [0] * nq, [0] * nq, [0] * nq
+    covered: list[deque[int]] = [deque() for _ in range(nq)]
+    last_signalled = [0] * nq
+    samples = BwSamples(size, iters, nq)
+    clock = time.perf_counter
+    last_progress = clock()
+    while sum(ccnt) < iters * nq or sum(rcnt) < iters * nq:
+        for i, qp in enumerate(ctx.qps):
+            st = steppers[i]
+            wrs: list[SendWR] = []
+            while scnt[i] < iters and scnt[i] - ccnt[i] < tx_depth:
+                k = scnt[i]
+                signalled = k % cq_mod == cq_mod - 1 or k == iters - 1
+                flags = IbSendFlags.SIGNALED if signalled else IbSendFlags(0)
+                wrs.append(ctx.send_wr(i, Sge(st.local, size, ctx.lkey), flags))
+                if signalled:
+                    covered[i].append(k + 1 - last_signalled[i])
+                    last_signalled[i] = k + 1
+                st.advance(k)
+                scnt[i] = k + 1
+            if wrs:
+                try:
+                    qp.post_send(wrs)
+                except VerbsError as e:
+                    raise PerfError(f"Couldn't post send: qp {i} scnt={scnt[i]}: {e}") from None
+                samples.tposted.extend([clock()] * len(wrs))
+        wcs = ctx.cq.poll(POLL_BATCH)
+        if not wcs:
+            if clock() - last_progress > STALL_TIMEOUT:
+                raise PerfError(
+                    f" Test stalled: no completion in {STALL_TIMEOUT:.0f} s\n"
+                    f"scnt={sum(scnt)}, ccnt={sum(ccnt)}, rcnt={sum(rcnt)}"
+                )
+            ctx.cq.wait(WAIT_SLICE)
+            continue
+        now = last_progress = clock()
+        done = 0
+        for wc in wcs:
+            if wc.status != IbWcStatus.SUCCESS:
+                raise completion_error(wc, ctx_side(ctx), sum(scnt), sum(ccnt))
+            i = wc.wr_id
+            if wc.opcode == IbWcOpcode.RECV:
+                rcnt[i] += 1
+                if recvs.posted[i] < iters:
+                    recvs.repost(ctx, i)
+                continue
+            n = covered[i].popleft()
+            ccnt[i] += n
+            done += n
+        samples.tcompleted.extend([now] * done)
+        if progress is not None and done:
+            progress(done)
+    return samples
+
+
+def ctx_side(ctx: PerfContext) -> str:
+    """``client`` or ``server``, as perftest's completion errors name them."""
+    return "client" if ctx.params.servername is not None else "server"

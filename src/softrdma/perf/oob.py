@@ -20,8 +20,19 @@ The sequences (perftest 6.06, one entry per QP where marked):
   key lines per QP, *connect*, key lines per QP, key line, *test* (the
   client runs it; the server waits in the next read), key line, five
   report words, key line + ``"done"``.
+* the same with ``--bidirectional``: ..., key lines per QP, *connect*, key
+  lines per QP, key line, then for each size (one without ``-a``): key
+  line, *test* (both sides run it), key line (``-a`` only), five report
+  words; then key line + ``"done"``.
+* over the RDMA CM (``-z``, ``-R``; :mod:`softrdma.perf.cm_comm` carries
+  each message as one SEND): the same, but the key lines are perftest's
+  binary ``struct pingpong_dest`` (56 bytes, fields big-endian) and there
+  is no ``"done"``; with ``-R`` an empty key message is swapped before and
+  after the test's QP is connected (``create_rdma_cm_connection``).
 * send_bw: ..., key lines per QP, *connect*, key line, key lines per QP,
-  *post receives*, key line, *test*, key line + ``"done"``; no reports.
+  *post receives*, key line, *test*, key line + ``"done"``; no reports
+  (with ``--bidirectional``, both receive, and swap their five report
+  words after the test).
   With ``-a``, *post receives*, key line, *test*, key line for each size.
 * write_lat: ..., key line, key lines per QP, *connect*, key lines per QP,
   key line, *test*; then both close, without a last key line.
@@ -38,6 +49,7 @@ import enum
 import math
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from softrdma.errors import SoftRdmaError
@@ -48,6 +60,7 @@ __all__ = [
     "KEY_MSG_SIZE",
     "MIN_VERSION",
     "PERFTEST_VERSION",
+    "PINGPONG_DEST_SIZE",
     "REPORT_WORDS",
     "VERSION_SIZE",
     "XCHG_ERROR",
@@ -75,6 +88,10 @@ MIN_VERSION = 5.70
 VERSION_SIZE = 16  # MAX_VERSION
 KEY_MSG_SIZE = 108  # KEY_MSG_SIZE_GID
 DONE = b"done\0"
+PINGPONG_DEST_SIZE = 56
+"""``sizeof(struct pingpong_dest)`` on x86-64: the binary key message of
+the RDMA CM exchange (``rdma_write_keys``)."""
+_DEST_BIN = struct.Struct(">iiiiI4xQ16sIi")
 REPORT_WORDS = 5
 _I32 = struct.Struct(">i")
 _U64 = struct.Struct(">Q")
@@ -135,6 +152,21 @@ class PingpongDest:
         if len(raw) >= KEY_MSG_SIZE:
             raise ValueError(f"key line too long ({len(raw)} bytes): {text}")
         return raw.ljust(KEY_MSG_SIZE, b"\0")
+
+    def pack_binary(self, gid_index: int = 0) -> bytes:
+        """``rdma_write_keys``: the struct with each field big-endian (the
+        padding before VADDR zeroed)."""
+        return _DEST_BIN.pack(self.lid, self.out_reads, self.qpn, self.psn, self.rkey,
+                              self.vaddr, self.gid, self.srqn, gid_index)  # fmt: skip
+
+    @classmethod
+    def unpack_binary(cls, msg: bytes) -> PingpongDest:
+        """``rdma_read_keys`` (which takes neither the SRQ number nor the GID
+        index from the peer)."""
+        if len(msg) < PINGPONG_DEST_SIZE:
+            raise OobError(f"Bad key message of {len(msg)} bytes\n{XCHG_ERROR}")
+        lid, out_reads, qpn, psn, rkey, vaddr, gid, _srqn, _gix = _DEST_BIN.unpack_from(msg)
+        return cls(lid & 0xFFFF, out_reads, qpn & 0xFFFFFF, psn & 0xFFFFFF, rkey, vaddr, gid)
 
     @classmethod
     def unpack(cls, msg: bytes) -> PingpongDest:
@@ -254,7 +286,7 @@ Event = VersionReceived | SysData | MtuAgreed | RemoteDest | Checkpoint | Report
 
 @dataclass(frozen=True)
 class _Msg:
-    kind: str  # version | page | cache | mtu | key | report
+    kind: str  # version | page | cache | mtu | sync | key | report
     size: int
     index: int = 0  # QP for key lines, word for reports
     error: str = XCHG_ERROR
@@ -273,10 +305,22 @@ class _Done:
 _Step = _Msg | _Pause | _Done
 
 
-def _script(tool: Tool, num_qps: int, rounds: int = 0) -> list[_Step]:
+def _script(
+    tool: Tool,
+    num_qps: int,
+    rounds: int = 0,
+    duplex: bool = False,
+    rdma_cm: bool = False,
+    cm_qp: bool = False,
+) -> list[_Step]:
     """The steps of one tool's ``main``, for either side; ``rounds``: the
     number of sizes of an ``-a`` run of send_bw / send_lat, which sync
-    before (and send_bw also after) each size (0: not ``-a``)."""
+    before (and send_bw also after) each size (0: not ``-a``), or of a
+    ``--bidirectional`` write_bw / read_bw / atomic_bw, whose sides sync
+    before each size (and after it with ``-a``) and swap reports. Over the
+    RDMA CM (``rdma_cm``) the key messages are binary and there is no
+    ``"done"``; with the test's QP connected by the CM (``cm_qp``, ``-R``)
+    an empty key message is swapped before and after that connection."""
     pre: list[_Step] = [
         _Msg("version", VERSION_SIZE),
         _Msg("page", 4, error=" Failed to exchange Page Size data between server and client"),
@@ -287,12 +331,40 @@ def _script(tool: Tool, num_qps: int, rounds: int = 0) -> list[_Step]:
         _Pause("setup"),
     ]
 
-    def per_qp() -> list[_Step]:
-        return [_Msg("key", KEY_MSG_SIZE, i) for i in range(num_qps)]
+    key_size = PINGPONG_DEST_SIZE if rdma_cm else KEY_MSG_SIZE
+    if cm_qp:
+        # create_rdma_cm_connection: a handshake of the still empty key
+        # line before the test's QP is connected through the CM, and one after
+        pre[-1:] = [_Msg("sync", key_size), pre[-1], _Msg("sync", key_size)]
 
-    key0: _Step = _Msg("key", KEY_MSG_SIZE, 0)
-    close_key = _Msg("key", KEY_MSG_SIZE, 0, "Failed to close connection between server and client")
+    def per_qp() -> list[_Step]:
+        return [_Msg("key", key_size, i) for i in range(num_qps)]
+
+    key0: _Step = _Msg("key", key_size, 0)
+    close_key = _Msg("key", key_size, 0, "Failed to close connection between server and client")
+    steps = _steps(tool, pre, per_qp, key0, close_key, rounds, duplex)
+    if rdma_cm:  # ctx_close_connection writes "done" on the socket only
+        steps = [step for step in steps if not isinstance(step, _Done)]
+    return steps
+
+
+def _steps(
+    tool: Tool,
+    pre: list[_Step],
+    per_qp: Callable[[], list[_Step]],
+    key0: _Step,
+    close_key: _Step,
+    rounds: int,
+    duplex: bool,
+) -> list[_Step]:
     connect, run = _Pause("connect"), _Pause("run")
+    if tool.kind == TestKind.BW and tool.verb != Verb.SEND and duplex:
+        each_size: list[_Step] = [key0, run]
+        if rounds:
+            each_size.append(key0)  # -a: a sync after each size too
+        each_size += [_Pause("report"), *(_Msg("report", 8, i) for i in range(REPORT_WORDS))]
+        per_size = [step for _ in range(max(rounds, 1)) for step in each_size]
+        return [*pre, *per_qp(), connect, *per_qp(), key0, *per_size, close_key, _Done()]
     if tool.kind == TestKind.BW and tool.verb != Verb.SEND:
         reports: list[_Step] = [_Msg("report", 8, i) for i in range(REPORT_WORDS)]
         return [
@@ -303,6 +375,8 @@ def _script(tool: Tool, num_qps: int, rounds: int = 0) -> list[_Step]:
         each: list[_Step] = [_Pause("post_receives"), key0, run]
         if rounds and tool.kind == TestKind.BW:
             each.append(key0)  # send_bw -a: a sync after each size too
+        if duplex and tool.kind == TestKind.BW:  # then both swap their reports
+            each += [_Pause("report"), *(_Msg("report", 8, i) for i in range(REPORT_WORDS))]
         sizes = [step for _ in range(max(rounds, 1)) for step in each]
         return [*pre, *per_qp(), connect, key0, *per_qp(), *sizes, close_key, _Done()]
     steps: list[_Step] = [*pre, key0, *per_qp(), connect, *per_qp(), key0, run]
@@ -322,7 +396,8 @@ class OobExchange:
 
     ``dests`` are this side's key lines (one per QP); ``mtu`` is the
     ``enum ibv_mtu`` value of this side's port or ``-m``; ``rounds`` the
-    number of sizes of a send_bw / send_lat ``-a`` run.
+    number of sizes of a send_bw / send_lat ``-a`` run (or of a
+    ``duplex`` one: ``--bidirectional``).
     """
 
     def __init__(
@@ -336,6 +411,10 @@ class OobExchange:
         cache_line_size: int = 64,
         version: str = PERFTEST_VERSION,
         rounds: int = 0,
+        duplex: bool = False,
+        rdma_cm: bool = False,
+        gid_index: int = 0,
+        cm_qp: bool = False,
     ) -> None:
         if not dests:
             raise ValueError("one key line per QP is needed")
@@ -350,7 +429,12 @@ class OobExchange:
         self.remote_dests: list[PingpongDest | None] = [None] * len(dests)
         self.remote_report: BwReport | None = None
         self.report: BwReport | None = None
-        self._steps = _script(tool, len(dests), rounds)
+        self.duplex = duplex
+        self.rdma_cm = rdma_cm
+        self.gid_index = gid_index
+        self.cm_qp = cm_qp
+        self._steps = _script(tool, len(dests), rounds, duplex, rdma_cm, cm_qp)
+        self._msgs: list[bytes] = []
         self._pos = 0
         self._sent_current = False
         self._resumed = False
@@ -372,7 +456,27 @@ class OobExchange:
         """Bytes to write now, each message as one write (drains)."""
         out = bytes(self._out)
         self._out.clear()
+        self._msgs.clear()
         return out
+
+    def messages_to_send(self) -> list[bytes]:
+        """The same as :meth:`data_to_send`, one item a message (over the
+        RDMA CM each is one SEND)."""
+        msgs = list(self._msgs)
+        self._out.clear()
+        self._msgs.clear()
+        return msgs
+
+    def receive_message(self, msg: bytes) -> list[Event]:
+        """One whole message (a RECV over the RDMA CM): longer than the
+        exchange expects is cut (perftest copies what it needs), shorter
+        fails; ``b""``: the connection failed."""
+        step = self._current()
+        if msg and isinstance(step, _Msg) and not self._inbuf:
+            if len(msg) < step.size:
+                self._fail(step)
+            msg = msg[: step.size]
+        return self.receive_data(msg)
 
     @property
     def pending_read(self) -> int:
@@ -427,6 +531,14 @@ class OobExchange:
         self._resumed = True
         return self._advance()
 
+    def set_rounds(self, rounds: int) -> None:
+        """Change the number of ``-a`` sizes before the first of them (a UD
+        run learns them from the agreed MTU)."""
+        steps = _script(self.tool, len(self.dests), rounds, self.duplex, self.rdma_cm, self.cm_qp)
+        if steps[: self._pos + 1] != self._steps[: self._pos + 1]:
+            raise RuntimeError("the rounds can change only before they start")
+        self._steps = steps
+
     # -- the machine --------------------------------------------------------------------
 
     def _current(self) -> _Step | None:
@@ -441,10 +553,17 @@ class OobExchange:
             return _I32.pack(self.cache_line_size)
         if step.kind == "mtu":
             return f"{self.mtu}".encode("ascii").ljust(2, b"\0")[:2]
+        if step.kind == "sync":  # my_dest before set_up_connection: all zero
+            return bytes(step.size)
         if step.kind == "key":
-            return self.dests[step.index].pack()
+            dest = self.dests[step.index]
+            return dest.pack_binary(self.gid_index) if self.rdma_cm else dest.pack()
         assert step.kind == "report" and self.report is not None
         return self.report.words()[step.index]
+
+    def _emit(self, payload: bytes) -> None:
+        self._out += payload
+        self._msgs.append(payload)
 
     def _fail(self, step: _Msg) -> None:
         if step.kind == "key":
@@ -465,11 +584,11 @@ class OobExchange:
                 self._pos += 1
                 continue
             if isinstance(step, _Done):
-                self._out += DONE
+                self._emit(DONE)
                 self._pos += 1
                 continue
             if self.role == Role.CLIENT and not self._sent_current:
-                self._out += self._payload(step)
+                self._emit(self._payload(step))
                 self._sent_current = True
             if len(self._inbuf) < step.size:
                 return events
@@ -477,7 +596,7 @@ class OobExchange:
             del self._inbuf[: step.size]
             events += self._received(step, msg)
             if self.role == Role.SERVER:
-                self._out += self._payload(step)
+                self._emit(self._payload(step))
             self._sent_current = False
             self._pos += 1
         if not self.finished:
@@ -509,13 +628,16 @@ class OobExchange:
             if 1 <= rem <= 5 and rem < self.mtu:  # valid_mtu_size, the smaller wins
                 self.mtu = rem
             return [MtuAgreed(self.mtu)]
+        if step.kind == "sync":
+            return []  # nothing in it
         if step.kind == "key":
-            dest = PingpongDest.unpack(msg)
+            dest = PingpongDest.unpack_binary(msg) if self.rdma_cm else PingpongDest.unpack(msg)
             first = step.index not in self._seen_keys
             self._seen_keys.add(step.index)
             self.remote_dests[step.index] = dest
             if (
                 first
+                and not self.rdma_cm  # rdma_read_keys does not check (nor always fill) GIDs
                 and step.index == 0
                 and gid_is_v4mapped(dest.gid) != gid_is_v4mapped(self.dests[0].gid)
             ):
@@ -528,6 +650,7 @@ class OobExchange:
         if len(self._report_words) < REPORT_WORDS:
             return []
         self.remote_report = BwReport.from_words(self._report_words)
+        self._report_words = []  # a --bidirectional -a run swaps one per size
         return [ReportReceived(self.remote_report)]
 
 

@@ -17,11 +17,15 @@ import enum
 from dataclasses import dataclass
 
 __all__ = [
+    "CONNECTION_TYPES",
     "DEF_CACHE_LINE_SIZE",
     "DEF_PAGE_SIZE",
     "DEF_PORT",
+    "DEF_QKEY",
     "MAX_SIZE",
+    "RESULT_LINE",
     "TOOLS",
+    "UD_ADDITION",
     "ParamError",
     "PerfParams",
     "TestKind",
@@ -50,10 +54,22 @@ DEF_RX_SEND = 512
 DEF_RX_RDMA = 1
 SIZE_ATOMIC = 8
 MTU_SIZES = (256, 512, 1024, 2048, 4096)
+RESULT_LINE = "-" * 87
+"""perftest's ``RESULT_LINE`` (without its newline)."""
+UD_ADDITION = 40
+"""The GRH a UD receive buffer holds before the payload."""
+DEF_QKEY = 0x11111111
+"""perftest's ``DEF_QKEY`` for UD QPs."""
+CONNECTION_TYPES = ("RC", "UD")
 
 
 class ParamError(ValueError):
-    """A bad flag or value: perftest prints the message and exits with 1."""
+    """A bad flag or value: perftest prints the message (on stderr, after
+    ``stdout`` on stdout, if any) and exits with 1."""
+
+    def __init__(self, message: str, *, stdout: str = "") -> None:
+        super().__init__(message)
+        self.stdout = stdout
 
 
 class Verb(enum.Enum):
@@ -141,6 +157,21 @@ class PerfParams:
     cmp_swap: bool = False
     cycle_buffer: int = DEF_PAGE_SIZE
     cache_line_size: int = DEF_CACHE_LINE_SIZE
+    connection: str = "RC"
+    """``-c``: ``RC`` or ``UD`` (send_bw / send_lat)."""
+    duplex: bool = False
+    """``--bidirectional``: both sides send (BW tests)."""
+    use_rdma_cm: bool = False
+    """``-z`` (and ``-R``): the exchange runs over an RDMA CM connection."""
+    work_rdma_cm: bool = False
+    """``-R``: the test's QP is connected by the RDMA CM."""
+    mtu_sizes: list[int] | None = None
+    """A UD ``-a`` run's sizes, once the MTU bounds them."""
+
+    @property
+    def ud(self) -> bool:
+        """UD QPs (``-c UD``)."""
+        return self.connection == "UD"
 
     @property
     def machine(self) -> str:
@@ -150,6 +181,8 @@ class PerfParams:
     @property
     def sizes(self) -> list[int]:
         """Every message size the run measures."""
+        if self.mtu_sizes is not None:
+            return self.mtu_sizes
         return all_sizes(self.tool) if self.run_all else [self.size]
 
     @property
@@ -159,8 +192,24 @@ class PerfParams:
 
     @property
     def buff_size(self) -> int:
-        """``BUFF_SIZE(size, cycle_buffer)``: one QP's slot of the buffer."""
-        return max(self.max_size, self.cycle_buffer)
+        """``BUFF_SIZE(size, cycle_buffer)``: one QP's slot of the buffer
+        (with room for the GRH of a UD receive)."""
+        extra = UD_ADDITION if self.ud else 0
+        return max(self.max_size + extra, self.cycle_buffer)
+
+    def limit_to_mtu(self, mtu_bytes: int) -> None:
+        """UD messages fit one packet (``check_mtu``, once both sides agreed
+        on the MTU): ``-a`` stops at the MTU; a larger ``-s`` is perftest's
+        error (raises :class:`ParamError`)."""
+        if not self.ud:
+            return
+        if self.run_all:
+            self.mtu_sizes = [s for s in all_sizes(self.tool) if s <= mtu_bytes]
+        elif self.size > mtu_bytes:
+            raise ParamError(
+                " Max message size in UD cannot be greater than MTU \n"
+                " Couldn't get context for the device"
+            )
 
     @classmethod
     def build(
@@ -185,6 +234,10 @@ class PerfParams:
         report_gbits: bool = False,
         cmp_swap: bool = False,
         max_qp_rd_atom: int = 128,
+        connection: str = "RC",
+        duplex: bool = False,
+        rdma_cm: bool = False,
+        rdma_cm_exchange: bool = False,
     ) -> PerfParams:
         """Defaults and checks as perftest's ``parser`` applies them; raises
         :class:`ParamError` with perftest's message."""
@@ -193,6 +246,24 @@ class PerfParams:
             raise ParamError(f" Port should be between 1 and 65535")  # noqa: F541
         p = cls(tool, servername=servername, port=port, report_gbits=report_gbits)
         p.cmp_swap = cmp_swap
+        connection = connection.upper()
+        if connection not in CONNECTION_TYPES:
+            raise ParamError(f" Unsupported connection type {connection}: RC or UD")
+        if connection == "UD" and tool.verb != Verb.SEND:
+            raise ParamError(" UD connection only possible in SEND verb")
+        p.connection = connection
+        if duplex and not bw:
+            raise ParamError(
+                " Bidirectional is only available in BW test\n Parser function exited with Error"
+            )
+        if (rdma_cm or rdma_cm_exchange) and connection == "UD":
+            raise ParamError(" softrdma's RDMA CM connects RC QPs only: no -c UD with -R or -z")
+        if rdma_cm and num_qps != 1:
+            raise ParamError(" -R connects one QP here: use -q 1")
+        # perftest 6.06 runs -R's exchange over the RDMA CM as well
+        p.use_rdma_cm = rdma_cm or rdma_cm_exchange
+        p.work_rdma_cm = rdma_cm
+        p.duplex = duplex
         if tool.verb == Verb.ATOMIC:
             if size is not None and size != SIZE_ATOMIC:
                 raise ParamError(" Message size cannot be changed for Atomic tests")
@@ -211,13 +282,12 @@ class PerfParams:
         if duration is not None:
             if duration <= 0:
                 raise ParamError(" Duration should be a positive number of seconds")
-            if iters is not None:
-                raise ParamError(" Can't use -n and -D together")
             if run_all:
-                raise ParamError(" Can't use -a and -D together")
-            if not bw or tool.verb == Verb.SEND:
-                raise ParamError(" Duration mode is supported by write_bw, read_bw and atomic_bw")
-            p.duration = duration
+                raise ParamError(
+                    "Duration mode currently doesn't support running on all sizes.",
+                    stdout=RESULT_LINE,
+                )
+            p.duration = duration  # -n is accepted and ignored, as perftest does
         if iters is not None:
             p.iters = _check(iters, MIN_ITER, MAX_ITER, "Iteration num")
         else:

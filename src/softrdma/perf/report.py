@@ -26,7 +26,7 @@ from typing import Any, TextIO
 
 from softrdma.perf.engine_bw import BwSamples
 from softrdma.perf.oob import BwReport, PingpongDest, gid_text
-from softrdma.perf.params import PerfParams, TestKind, Verb
+from softrdma.perf.params import RESULT_LINE, PerfParams, TestKind, Verb
 
 __all__ = [
     "RESULT_LINE",
@@ -36,7 +36,10 @@ __all__ = [
     "bw_line",
     "bw_report",
     "c_hex",
+    "duplex_report",
     "info_block",
+    "lat_duration_header",
+    "lat_duration_line",
     "lat_header",
     "lat_line",
     "lat_result",
@@ -47,7 +50,6 @@ __all__ = [
     "write_plot",
 ]
 
-RESULT_LINE = "-" * 87
 PEAK_POINTS = 256
 _MB = 0x100000
 _GBITS = 125_000_000
@@ -66,19 +68,19 @@ def info_block(params: PerfParams, device: str, mtu_bytes: int, gid_index: int) 
     p, t = params, params.tool
     lines = [
         RESULT_LINE,
-        f"                    {t.title.replace('FETCH_AND_ADD', 'CMP_AND_SWAP') if p.cmp_swap else t.title}",
+        f"                    {_title(p)}",
         f" Dual-port       : OFF\t\tDevice         : {device}",
         f" Number of qps   : {p.num_qps}\t\tTransport type : IB",
-        " Connection type : RC\t\tUsing SRQ      : OFF",
+        f" Connection type : {p.connection}\t\tUsing SRQ      : OFF",
         # relaxed ordering everywhere but write_lat, which polls memory the
         # peer writes; no ibv_wr_* API
         f" PCIe relax order: {'OFF' if t.name == 'write_lat' else 'ON'}",
         " ibv_wr* API     : OFF",
     ]
     client = p.servername is not None
-    if client:
+    if client or p.duplex:  # whoever sends
         lines.append(f" TX depth        : {p.tx_depth}")
-    if t.verb == Verb.SEND and (not client or t.kind == TestKind.LAT):
+    if t.verb == Verb.SEND and (not client or t.kind == TestKind.LAT or p.duplex):
         lines.append(f" RX depth        : {p.rx_depth}")
     if t.kind == TestKind.BW:
         lines.append(f" CQ Moderation   : {p.cq_mod}")
@@ -91,8 +93,21 @@ def info_block(params: PerfParams, device: str, mtu_bytes: int, gid_index: int) 
         lines.append(f" Outstand reads  : {p.out_reads}")
     else:
         lines.append(" Max inline data : 0[B]")
-    lines += [" rdma_cm QPs\t : OFF", " Data ex. method : Ethernet", RESULT_LINE]
+    lines += [
+        f" rdma_cm QPs\t : {'ON' if p.work_rdma_cm else 'OFF'}",
+        f" Data ex. method : {'rdma_cm' if p.use_rdma_cm else 'Ethernet'}",
+        RESULT_LINE,
+    ]
     return lines
+
+
+def _title(p: PerfParams) -> str:
+    title = p.tool.title
+    if p.cmp_swap:
+        title = title.replace("FETCH_AND_ADD", "CMP_AND_SWAP")
+    if p.duplex:
+        title = title.replace(" BW Test", " Bidirectional BW Test")
+    return title
 
 
 def pingpong_data(side: str, dest: PingpongDest, verb: Verb) -> list[str]:
@@ -128,6 +143,13 @@ def bw_line(report: BwReport, gbits: bool) -> str:
         f" {r.size:<7d}    {r.iters:<10d}       {r.bw_peak:<7.2f}            "
         f"{r.bw_avg:<7.2f}\t\t   {r.msg_rate:<7.6f}"
     )
+
+
+def duplex_report(mine: BwReport, theirs: BwReport) -> BwReport:
+    """``print_full_bw_report`` with the peer's report: this side's size
+    and iterations, both sides' rates summed."""
+    return BwReport(mine.size, mine.iters, mine.bw_peak + theirs.bw_peak,
+                    mine.bw_avg + theirs.bw_avg, mine.msg_rate + theirs.msg_rate)  # fmt: skip
 
 
 def bw_report(samples: BwSamples, gbits: bool) -> BwReport:
@@ -210,6 +232,22 @@ def lat_result(size: int, iters: int, tposted: Sequence[float], verb: Verb) -> L
     return LatResult(size, iters, delta[0], delta[-1], median, avg, stdev, p99, p999)
 
 
+def lat_duration_header() -> str:
+    """``RESULT_FMT_LAT_DUR``: a ``-D`` latency run's header."""
+    return " #bytes        #iterations       t_avg[usec]    tps average"
+
+
+def lat_duration_line(size: int, iters: int, seconds: float, verb: Verb) -> str:
+    """``print_report_lat_duration`` (``REPORT_FMT_LAT_DUR``): the average
+    one-way latency (a round trip halved for WRITE and SEND) and the
+    ping-pongs per second."""
+    rtt = 1 if verb in (Verb.READ, Verb.ATOMIC) else 2
+    n = max(iters, 1)
+    t_avg = seconds * 1e6 / rtt / n
+    tps = iters / seconds if seconds > 0 else 0.0
+    return f" {size:<7d}       {iters}            {t_avg:<7.2f}        {tps:<7.2f}"
+
+
 def lat_line(r: LatResult) -> str:
     """``REPORT_FMT_LAT``."""
     return (
@@ -254,6 +292,14 @@ class ResultRow:
             t_typical_us=r.t_typical, t_avg_us=r.t_avg, t_stdev_us=r.t_stdev,
             t_p99_us=r.p99, t_p99_9_us=r.p99_9,
         )  # fmt: skip
+
+    @classmethod
+    def from_lat_duration(
+        cls, test: str, size: int, iters: int, seconds: float, verb: Verb
+    ) -> ResultRow:
+        """A ``-D`` latency run: only the average is known."""
+        rtt = 1 if verb in (Verb.READ, Verb.ATOMIC) else 2
+        return cls(test, size, iters, t_avg_us=seconds * 1e6 / rtt / max(iters, 1))
 
 
 def write_csv(rows: Sequence[ResultRow], out: TextIO) -> None:

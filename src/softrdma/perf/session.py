@@ -8,7 +8,9 @@ The socket follows perftest's framing: each message one ``send`` (with
 message with one ``read`` and fails when it is short; here the rest of a
 message may take up to :data:`SHORT_READ_GRACE` seconds, then it fails the
 same way. Waiting for a message at all is bounded by ``timeout`` (the
-server waits there while the client runs its test).
+server waits there while the client runs its test). With ``-z`` / ``-R``
+the same exchange runs over an RDMA CM connection instead
+(:mod:`softrdma.perf.cm_comm`), one SEND a message.
 """
 
 from __future__ import annotations
@@ -19,15 +21,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
+from softrdma.cm.cma import RdmaCmId
+from softrdma.perf.cm_comm import CmComm
 from softrdma.perf.context import PerfContext, PerfError
 from softrdma.perf.engine_bw import (
     BwSamples,
     Receives,
     post_receives,
+    run_iter_bi,
     run_iter_bw,
     run_iter_bw_server,
 )
-from softrdma.perf.engine_lat import run_iter_lat_read, run_iter_lat_send, run_iter_lat_write
+from softrdma.perf.engine_lat import (
+    DurationSample,
+    run_iter_lat_read,
+    run_iter_lat_send,
+    run_iter_lat_write,
+)
 from softrdma.perf.oob import (
     XCHG_ERROR,
     BwReport,
@@ -44,13 +54,22 @@ from softrdma.perf.oob import (
     gid_is_v4mapped,
 )
 from softrdma.perf.params import PerfParams, TestKind, Verb
+from softrdma.perf.rdma_cm import (
+    WAITING_FOR_CM_QP,
+    listen_for_qp,
+    rdma_client_connect,
+    rdma_server_connect,
+)
 from softrdma.perf.report import (
     RESULT_LINE,
     ResultRow,
     bw_header,
     bw_line,
     bw_report,
+    duplex_report,
     info_block,
+    lat_duration_header,
+    lat_duration_line,
     lat_header,
     lat_line,
     lat_result,
@@ -134,6 +153,9 @@ class PerfSession:
     rows: list[ResultRow] = field(default_factory=list)
     remote_report: BwReport | None = None
     ctx: PerfContext | None = None
+    local_ip: str | None = None
+    """The local address an RDMA CM listener binds or a client resolves from."""
+    comm: CmComm | None = None
 
     def __post_init__(self) -> None:
         p = self.params
@@ -155,40 +177,60 @@ class PerfSession:
         self._report: BwReport | None = None
         self._recvs: Receives | None = None
         self._round = 0
+        self._listener: RdmaCmId | None = None
 
     def _print(self, *lines: str) -> None:
         for line in lines:
             self.out.write(line + "\n")
         self.out.flush()
 
-    # -- the exchange over a socket ---------------------------------------------------
+    # -- the exchange over a socket or the RDMA CM ---------------------------------------
 
-    def run(self, sock: socket.socket) -> None:
-        """Run the whole tool over a connected socket; raises
-        :class:`OobError` / :class:`PerfError` with perftest's message."""
+    def run(self, link: socket.socket | CmComm) -> None:
+        """Run the whole tool over a connected socket, or (``-z`` / ``-R``)
+        the exchange's RDMA CM connection; raises :class:`OobError` /
+        :class:`PerfError` with perftest's message."""
         p = self.params
         placeholder = [PingpongDest(0, 0, 0, 0, 0, 0, bytes(16))] * p.num_qps
-        rounds = len(p.sizes) if p.run_all and p.tool.verb == Verb.SEND else 0
+        per_size = p.tool.verb == Verb.SEND or p.duplex  # a sync for each -a size
+        rounds = len(p.sizes) if p.run_all and per_size else 0
         ex = OobExchange(
             p.tool, self.role, placeholder, mtu=int(self.mtu), cycle_buffer=p.cycle_buffer,
-            cache_line_size=p.cache_line_size, rounds=rounds,
+            cache_line_size=p.cache_line_size, rounds=rounds, duplex=p.duplex,
+            rdma_cm=isinstance(link, CmComm), gid_index=self.gid_index, cm_qp=p.work_rdma_cm,
         )  # fmt: skip
+        if isinstance(link, CmComm):
+            self.comm = link
+            send, receive = self._send_cm, self._receive_cm
+            if p.work_rdma_cm and self.role == Role.SERVER:
+                self._listener = listen_for_qp(link, p, self.local_ip)
+        else:
+            sock = link
+
+            def send(ex: OobExchange) -> None:
+                _send(sock, ex.data_to_send(), ex.finished)
+
+            def receive(ex: OobExchange) -> list[Event]:
+                return self._receive(sock, ex)
 
         events: deque[Event] = deque(ex.start())
         try:
             while True:
-                _send(sock, ex.data_to_send(), ex.finished)
+                send(ex)
                 while events:
                     more = self._handle(ex, events.popleft())
                     events.extend(more)
-                    _send(sock, ex.data_to_send(), ex.finished)
+                    send(ex)
                 if ex.finished:
                     return
-                events.extend(self._receive(sock, ex))
+                events.extend(receive(ex))
         finally:
             if self.ctx is not None:
                 self.ctx.close()
                 self.ctx = None
+            if self._listener is not None:
+                self._listener.destroy()
+                self._listener = None
 
     def _receive(self, sock: socket.socket, ex: OobExchange) -> list[Event]:
         need = ex.pending_read
@@ -205,6 +247,21 @@ class PerfSession:
             data = b""
         return ex.receive_data(data)
 
+    def _send_cm(self, ex: OobExchange) -> None:
+        assert self.comm is not None
+        for msg in ex.messages_to_send():
+            self.comm.send(msg)
+
+    def _receive_cm(self, ex: OobExchange) -> list[Event]:
+        assert self.comm is not None
+        if ex.pending_read <= 0:
+            raise OobError(XCHG_ERROR)
+        try:
+            msg = self.comm.recv(self.timeout)
+        except TimeoutError:
+            raise OobError(f"{XCHG_ERROR} (nothing came in {self.timeout:.0f} s)") from None
+        return ex.receive_message(msg)
+
     # -- what the tool does at each point ------------------------------------------------
 
     def _handle(self, ex: OobExchange, ev: Event) -> list[Event]:
@@ -214,10 +271,20 @@ class PerfSession:
             return []
         if isinstance(ev, MtuAgreed):
             self.mtu = IbMtu(ev.mtu)
+            if p.ud:  # check_mtu: a UD message is one packet
+                p.limit_to_mtu(self.mtu.size)
+                if p.run_all and p.tool.verb == Verb.SEND:
+                    ex.set_rounds(len(p.sizes))
             return []
         if isinstance(ev, ReportReceived):
             self.remote_report = ev.report
-            if self.role == Role.SERVER:
+            if p.duplex:
+                # print_full_bw_report(my, rem): both directions summed
+                assert self._report is not None
+                both = duplex_report(self._report, ev.report)
+                self._print(bw_line(both, p.report_gbits))
+                self.rows.append(ResultRow.from_bw(p.tool.name, both, p.report_gbits))
+            elif self.role == Role.SERVER:
                 # the server prints the client's numbers (print_full_bw_report)
                 self._print(bw_line(ev.report, p.report_gbits))
             return []
@@ -227,19 +294,23 @@ class PerfSession:
         if not isinstance(ev, Checkpoint):
             return []
         name = ev.name
+        # over the RDMA CM, the address lines are printed as SEND's (the
+        # comm's parameters say SEND): no RKey, no VAddr
+        shown = Verb.SEND if p.use_rdma_cm else p.tool.verb
         if name == "setup":
             self._print(*info_block(p, self.device_name, self.mtu.size, self.gid_index))
-            self.ctx = PerfContext(self.dev, p, sgid_index=self.gid_index)
+            self.ctx = self._create_context()
             self._my = self.ctx.my_dests()
             for d in self._my:
-                self._print(*pingpong_data("local", d, p.tool.verb))
+                self._print(*pingpong_data("local", d, shown))
             return ex.resume(dests=self._my)
         if name == "connect":
             self._remote = [d for d in ex.remote_dests if d is not None]
             for d in self._remote:
-                self._print(*pingpong_data("remote", d, p.tool.verb))
+                self._print(*pingpong_data("remote", d, shown))
             assert self.ctx is not None
-            self.ctx.connect(self.mtu, self._my, self._remote)
+            if not p.work_rdma_cm:  # -R: the CM connected the QP already
+                self.ctx.connect(self.mtu, self._my, self._remote)
             return ex.resume()
         if name == "post_receives":
             self._post_receives()
@@ -252,19 +323,36 @@ class PerfSession:
             return ex.resume(report=mine)
         raise PerfError(f"unknown checkpoint {name}")
 
+    def _create_context(self) -> PerfContext:
+        """``ctx_init``, or with ``-R`` the CM's connection of the test QP."""
+        p = self.params
+        if not p.work_rdma_cm:
+            return PerfContext(self.dev, p, sgid_index=self.gid_index)
+        if self.comm is None:
+            raise PerfError(" -R needs the exchange over the RDMA CM")
+        if self.role == Role.SERVER:
+            self._print(*WAITING_FOR_CM_QP, RESULT_LINE)
+            assert self._listener is not None
+            listener, self._listener = self._listener, None
+            return rdma_server_connect(self.comm, p, listener, sgid_index=self.gid_index)
+        assert p.servername is not None
+        return rdma_client_connect(
+            self.comm, p, p.servername, self.local_ip, sgid_index=self.gid_index
+        )
+
     def _sizes_now(self) -> list[int]:
         """The sizes this "run" checkpoint measures: all of them, except for
         send_bw / send_lat, whose ``-a`` syncs once per size."""
         p = self.params
-        if p.tool.verb == Verb.SEND:
+        if p.tool.verb == Verb.SEND or p.duplex:
             return [p.sizes[self._round]]
         return p.sizes
 
     def _post_receives(self) -> None:
         p, ctx = self.params, self.ctx
         assert ctx is not None
-        if p.tool.kind == TestKind.BW and self.role == Role.CLIENT:
-            return  # send_bw: only the server receives
+        if p.tool.kind == TestKind.BW and self.role == Role.CLIENT and not p.duplex:
+            return  # send_bw: only the server receives (both, --bidirectional)
         self._recvs = post_receives(ctx, self._sizes_now()[0])
 
     def _run_test(self) -> None:
@@ -279,12 +367,18 @@ class PerfSession:
         if tool.kind == TestKind.BW:
             if first:
                 self._print(RESULT_LINE, bw_header(gbits))
-            if self.role == Role.SERVER and tool.verb != Verb.SEND:
+            if self.role == Role.SERVER and tool.verb != Verb.SEND and not p.duplex:
                 return  # the server just waits for the client to finish
-            if self.role == Role.SERVER:
+            if tool.verb == Verb.SEND and p.duplex:
                 assert self._recvs is not None
                 bar = self._progress(p.iters * p.num_qps, f"{sizes[0]} B")
-                samples = run_iter_bw_server(ctx, self._recvs, progress=bar)
+                self._bw_done(run_iter_bi(ctx, self._recvs, progress=bar))
+                return
+            if self.role == Role.SERVER and tool.verb == Verb.SEND:
+                assert self._recvs is not None
+                bar = self._progress(p.iters * p.num_qps, f"{sizes[0]} B")
+                samples = run_iter_bw_server(ctx, self._recvs, progress=bar,
+                                             duration=p.duration)  # fmt: skip
                 self._bw_done(samples)
                 return
             for size in sizes:
@@ -295,17 +389,24 @@ class PerfSession:
         if tool.verb == Verb.READ and self.role == Role.SERVER:
             return  # read_lat's server only answers, and prints no table
         if first:
-            self._print(RESULT_LINE, lat_header())
+            self._print(RESULT_LINE, lat_duration_header() if p.duration else lat_header())
+        d = float(p.duration)
         for size in sizes:
-            bar = self._progress(p.iters, f"{size} B")
+            bar = None if d else self._progress(p.iters, f"{size} B")
             if tool.verb == Verb.WRITE:
-                tposted = run_iter_lat_write(ctx, size, remote[0], progress=bar)
+                got = run_iter_lat_write(ctx, size, remote[0], progress=bar, duration=d)
             elif tool.verb == Verb.READ:
-                tposted = run_iter_lat_read(ctx, size, remote[0], progress=bar)
+                got = run_iter_lat_read(ctx, size, remote[0], progress=bar, duration=d)
             else:
                 assert self._recvs is not None
-                tposted = run_iter_lat_send(ctx, self._recvs, progress=bar)
-            r = lat_result(size, p.iters, tposted, tool.verb)
+                got = run_iter_lat_send(ctx, self._recvs, progress=bar, duration=d)
+            if isinstance(got, DurationSample):
+                self._print(lat_duration_line(size, got.iters, got.seconds, tool.verb))
+                self.rows.append(
+                    ResultRow.from_lat_duration(tool.name, size, got.iters, got.seconds, tool.verb)
+                )
+                continue
+            r = lat_result(size, p.iters, got, tool.verb)
             self._print(lat_line(r))
             self.rows.append(ResultRow.from_lat(tool.name, r))
 
@@ -313,6 +414,8 @@ class PerfSession:
         p = self.params
         rep = bw_report(samples, p.report_gbits)
         self._report = rep
+        if p.duplex:
+            return  # printed with the peer's numbers once they came
         self._print(bw_line(rep, p.report_gbits))
         self.rows.append(ResultRow.from_bw(p.tool.name, rep, p.report_gbits))
 
