@@ -11,10 +11,10 @@ from typing import TypedDict
 
 import pytest
 
-from softrdma.fabric.inproc import Fabric
+from softrdma.fabric.inproc import Fabric, FabricStats
 from softrdma.verbs.enums import IbAccess, IbMtu, IbWcOpcode, IbWcStatus, IbWrOpcode
-from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, SendWR
-from tests.rdma.nodes import Buffer, FrBuffer, pair
+from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, SendWR, WorkCompletion
+from tests.rdma.nodes import Buffer, FrBuffer, Node, pair
 
 REMOTE = (
     IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE | IbAccess.REMOTE_READ | IbAccess.REMOTE_ATOMIC
@@ -41,71 +41,9 @@ FAULTS: list[FaultRates] = [
 ROUNDS = 40 if os.environ.get("SOFTRDMA_SOAK") else 8
 
 
-@pytest.mark.parametrize("faults", FAULTS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
-@pytest.mark.parametrize("kinds", [("cpu", "hw-iommu"), ("hw-direct", "cpu")], ids="-".join)
-def test_operations_survive_a_lossy_fabric(faults: FaultRates, kinds: tuple[str, str]) -> None:
-    fabric, a, b = pair(*kinds, seed=7, mtu=IbMtu.MTU_1024, timeout=8, retry_cnt=7, rnr_retry=7)
-    fabric.set_faults(**faults)
-    rng = random.Random(11)
-    la, lb = a.pd.local_dma_lkey, b.pd.local_dma_lkey
-    src = Buffer(a.dev, 64 * 1024)
-    sink = Buffer(b.dev, 64 * 1024)
-    back = Buffer(a.dev, 64 * 1024)
-    target = FrBuffer(b, 32 * 1024, REMOTE)
-    counter_off = 32 * 1024 - 8
-    target.cpu_write(struct.pack("<Q", 0), counter_off)
-    adds = 0
-    for round_ in range(ROUNDS):
-        size = rng.choice([1, 100, 1024, 1025, 5000, 16000])
-        data = rng.randbytes(size)
-        src.fill(data)
-        b.qp.post_recv(RecvWR(round_, (sink.sge(lb),)))
-        wrs = [
-            SendWR(1, IbWrOpcode.SEND, (src.sge(la, 0, size),)),
-            RdmaWR(
-                2,
-                IbWrOpcode.RDMA_WRITE,
-                (src.sge(la, 0, size),),
-                remote_addr=target.iova,
-                rkey=target.rkey,
-            ),
-            RdmaWR(
-                3,
-                IbWrOpcode.RDMA_READ,
-                (back.sge(la, 0, size),),
-                remote_addr=target.iova,
-                rkey=target.rkey,
-            ),
-            AtomicWR(
-                4,
-                IbWrOpcode.ATOMIC_FETCH_AND_ADD,
-                (back.sge(la, 60000, 8),),
-                remote_addr=target.iova + counter_off,
-                compare_add=3,
-                rkey=target.rkey,
-            ),
-        ]
-        a.qp.post_send(wrs)
-        wcs = a.wait(4)
-        assert [(wc.wr_id, wc.status) for wc in wcs] == [
-            (i, IbWcStatus.SUCCESS) for i in (1, 2, 3, 4)
-        ], (round_, wcs, fabric.stats)
-        assert [wc.opcode for wc in wcs] == [
-            IbWcOpcode.SEND,
-            IbWcOpcode.RDMA_WRITE,
-            IbWcOpcode.RDMA_READ,
-            IbWcOpcode.FETCH_ADD,
-        ]
-        (got,) = b.wait(1)
-        assert got.status == IbWcStatus.SUCCESS and got.byte_len == size and got.wr_id == round_
-        assert sink.read(size) == data
-        assert back.read(size) == data, "READ after WRITE sees the written bytes"
-        assert struct.unpack("<Q", back.read(8, 60000))[0] == 3 * adds, (
-            "atomics execute exactly once"
-        )
-        adds += 1
-    assert struct.unpack("<Q", target.cpu_read(8, counter_off))[0] == 3 * adds
-    stats = fabric.stats
+def assert_faults_happened(stats: FabricStats, faults: FaultRates) -> None:
+    """Each kind of fault asked for happened at least once: else the run
+    would prove nothing about it."""
     for kind, counter in (
         ("drop", stats.dropped),
         ("duplicate", stats.duplicated),
@@ -114,6 +52,99 @@ def test_operations_survive_a_lossy_fabric(faults: FaultRates, kinds: tuple[str,
     ):
         if faults.get(kind):
             assert counter > 0, f"no {kind} happened: the test would prove nothing"
+
+
+class Rounds:
+    """The operations of the loss matrix between ``a`` and ``b``: per round
+    a SEND, an RDMA WRITE, an RDMA READ of what was written and a
+    FETCH_ADD, each checked byte for byte. ``buf_size`` bytes of source,
+    sink and read-back buffers; a fast-registered target of
+    ``target_size`` bytes, its last 8 the FETCH_ADD counter."""
+
+    def __init__(self, fabric: Fabric, a: Node, b: Node, buf_size: int, target_size: int) -> None:
+        self.fabric, self.a, self.b = fabric, a, b
+        self.src = Buffer(a.dev, buf_size)
+        self.sink = Buffer(b.dev, buf_size)
+        self.back = Buffer(a.dev, buf_size)
+        self.fetch_off = buf_size - 8
+        self.target = FrBuffer(b, target_size, REMOTE)
+        self.counter_off = target_size - 8
+        self.target.cpu_write(struct.pack("<Q", 0), self.counter_off)
+
+    def run(
+        self, r: int, size: int, rng: random.Random
+    ) -> tuple[list[WorkCompletion], WorkCompletion]:
+        """Round ``r`` (receive wr_id ``r``) with ``size`` random bytes:
+        the four send completions (wr_ids 1..4) and the receive's."""
+        a, b, src, back, target = self.a, self.b, self.src, self.back, self.target
+        la = a.pd.local_dma_lkey
+        data = rng.randbytes(size)
+        src.fill(data)
+        b.qp.post_recv(RecvWR(r, (self.sink.sge(b.pd.local_dma_lkey),)))
+        a.qp.post_send(
+            [
+                SendWR(1, IbWrOpcode.SEND, (src.sge(la, 0, size),)),
+                RdmaWR(
+                    2,
+                    IbWrOpcode.RDMA_WRITE,
+                    (src.sge(la, 0, size),),
+                    remote_addr=target.iova,
+                    rkey=target.rkey,
+                ),
+                RdmaWR(
+                    3,
+                    IbWrOpcode.RDMA_READ,
+                    (back.sge(la, 0, size),),
+                    remote_addr=target.iova,
+                    rkey=target.rkey,
+                ),
+                AtomicWR(
+                    4,
+                    IbWrOpcode.ATOMIC_FETCH_AND_ADD,
+                    (back.sge(la, self.fetch_off, 8),),
+                    remote_addr=target.iova + self.counter_off,
+                    compare_add=3,
+                    rkey=target.rkey,
+                ),
+            ]
+        )
+        wcs = a.wait(4)
+        assert [(wc.wr_id, wc.status) for wc in wcs] == [
+            (i, IbWcStatus.SUCCESS) for i in (1, 2, 3, 4)
+        ], (r, wcs, self.fabric.stats)
+        (got,) = b.wait(1)
+        assert got.status == IbWcStatus.SUCCESS and got.byte_len == size and got.wr_id == r
+        assert self.sink.read(size) == data
+        assert back.read(size) == data, "READ after WRITE sees the written bytes"
+        assert struct.unpack("<Q", back.read(8, self.fetch_off))[0] == 3 * r, (
+            "atomics execute exactly once"
+        )
+        return wcs, got
+
+    def counter(self) -> int:
+        """The FETCH_ADD counter as the target's memory holds it."""
+        value: int = struct.unpack("<Q", self.target.cpu_read(8, self.counter_off))[0]
+        return value
+
+
+@pytest.mark.parametrize("faults", FAULTS, ids=lambda f: ",".join(f"{k}={v}" for k, v in f.items()))
+@pytest.mark.parametrize("kinds", [("cpu", "hw-iommu"), ("hw-direct", "cpu")], ids="-".join)
+def test_operations_survive_a_lossy_fabric(faults: FaultRates, kinds: tuple[str, str]) -> None:
+    fabric, a, b = pair(*kinds, seed=7, mtu=IbMtu.MTU_1024, timeout=8, retry_cnt=7, rnr_retry=7)
+    fabric.set_faults(**faults)
+    rng = random.Random(11)
+    rounds = Rounds(fabric, a, b, 64 * 1024, 32 * 1024)
+    for round_ in range(ROUNDS):
+        wcs, _ = rounds.run(round_, rng.choice([1, 100, 1024, 1025, 5000, 16000]), rng)
+        assert [wc.opcode for wc in wcs] == [
+            IbWcOpcode.SEND,
+            IbWcOpcode.RDMA_WRITE,
+            IbWcOpcode.RDMA_READ,
+            IbWcOpcode.FETCH_ADD,
+        ]
+    assert rounds.counter() == 3 * ROUNDS
+    stats = fabric.stats
+    assert_faults_happened(stats, faults)
     if faults.get("corrupt"):
         # Every corrupted frame is dropped by the receiving link, by reason.
         link_drops = sum(

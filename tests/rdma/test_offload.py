@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import random
-import struct
 from typing import Any, cast
 
 import pytest
@@ -25,14 +24,11 @@ from softrdma.fabric.inproc_link import FabricLink
 from softrdma.fabric.pcap import PcapWriter
 from softrdma.transport.burst import SegRun
 from softrdma.transport.rc import RcQp
-from softrdma.verbs.enums import IbAccess, IbMtu, IbWcStatus, IbWrOpcode
-from softrdma.verbs.wr import AtomicWR, RdmaWR, RecvWR, SendWR
+from softrdma.verbs.enums import IbMtu, IbWcStatus, IbWrOpcode
+from softrdma.verbs.wr import RdmaWR
 from tests.rdma.nodes import Buffer, FrBuffer, Node, pair, ram_digest
-from tests.rdma.test_loss import FaultRates
+from tests.rdma.test_loss import REMOTE, FaultRates, Rounds, assert_faults_happened
 
-REMOTE = (
-    IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE | IbAccess.REMOTE_READ | IbAccess.REMOTE_ATOMIC
-)
 SIZES = [1, 100, 1024, 1025, 5000, 16000, 70000]  # 70000: 69 packets, AckReq mid-message
 FAULTS: list[FaultRates] = [
     {"drop": 0.1},
@@ -56,13 +52,7 @@ def _rounds(
     ``faults`` on odd rounds only; ``hooks[r]`` runs before round ``r``.
     Returns every completion as (wr_id, status, byte_len)."""
     rng = random.Random(11)
-    la, lb = a.pd.local_dma_lkey, b.pd.local_dma_lkey
-    src = Buffer(a.dev, 128 * 1024)
-    sink = Buffer(b.dev, 128 * 1024)
-    back = Buffer(a.dev, 128 * 1024)
-    target = FrBuffer(b, 128 * 1024, REMOTE)
-    counter_off = 128 * 1024 - 8
-    target.cpu_write(struct.pack("<Q", 0), counter_off)
+    run = Rounds(fabric, a, b, 128 * 1024, 128 * 1024)
     seen: list[tuple[int, str, int]] = []
     for r in range(rounds):
         if hooks and r in hooks:
@@ -72,46 +62,7 @@ def _rounds(
                 fabric.set_faults(**faults)
             else:
                 fabric.clear_faults()
-        size = rng.choice(SIZES)
-        data = rng.randbytes(size)
-        src.fill(data)
-        b.qp.post_recv(RecvWR(r, (sink.sge(lb),)))
-        a.qp.post_send(
-            [
-                SendWR(1, IbWrOpcode.SEND, (src.sge(la, 0, size),)),
-                RdmaWR(
-                    2,
-                    IbWrOpcode.RDMA_WRITE,
-                    (src.sge(la, 0, size),),
-                    remote_addr=target.iova,
-                    rkey=target.rkey,
-                ),
-                RdmaWR(
-                    3,
-                    IbWrOpcode.RDMA_READ,
-                    (back.sge(la, 0, size),),
-                    remote_addr=target.iova,
-                    rkey=target.rkey,
-                ),
-                AtomicWR(
-                    4,
-                    IbWrOpcode.ATOMIC_FETCH_AND_ADD,
-                    (back.sge(la, 120000, 8),),
-                    remote_addr=target.iova + counter_off,
-                    compare_add=3,
-                    rkey=target.rkey,
-                ),
-            ]
-        )
-        wcs = a.wait(4)
-        assert [(wc.wr_id, wc.status) for wc in wcs] == [
-            (i, IbWcStatus.SUCCESS) for i in (1, 2, 3, 4)
-        ], (r, wcs, fabric.stats)
-        (got,) = b.wait(1)
-        assert got.status == IbWcStatus.SUCCESS and got.byte_len == size
-        assert sink.read(size) == data
-        assert back.read(size) == data
-        assert struct.unpack("<Q", back.read(8, 120000))[0] == 3 * r
+        wcs, got = run.run(r, rng.choice(SIZES), rng)
         seen += [(wc.wr_id, wc.status.name, wc.byte_len) for wc in (*wcs, got)]
     return seen
 
@@ -148,14 +99,7 @@ def test_loss_matrix_on_both_paths(
     stats = fabric.stats
     assert (stats.bursts > 0) == offload, stats
     assert (taken[0] > 0) == offload, "WRITE packets taken together"
-    for kind, counter in (
-        ("drop", stats.dropped),
-        ("duplicate", stats.duplicated),
-        ("reorder", stats.reordered),
-        ("corrupt", stats.corrupted),
-    ):
-        if faults.get(kind):
-            assert counter > 0, f"no {kind} happened: the test would prove nothing"
+    assert_faults_happened(stats, faults)
 
 
 def _observed_run(offload: bool, seed: int) -> tuple[object, ...]:

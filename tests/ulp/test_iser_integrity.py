@@ -36,6 +36,7 @@ from softrdma.ulp.scsi import FileBackstore, ScsiTarget
 from tests.fabric.netaddr import loopback_addresses
 from tests.rdma.nodes import make_device
 from tests.test_iser_cli import target_process
+from tests.ulp.op_strategies import disjoint, op_strategy
 from tests.ulp.srp_rig import (
     IMAGE_SIZE,
     INITIATOR_IP,
@@ -189,23 +190,7 @@ def test_a_lost_connection_under_loss_is_recovered(tmp_path: Path, seed: int) ->
 
 # -- Hypothesis -------------------------------------------------------------------------
 
-SMALL_DISK = 2048  # blocks: operations of one example overlap often
-op_st = st.builds(
-    lambda write, lba, n, seed: Op(write, min(lba, SMALL_DISK - n), n, seed),
-    st.booleans(),
-    st.integers(0, SMALL_DISK - 1),
-    st.one_of(st.integers(1, 16), st.integers(17, 300)),
-    st.integers(0, 2**32 - 1),
-)
-
-
-def disjoint(ops: list[Op]) -> list[Op]:
-    """Drop the operations that overlap an earlier one of the batch."""
-    kept: list[Op] = []
-    for op in ops:
-        if not any(op.lba < o.end and o.lba < op.end for o in kept):
-            kept.append(op)
-    return kept
+op_st = op_strategy(2048, 300)  # a small disk: operations of one example overlap often
 
 
 @settings(

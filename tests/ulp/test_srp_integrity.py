@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from softrdma.ulp.srp.target import SrpTarget
 from tests.fabric.netaddr import loopback_addresses
 from tests.test_srp_cli import ADD_TARGET, TIMEOUT, TargetProcess, softrdma, target_process
+from tests.ulp.op_strategies import disjoint, op_strategy
 from tests.ulp.srp_rig import (
     IMAGE_SIZE,
     KINDS,
@@ -218,23 +219,7 @@ def test_soak_random_io_with_loss(tmp_path: Path, mode: str) -> None:
 
 # -- Hypothesis -------------------------------------------------------------------------
 
-SMALL_DISK = 4096  # blocks: operations of one example overlap often
-op_st = st.builds(
-    lambda write, lba, n, seed: Op(write, min(lba, SMALL_DISK - n), n, seed),
-    st.booleans(),
-    st.integers(0, SMALL_DISK - 1),
-    st.one_of(st.integers(1, 16), st.integers(17, 320)),
-    st.integers(0, 2**32 - 1),
-)
-
-
-def disjoint(ops: list[Op]) -> list[Op]:
-    """Drop the operations that overlap an earlier one of the batch."""
-    kept: list[Op] = []
-    for op in ops:
-        if not any(op.lba < o.end and o.lba < op.end for o in kept):
-            kept.append(op)
-    return kept
+op_st = op_strategy(4096, 320)  # a small disk: operations of one example overlap often
 
 
 @settings(

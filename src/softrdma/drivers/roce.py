@@ -253,14 +253,16 @@ class RoceDevice(IbDevice):
             at = engine.reply_hold if resume is None else max(resume, now)
             engine.reply_hold = at
             deadline = at if deadline is None else min(deadline, at)
+        self._set_timer(qpn, deadline, now)
+
+    def _set_timer(self, qpn: int, deadline: float | None, now: float) -> None:
+        """Run the QP at ``deadline`` (not before ``now``; ``None``: no
+        run), keeping its timer when it is already set for then."""
         timer = self._timers.get(qpn)
         if timer is None:
             if deadline is not None:
                 self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
             return
-        self._set_timer(qpn, timer, deadline, now)
-
-    def _set_timer(self, qpn: int, timer: Handle, deadline: float | None, now: float) -> None:
         if not timer.done:
             if deadline is not None and timer.when == max(deadline, now):
                 return
@@ -502,28 +504,7 @@ class RoceDevice(IbDevice):
                     k = len(comps)
                     if scq.quiet_for(k) and (rcq is scq or rcq.quiet_for(k)):
                         return qpn, rc_engine, rc_qp
-            # _after_receive(), written out: this runs for every packet.
-            out = rc_engine.poll(now)
-            resume = (
-                self._handle(rc_qp, out) if out.packets or out.completions or out.events else None
-            )
-            resp = rc_engine.resp
-            if resp.cur is not None or resp.queue:
-                self._arm_timer(qpn, rc_engine, resume, now)
-                return None
-            deadline = None
-            if rc_engine.state in REQUESTER_STATES:
-                req = rc_engine.req
-                deadline = req.retrans_deadline
-                b = req.rnr_deadline
-                if deadline is None or (b is not None and b < deadline):
-                    deadline = b
-            timer = self._timers.get(qpn)
-            if timer is None:
-                if deadline is not None:
-                    self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
-                return None
-            self._set_timer(qpn, timer, deadline, now)
+            self._after_receive(qpn, rc_engine, rc_qp, now)
             return None
         engine = self._engines.get(qpn)
         if engine is None and qpn == 1:
@@ -577,12 +558,7 @@ class RoceDevice(IbDevice):
             b = req.rnr_deadline
             if deadline is None or (b is not None and b < deadline):
                 deadline = b
-        timer = self._timers.get(qpn)
-        if timer is None:
-            if deadline is not None:
-                self._timers[qpn] = self.scheduler.call_at(max(deadline, now), self._run, qpn)
-            return
-        self._set_timer(qpn, timer, deadline, now)
+        self._set_timer(qpn, deadline, now)
 
     def receive_error(self, reason: str) -> None:
         """A datagram the link dropped before the transport (bad ICRC,

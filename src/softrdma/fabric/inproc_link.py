@@ -30,6 +30,34 @@ _BROADCAST = b"\xff" * 6
 _FRAMING = 14 + 20 + 8 + 4
 
 
+def _owned(packet: Packet) -> Packet:
+    """``packet`` with a payload of its own: one that is not ``bytes`` may
+    be a view of memory the sender writes later, so the receiver gets a
+    copy (the one copy of the payload, as the encoder's join made)."""
+    return Packet(
+        packet.bth,
+        bytes(packet.payload),
+        packet.reth,
+        packet.aeth,
+        packet.atmeth,
+        packet.atmack,
+        packet.immdt,
+        packet.ieth,
+        packet.deth,
+        packet.cnp,
+    )
+
+
+def _header_length(opcode: int) -> int:
+    """The bytes of BTH and extension headers ``opcode`` carries; 0 for an
+    opcode that cannot be encoded (its frame goes through the encoder, which
+    raises ``HeaderFieldError``)."""
+    try:
+        return HEADER_LENGTHS[opcode] if opcode >= 0 else 0
+    except (IndexError, TypeError):
+        return 0
+
+
 class FabricLink(LinkBase):
     """A :class:`~softrdma.fabric.link.Link` on a
     :class:`~softrdma.fabric.inproc.Fabric` (create it with
@@ -92,27 +120,10 @@ class FabricLink(LinkBase):
         ids = self._ip_ids
         ip_id = ids.get(daddr, 0)
         ids[daddr] = (ip_id + 1) & 0xFFFF
-        payload = packet.payload
-        if type(payload) is not bytes:
-            payload = bytes(payload)  # the one copy of the payload
-            packet = Packet(
-                packet.bth,
-                payload,
-                packet.reth,
-                packet.aeth,
-                packet.atmeth,
-                packet.atmack,
-                packet.immdt,
-                packet.ieth,
-                packet.deth,
-                packet.cnp,
-            )
-        n = len(payload)
-        opcode = packet.bth.opcode
-        try:
-            hlen = HEADER_LENGTHS[opcode] if opcode >= 0 else 0
-        except (IndexError, TypeError):
-            hlen = 0
+        if type(packet.payload) is not bytes:
+            packet = _owned(packet)
+        n = len(packet.payload)
+        hlen = _header_length(packet.bth.opcode)
         frame = RoceFrame(
             packet,
             self._saddr,
@@ -169,29 +180,12 @@ class FabricLink(LinkBase):
                 nbytes += item.wire_len()
                 out.append(item)
                 continue
-            payload = item.payload
-            if type(payload) is not bytes:
-                payload = bytes(payload)  # the one copy of the payload
-                item = Packet(
-                    item.bth,
-                    payload,
-                    item.reth,
-                    item.aeth,
-                    item.atmeth,
-                    item.atmack,
-                    item.immdt,
-                    item.ieth,
-                    item.deth,
-                    item.cnp,
-                )
-            opcode = item.bth.opcode
-            try:
-                hlen = HEADER_LENGTHS[opcode] if opcode >= 0 else 0
-            except (IndexError, TypeError):
-                hlen = 0
+            if type(item.payload) is not bytes:
+                item = _owned(item)
+            hlen = _header_length(item.bth.opcode)
             if not hlen:  # not an opcode we can encode: as transmit does, frame by frame
                 return self._transmit_each(items, daddr, sport)
-            n = len(payload)
+            n = len(item.payload)
             frames += 1
             nbytes += _FRAMING + hlen + n + (-n & 3)
             out.append(item)

@@ -5,7 +5,9 @@ flushing that IBTA gives all of them.
 Kernel counterpart: the type-independent part of ``struct rxe_qp``
 (``drivers/infiniband/sw/rxe/rxe_verbs.h``) and of ``rxe_post_send`` /
 ``rxe_post_recv`` / ``rxe_qp_error``. :class:`~softrdma.transport.rc.RcQp`
-and :class:`~softrdma.transport.ud.UdQp` build on it.
+builds on it; :class:`~softrdma.transport.ud.UdQp` and
+:class:`~softrdma.transport.uc.UcQp` on :class:`NoAckQp`, the send side of
+the types no ACK ever answers.
 """
 
 from __future__ import annotations
@@ -16,12 +18,20 @@ from typing import ClassVar
 from softrdma.transport.errors import LocalProtocolError
 from softrdma.transport.memory_port import MemoryPort
 from softrdma.transport.srq import SharedRq
-from softrdma.transport.wqe import WR_IMM, Completion, CqSide, LastWqeReached, Output, SendWqe
+from softrdma.transport.wqe import (
+    WR_IMM,
+    Completion,
+    CqSide,
+    LastWqeReached,
+    Output,
+    SendWqe,
+    SqDrained,
+)
 from softrdma.verbs.enums import IbQpState, IbWcFlags, IbWcOpcode, IbWcStatus
 from softrdma.verbs.qp import QpAttr
 from softrdma.verbs.wr import RecvWR, WorkCompletion
 
-__all__ = ["QpBase", "flush_wc", "send_wc"]
+__all__ = ["NoAckQp", "QpBase", "flush_wc", "send_wc"]
 
 _FLUSH = IbWcStatus.WR_FLUSH_ERR
 _SUCCESS = IbWcStatus.SUCCESS
@@ -51,7 +61,7 @@ class QpBase:
     with ``append``) and says how to leave it in :meth:`_flush_send_queue`."""
 
     transport: ClassVar[str]
-    """"RC" or "UD", for messages."""
+    """"RC", "UC" or "UD", for messages."""
 
     sq: list[SendWqe] | deque[SendWqe]
 
@@ -75,6 +85,12 @@ class QpBase:
         self.pkey = 0xFFFF  # pkey_index 0: the default P_Key
         self.rq: deque[RecvWR] = deque()
         self.out = Output(counters=Counter() if counters is None else counters)
+        self._init_transport()
+
+    def _init_transport(self) -> None:
+        """rxe_qp.c ``rxe_qp_init_req`` / ``rxe_qp_init_resp``: set up the
+        state of the QP's own type, once the common part is (the attributes
+        at their RESET values)."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.qpn:#x}, {self.state.name})"
@@ -151,3 +167,55 @@ class QpBase:
 
     def _recv_flush_wc(self, wr: RecvWR) -> WorkCompletion:
         return WorkCompletion(wr.wr_id, _FLUSH, IbWcOpcode.RECV, self.qpn)
+
+
+class NoAckQp(QpBase):
+    """A QP whose send WQEs complete as soon as they are sent (UD and UC:
+    no ACK answers them, nothing is retransmitted): its send queue is a
+    FIFO they leave from the front, and it never holds back output or
+    arms a timer. A subclass sends one WQE in :meth:`_send_one`."""
+
+    sq: deque[SendWqe]
+
+    def _init_transport(self) -> None:
+        self.sq = deque()
+        self.psn = 0
+        self._drain_pending = False
+
+    @property
+    def sq_outstanding(self) -> int:
+        """Send WQEs posted and not yet completed."""
+        return len(self.sq)
+
+    def _flush_send_queue(self) -> list[SendWqe]:
+        pending = list(self.sq)
+        self.sq.clear()
+        return pending
+
+    def _send_one(self, wqe: SendWqe) -> None:
+        """rxe_req.c ``rxe_requester`` for one WQE of the QP's type."""
+        raise NotImplementedError
+
+    def poll(self, now: float) -> Output:
+        """Send what is queued (in RTS: a failed WQE that moves the QP to
+        ERR stops the rest, which flushes) and hand back the output; in SQD
+        report the send queue drained (nothing waits for an ACK)."""
+        sq = self.sq
+        while sq and self.state is IbQpState.RTS:
+            self._send_one(sq.popleft())
+        if self._drain_pending and self.state is IbQpState.SQD:
+            self._drain_pending = False
+            self.out.events.append(SqDrained())
+        return self.out.take()
+
+    reply_hold = 0.0
+    """Output is never held back (see :attr:`RcQp.reply_hold
+    <softrdma.transport.rc.RcQp.reply_hold>`)."""
+
+    def reply_pending(self) -> bool:
+        """Output is never held back."""
+        return False
+
+    def next_deadline(self) -> float | None:
+        """No timers: nothing is retransmitted."""
+        return None

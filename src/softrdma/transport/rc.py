@@ -48,7 +48,7 @@ same outputs.
 
 from __future__ import annotations
 
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -56,11 +56,10 @@ from softrdma.transport import completer, requester, responder
 from softrdma.transport.burst import SegRun
 from softrdma.transport.completer import RETIRABLE
 from softrdma.transport.errors import LocalProtocolError
-from softrdma.transport.memory_port import LocalSgl, MemoryPort, RemoteMr
+from softrdma.transport.memory_port import LocalSgl, RemoteMr
 from softrdma.transport.opcodes import OPCODE_TABLE, OpcodeInfo, Transport
 from softrdma.transport.packet import Packet
 from softrdma.transport.qp_base import QpBase
-from softrdma.transport.srq import SharedRq
 from softrdma.transport.wqe import Output, QpFatal, SendWqe, SqDrained
 from softrdma.verbs.enums import (
     IbEventType,
@@ -209,16 +208,7 @@ class RcQp(QpBase):
 
     transport = "RC"
 
-    def __init__(
-        self,
-        qpn: int,
-        mem: MemoryPort,
-        *,
-        sq_sig_all: bool = False,
-        counters: Counter[str] | None = None,
-        srq: SharedRq | None = None,
-    ) -> None:
-        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters, srq=srq)
+    def _init_transport(self) -> None:
         self.mtu = self.attr.path_mtu.size
         self.ack_timeout = local_ack_timeout(self.attr.timeout)
         self.access = int(self.attr.qp_access_flags)

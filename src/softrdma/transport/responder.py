@@ -81,6 +81,7 @@ from softrdma.transport.memory_port import LocalAccessError, RemoteAccessError
 from softrdma.transport.opcodes import OPCODE_TABLE, Opcode, OpcodeInfo
 from softrdma.transport.packet import Packet
 from softrdma.transport.psn import PSN_HALF, PSN_MASK, psn_add, psn_diff, psn_in_range
+from softrdma.transport.recv_wqe import recv_scatter, take_recv_wqe
 from softrdma.transport.wqe import Completion, CqSide, OutPacket
 from softrdma.verbs.enums import IbAccess, IbEventType, IbWcFlags, IbWcOpcode, IbWcStatus
 from softrdma.verbs.wr import WorkCompletion
@@ -529,25 +530,8 @@ def _check_resource(p: _Pass) -> RespState:
         if qp.attr.max_dest_rd_atomic > 0:
             return CHK_LENGTH
         return ERR_TOO_MANY_RDMA_ATM_REQ
-    if info.consumes_recv_wqe:
-        resp = p.resp
-        srq = qp.srq
-        if srq is not None:
-            # rxe get_srq_wqe: popped off the SRQ by the message's first
-            # packet and held by this QP until the message completes.
-            if resp.wqe is None:
-                wqe = srq.take(qp.out.events)
-                if wqe is None:
-                    return ERR_RNR
-                resp.wqe = wqe
-                resp.sgl = None
-            return CHK_LENGTH
-        if not qp.rq:
-            return ERR_RNR
-        wqe = qp.rq[0]
-        if resp.wqe is not wqe:
-            resp.wqe = wqe
-            resp.sgl = None  # translated when the first payload lands
+    if info.consumes_recv_wqe and not take_recv_wqe(p.resp, qp.rq, qp.srq, qp.out.events):
+        return ERR_RNR
     return CHK_LENGTH
 
 
@@ -628,16 +612,9 @@ def _execute(p: _Pass) -> RespState:
     payload = pkt.payload
     n = len(payload)
     if info.is_send:
-        wqe = resp.wqe
-        assert wqe is not None  # check_resource() took it
         if n:
-            # The receive's SGEs are translated by its first packet and
-            # kept for the rest of the message.
-            sgl = resp.sgl
-            if sgl is None:
-                sgl = resp.sgl = mem.map_sgl(wqe.sg_list, True)
             try:
-                sgl.scatter(resp.recv_offset, payload)
+                recv_scatter(resp, mem, payload)
             except LocalAccessError as e:
                 resp.local_status = e.status
                 # A receive buffer too small is an invalid request (rxe
@@ -645,7 +622,6 @@ def _execute(p: _Pass) -> RespState:
                 if e.status is IbWcStatus.LOC_LEN_ERR:
                     return ERR_LENGTH
                 return ERR_MALFORMED_WQE
-            resp.recv_offset += n
     elif info.is_write:
         if n:
             mr = resp.mr

@@ -30,7 +30,6 @@ The facade is :class:`~softrdma.transport.ud.UdQp`'s: ``modify``,
 
 from __future__ import annotations
 
-from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -38,16 +37,15 @@ from softrdma.transport.headers import ImmDt, Reth
 from softrdma.transport.memory_port import (
     LocalAccessError,
     LocalSgl,
-    MemoryPort,
     RemoteAccessError,
     RemoteMr,
 )
 from softrdma.transport.opcodes import OPCODE_TABLE, Opcode, OpcodeInfo, Transport
 from softrdma.transport.packet import Packet
 from softrdma.transport.psn import PSN_MASK
-from softrdma.transport.qp_base import QpBase, send_wc
+from softrdma.transport.qp_base import NoAckQp, send_wc
+from softrdma.transport.recv_wqe import recv_scatter, take_recv_wqe
 from softrdma.transport.requester import MAX_PKT_PER_ACK
-from softrdma.transport.srq import SharedRq
 from softrdma.transport.wqe import (
     WR_IMM,
     WR_LOCAL,
@@ -55,10 +53,8 @@ from softrdma.transport.wqe import (
     Completion,
     CqSide,
     OutPacket,
-    Output,
     QpFatal,
     SendWqe,
-    SqDrained,
 )
 from softrdma.verbs.enums import (
     IbAccess,
@@ -115,34 +111,18 @@ class UcRespInfo:
     length: int = 0
 
 
-class UcQp(QpBase):
+class UcQp(NoAckQp):
     """One UC QP (rxe ``struct rxe_qp`` for ``IB_QPT_UC``): see the module
-    docstring and :class:`~softrdma.transport.qp_base.QpBase`."""
+    docstring and :class:`~softrdma.transport.qp_base.NoAckQp`."""
 
     transport = "UC"
 
-    def __init__(
-        self,
-        qpn: int,
-        mem: MemoryPort,
-        *,
-        sq_sig_all: bool = False,
-        counters: Counter[str] | None = None,
-        srq: SharedRq | None = None,
-    ) -> None:
-        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters, srq=srq)
-        self.sq: deque[SendWqe] = deque()
-        self.psn = 0
+    def _init_transport(self) -> None:
+        super()._init_transport()
         self.noack_pkts = 0
         self.mtu = self.attr.path_mtu.size
         self.access = int(self.attr.qp_access_flags)
         self.resp = UcRespInfo()
-        self._drain_pending = False
-
-    @property
-    def sq_outstanding(self) -> int:
-        """Send WQEs posted and not yet completed."""
-        return len(self.sq)
 
     # -- ib_modify_qp -----------------------------------------------------------------
 
@@ -178,11 +158,6 @@ class UcQp(QpBase):
         super()._enter_error()
         self.resp = UcRespInfo()
 
-    def _flush_send_queue(self) -> list[SendWqe]:
-        pending = list(self.sq)
-        self.sq.clear()
-        return pending
-
     def _recv_in_progress(self) -> list[RecvWR]:
         wqe = self.resp.wqe
         return [wqe] if wqe is not None and self.srq is not None else []
@@ -194,16 +169,6 @@ class UcQp(QpBase):
 
     # -- requester (rxe_req.c for IB_QPT_UC) -----------------------------------------
 
-    def poll(self, now: float) -> Output:
-        """Send what is queued (in RTS) and hand back the output."""
-        sq = self.sq
-        while sq and self.state is IbQpState.RTS:
-            self._send_one(sq.popleft())
-        if self._drain_pending and self.state is IbQpState.SQD:
-            self._drain_pending = False
-            self.out.events.append(SqDrained())
-        return self.out.take()
-
     def _complete_send(self, wqe: SendWqe, status: IbWcStatus) -> None:
         """rxe_comp.c ``do_complete`` for a UC WQE: done when its last packet
         is out, or failed (then the QP enters ERR, the rest flushes)."""
@@ -214,6 +179,8 @@ class UcQp(QpBase):
             self._fatal(status, f"UC send WQE failed: {status.name}")
 
     def _send_one(self, wqe: SendWqe) -> None:
+        """rxe_req.c ``rxe_requester`` for a UC WQE: its packets, segmented
+        at the path MTU, all at once (no window, no ACK)."""
         wr = wqe.wr
         mask = wqe.mask
         if mask & WR_LOCAL:
@@ -317,7 +284,9 @@ class UcQp(QpBase):
             self._drop_message()
             return
         # check_resource
-        if info.consumes_recv_wqe and not self._take_wqe():
+        if info.consumes_recv_wqe and not take_recv_wqe(
+            self.resp, self.rq, self.srq, self.out.events
+        ):
             self._drop_message()  # class D: no receive WQE (no RNR on UC)
             return
         if not self._check_length(pkt, info):
@@ -327,27 +296,6 @@ class UcQp(QpBase):
             self._drop_message()
             return
         self._execute(pkt, info)
-
-    def _take_wqe(self) -> bool:
-        resp = self.resp
-        srq = self.srq
-        if srq is not None:
-            if resp.wqe is None:
-                wqe = srq.take(self.out.events)
-                if wqe is None:
-                    return False
-                resp.wqe = wqe
-                resp.sgl = None
-                resp.recv_offset = 0
-            return True
-        if not self.rq:
-            return False
-        wqe = self.rq[0]
-        if resp.wqe is not wqe:
-            resp.wqe = wqe
-            resp.sgl = None
-            resp.recv_offset = 0
-        return True
 
     def _check_length(self, pkt: Packet, info: OpcodeInfo) -> bool:
         """rxe ``rxe_resp_check_length``; a WRITE packet must carry exactly
@@ -390,14 +338,9 @@ class UcQp(QpBase):
         payload = pkt.payload
         n = len(payload)
         if info.is_send:
-            wqe = resp.wqe
-            assert wqe is not None  # _take_wqe() held it
             if n:
-                sgl = resp.sgl
-                if sgl is None:
-                    sgl = resp.sgl = self.mem.map_sgl(wqe.sg_list, True)
                 try:
-                    sgl.scatter(resp.recv_offset, payload)
+                    recv_scatter(resp, self.mem, payload)
                 except LocalAccessError as e:
                     if e.status is IbWcStatus.LOC_LEN_ERR:
                         self._drop_message()  # too long for the buffer: class D
@@ -405,7 +348,6 @@ class UcQp(QpBase):
                     self._complete_recv(e.status, pkt, info)  # class A
                     self._fatal(e.status, "UC receive WQE fault")
                     return
-                resp.recv_offset += n
         elif n:
             mr = resp.mr
             assert mr is not None  # _check_rkey() kept it
@@ -478,16 +420,3 @@ class UcQp(QpBase):
         self._abort_message()
         self.resp.drop_msg = True
         self.out.counters["uc_msg_dropped"] += 1
-
-    # -- the driver's view ----------------------------------------------------------
-
-    reply_hold = 0.0
-    """UC never holds back output (see :attr:`RcQp.reply_hold`)."""
-
-    def reply_pending(self) -> bool:
-        """UC never holds back output."""
-        return False
-
-    def next_deadline(self) -> float | None:
-        """UC has no timers: nothing is retransmitted."""
-        return None

@@ -31,24 +31,20 @@ the spec allows) — a silent loss is the harder bug to find.
 from __future__ import annotations
 
 import struct
-from collections import Counter, deque
 
 from softrdma.transport.errors import HeaderFieldError, LocalProtocolError
 from softrdma.transport.headers import GSI_QKEY, Deth, ImmDt
-from softrdma.transport.memory_port import LocalAccessError, MemoryPort
+from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
 from softrdma.transport.psn import PSN_MASK
-from softrdma.transport.qp_base import QpBase, send_wc
-from softrdma.transport.srq import SharedRq
+from softrdma.transport.qp_base import NoAckQp, send_wc
 from softrdma.transport.wqe import (
     Completion,
     CqSide,
     OutPacket,
-    Output,
     QpFatal,
     SendWqe,
-    SqDrained,
     UdDest,
 )
 from softrdma.verbs.enums import (
@@ -99,31 +95,12 @@ def make_grh(sgid: bytes, dgid: bytes, ib_len: int, hop_limit: int = 64) -> byte
     return _IPV6.pack(6 << 28, udp_len, 17, hop_limit, sgid, dgid)
 
 
-class UdQp(QpBase):
+class UdQp(NoAckQp):
     """One UD (or GSI) QP: its state and attributes (the one copy the verbs
     layer asks), its queues, and the UD engine; see
-    :class:`~softrdma.transport.qp_base.QpBase`."""
+    :class:`~softrdma.transport.qp_base.NoAckQp`."""
 
     transport = "UD"
-
-    def __init__(
-        self,
-        qpn: int,
-        mem: MemoryPort,
-        *,
-        sq_sig_all: bool = False,
-        counters: Counter[str] | None = None,
-        srq: SharedRq | None = None,
-    ) -> None:
-        super().__init__(qpn, mem, sq_sig_all=sq_sig_all, counters=counters, srq=srq)
-        self.sq: deque[SendWqe] = deque()
-        self.psn = 0
-        self._drain_pending = False
-
-    @property
-    def sq_outstanding(self) -> int:
-        """Send WQEs posted and not yet completed."""
-        return len(self.sq)
 
     def modify(self, attr: QpAttr, mask: int) -> None:
         """Apply ``ib_modify_qp`` (rxe_qp.c ``rxe_qp_from_attr``), validated
@@ -144,11 +121,6 @@ class UdQp(QpBase):
         elif new is IbQpState.SQD and old is not IbQpState.SQD:
             self._drain_pending = True
         self.state = new
-
-    def _flush_send_queue(self) -> list[SendWqe]:
-        pending = list(self.sq)
-        self.sq.clear()
-        return pending
 
     def _complete_send(self, wqe: SendWqe, status: IbWcStatus) -> None:
         """rxe_comp.c ``do_complete`` for a UD WQE (signaled or failed)."""
@@ -274,25 +246,3 @@ class UdQp(QpBase):
             src_qp=deth.src_qp,
         )
         self.out.completions.append(Completion(CqSide.RECV, wc, pkt.bth.se))
-
-    def poll(self, now: float) -> Output:
-        """Send what is queued (in RTS) and hand back the output."""
-        if self.state is IbQpState.RTS:
-            sq = self.sq
-            while sq:
-                self._send_one(sq.popleft())
-        if self._drain_pending and self.state is IbQpState.SQD:
-            self._drain_pending = False
-            self.out.events.append(SqDrained())
-        return self.out.take()
-
-    reply_hold = 0.0
-    """UD never holds back output (see :attr:`RcQp.reply_hold`)."""
-
-    def reply_pending(self) -> bool:
-        """UD never holds back output."""
-        return False
-
-    def next_deadline(self) -> float | None:
-        """UD has no timers."""
-        return None

@@ -16,7 +16,7 @@ import errno
 import os
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
@@ -495,39 +495,47 @@ class AsyncEvent(PyverbsObject):
         return f"Async event {self.event_type}: {self.event.reason}"
 
 
+_PHYS_STATES: Final = {
+    1: "Sleep",
+    2: "Polling",
+    3: "Disabled",
+    4: "Port configuration training",
+    5: "Link up",
+    6: "Link error recovery",
+    7: "Phy test",
+}
+_WIDTHS: Final = {1: "1X", 2: "4X", 4: "8X", 8: "12X", 16: "2X"}
+_SPEEDS: Final = {
+    1: "2.5 Gbps",
+    2: "5.0 Gbps",
+    4: "10.0 Gbps",
+    8: "10.0 Gbps",
+    16: "14.0 Gbps",
+    32: "25.0 Gbps",
+    64: "50.0 Gbps",
+    128: "100.0 Gbps",
+}
+
+
+def _port_value_str(names: dict[int, str], value: int, what: str) -> str:
+    """pyverbs' port attribute text: ``"<name> (<value>)"``, or
+    ``"Invalid <what> <value>"`` for a value the table lacks."""
+    return f"{names[value]} ({value})" if value in names else f"Invalid {what} {value}"
+
+
 def phys_state_to_str(state: int) -> str:
     """The name of a physical port state (``ibv_port_attr.phys_state``)."""
-    names = {
-        1: "Sleep",
-        2: "Polling",
-        3: "Disabled",
-        4: "Port configuration training",
-        5: "Link up",
-        6: "Link error recovery",
-        7: "Phy test",
-    }
-    return f"{names[state]} ({state})" if state in names else f"Invalid physical state {state}"
+    return _port_value_str(_PHYS_STATES, state, "physical state")
 
 
 def width_to_str(width: int) -> str:
     """The text of an ``active_width``."""
-    names = {1: "1X", 2: "4X", 4: "8X", 8: "12X", 16: "2X"}
-    return f"{names[width]} ({width})" if width in names else f"Invalid width {width}"
+    return _port_value_str(_WIDTHS, width, "width")
 
 
 def speed_to_str(speed: int) -> str:
     """The lane rate of an ``active_speed``."""
-    names = {
-        1: "2.5 Gbps",
-        2: "5.0 Gbps",
-        4: "10.0 Gbps",
-        8: "10.0 Gbps",
-        16: "14.0 Gbps",
-        32: "25.0 Gbps",
-        64: "50.0 Gbps",
-        128: "100.0 Gbps",
-    }
-    return f"{names[speed]} ({speed})" if speed in names else f"Invalid speed {speed}"
+    return _port_value_str(_SPEEDS, speed, "speed")
 
 
 def translate_mtu(mtu: int) -> str:

@@ -19,10 +19,11 @@ import copy
 import errno
 import itertools
 import socket
-from typing import Any
+from typing import Any, overload
 
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
+from pyverbs._post import ib_sge, post_error, post_recv_chain
 from pyverbs.addr import AH, AHAttr
 from pyverbs.base import PyverbsCM, PyverbsObject, inc_rkey
 from pyverbs.cq import CQ
@@ -43,7 +44,6 @@ from softrdma.verbs.enums import (
     IbSendFlags,
     IbWrOpcode,
 )
-from softrdma.verbs.errors import PostError
 
 __all__ = ["QP", "QPAttr", "QPCap", "QPEx", "QPInitAttr", "QPInitAttrEx"]
 
@@ -125,6 +125,29 @@ class QPCap(PyverbsObject):
         )
 
 
+class _CapField:
+    """A ``struct ibv_qp_cap`` field of :class:`QPInitAttr`'s ``cap`` that
+    pyverbs also exposes on the init attr (``QPInitAttr.max_send_wr`` ...)."""
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> _CapField: ...
+    @overload
+    def __get__(self, obj: QPInitAttr, objtype: type | None = None) -> int: ...
+    def __get__(self, obj: QPInitAttr | None, objtype: type | None = None) -> int | _CapField:
+        if obj is None:
+            return self
+        value: int = getattr(obj.cap, self.name)
+        return value
+
+    def __set__(self, obj: QPInitAttr, val: int) -> None:
+        setattr(obj.cap, self.name, val)
+
+
 class QPInitAttr(PyverbsObject):
     """``struct ibv_qp_init_attr``."""
 
@@ -147,45 +170,12 @@ class QPInitAttr(PyverbsObject):
         self.cap = cap if cap is not None else QPCap()
         self.sq_sig_all = sq_sig_all
 
-    @property
-    def max_send_wr(self) -> int:
-        return self.cap.max_send_wr
-
-    @max_send_wr.setter
-    def max_send_wr(self, val: int) -> None:
-        self.cap.max_send_wr = val
-
-    @property
-    def max_recv_wr(self) -> int:
-        return self.cap.max_recv_wr
-
-    @max_recv_wr.setter
-    def max_recv_wr(self, val: int) -> None:
-        self.cap.max_recv_wr = val
-
-    @property
-    def max_send_sge(self) -> int:
-        return self.cap.max_send_sge
-
-    @max_send_sge.setter
-    def max_send_sge(self, val: int) -> None:
-        self.cap.max_send_sge = val
-
-    @property
-    def max_recv_sge(self) -> int:
-        return self.cap.max_recv_sge
-
-    @max_recv_sge.setter
-    def max_recv_sge(self, val: int) -> None:
-        self.cap.max_recv_sge = val
-
-    @property
-    def max_inline_data(self) -> int:
-        return self.cap.max_inline_data
-
-    @max_inline_data.setter
-    def max_inline_data(self, val: int) -> None:
-        self.cap.max_inline_data = val
+    # pyverbs lets the caps be read and set on the init attr itself.
+    max_send_wr = _CapField()
+    max_recv_wr = _CapField()
+    max_send_sge = _CapField()
+    max_recv_sge = _CapField()
+    max_inline_data = _CapField()
 
 
 class QPInitAttrEx(QPInitAttr):
@@ -477,22 +467,8 @@ class QP(PyverbsCM):
 
     def post_recv(self, wr: RecvWR, bad_wr: RecvWR | None = None) -> None:
         """``ibv_post_recv`` of a WR chain."""
-        qp = self._alive("Failed to post recv")
-        chain: list[RecvWR] = []
-        ibwrs: list[ibwr.RecvWR] = []
-        node: RecvWR | None = wr
-        while node is not None:
-            chain.append(node)
-            ibwrs.append(ibwr.RecvWR(node.wr_id, tuple(_sge(s) for s in node.sg_list)))
-            node = node.next_wr
-        try:
-            qp.post_recv(ibwrs)
-        except PostError as ex:
-            if bad_wr is not None and ex.bad_wr in ibwrs:
-                bad_wr.wr_id = chain[ibwrs.index(ex.bad_wr)].wr_id
-            raise sim.rdma_error("Failed to post recv", ex) from None
-        except SoftRdmaError as ex:
-            raise sim.rdma_error("Failed to post recv", ex) from None
+        what = "Failed to post recv"
+        post_recv_chain(self._alive(what).post_recv, wr, bad_wr, what)
 
     def post_send(self, wr: SendWR, bad_wr: SendWR | None = None) -> None:
         """``ibv_post_send`` of a WR chain; the WRs before a bad one are
@@ -518,12 +494,8 @@ class QP(PyverbsCM):
                         bad_wr.wr_id = w.wr_id
                     raise
             qp.post_send(ibwrs)
-        except PostError as ex:
-            if bad_wr is not None and ex.bad_wr in ibwrs:
-                bad_wr.wr_id = chain[ibwrs.index(ex.bad_wr)].wr_id
-            raise sim.rdma_error(what, ex) from None
         except SoftRdmaError as ex:
-            raise sim.rdma_error(what, ex) from None
+            raise post_error(what, ex, chain, ibwrs, bad_wr) from None
         finally:
             for kva in kbufs:  # inline data was copied into the WQEs at post time
                 host.kfree(kva)
@@ -536,7 +508,7 @@ class QP(PyverbsCM):
         if w.send_flags & ~_SEND_FLAGS:
             raise PyverbsRDMAError(f"{what}: send flags {w.send_flags:#x}", errno.EINVAL)
         flags = IbSendFlags(w.send_flags & _SEND_FLAGS)
-        sgl = tuple(_sge(s) for s in w.sg_list)
+        sgl = tuple(ib_sge(s) for s in w.sg_list)
         if flags & IbSendFlags.INLINE and sgl:
             # the provider copies inline data into the WQE: here, a kernel
             # buffer the driver reads at post time
@@ -804,9 +776,3 @@ def _bind_wr(
         bind_length=info.length,
         mw_access=access,
     )
-
-
-def _sge(s: SGE) -> ibwr.Sge:
-    if not isinstance(s, SGE):
-        raise PyverbsUserError("A scatter/gather list holds SGE objects")
-    return ibwr.Sge(s.addr, s.length, s.lkey)

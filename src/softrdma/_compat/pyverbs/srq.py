@@ -11,18 +11,17 @@ import errno
 
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
+from pyverbs._post import post_recv_chain
 from pyverbs._unsupported import unsupported_class
 from pyverbs.base import PyverbsCM, PyverbsObject
 from pyverbs.cq import CQ
 from pyverbs.device import Context
 from pyverbs.pd import PD
 from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
-from pyverbs.wr import SGE, RecvWR
+from pyverbs.wr import RecvWR
 from softrdma.errors import SoftRdmaError
 from softrdma.verbs import srq as ibsrq
-from softrdma.verbs import wr as ibwr
 from softrdma.verbs.enums import IbSrqAttrMask
-from softrdma.verbs.errors import PostError
 
 __all__ = ["SRQ", "OpsWr", "SrqAttr", "SrqInitAttr", "SrqInitAttrEx"]
 
@@ -131,22 +130,7 @@ class SRQ(PyverbsCM):
         """``ibv_post_srq_recv`` of a WR chain: the WRs before a bad one are
         posted; ``bad_wr`` gets the bad one's ``wr_id``."""
         what = "Failed to post receive to SRQ"
-        srq = self._alive(what)
-        chain: list[RecvWR] = []
-        ibwrs: list[ibwr.RecvWR] = []
-        node: RecvWR | None = wr
-        while node is not None:
-            chain.append(node)
-            ibwrs.append(ibwr.RecvWR(node.wr_id, tuple(_sge(s) for s in node.sg_list)))
-            node = node.next_wr
-        try:
-            srq.post_recv(ibwrs)
-        except PostError as ex:
-            if bad_wr is not None and ex.bad_wr in ibwrs:
-                bad_wr.wr_id = chain[ibwrs.index(ex.bad_wr)].wr_id
-            raise sim.rdma_error(what, ex) from None
-        except SoftRdmaError as ex:
-            raise sim.rdma_error(what, ex) from None
+        post_recv_chain(self._alive(what).post_recv, wr, bad_wr, what)
 
     def modify(self, attr: SrqAttr, comp_mask: int) -> None:
         """``ibv_modify_srq`` with ``IBV_SRQ_MAX_WR`` / ``IBV_SRQ_LIMIT``."""
@@ -167,9 +151,3 @@ class SRQ(PyverbsCM):
         except SoftRdmaError as ex:
             raise sim.rdma_error(what, ex) from None
         return SrqAttr(a.max_wr, a.max_sge, a.srq_limit)
-
-
-def _sge(s: SGE) -> ibwr.Sge:
-    if not isinstance(s, SGE):
-        raise PyverbsUserError("A scatter/gather list holds SGE objects")
-    return ibwr.Sge(s.addr, s.length, s.lkey)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from softrdma.ulp.iser.initiator_task import IserIo, IserRequest
+from softrdma.ulp.sd_capacity import SdCapacity
 from softrdma.ulp.srp.initiator_scsi import (
     Inquiry,
     cdb_inquiry,
@@ -29,13 +30,11 @@ from softrdma.ulp.srp.initiator_scsi import (
 __all__ = ["IserDisk"]
 
 
-class IserDisk:
+class IserDisk(SdCapacity):
     """Block reads and writes, INQUIRY, READ CAPACITY and SYNCHRONIZE CACHE
     over :meth:`submit`."""
 
-    lun: int
     max_transfer: int
-    _capacity: tuple[int, int] | None
 
     if TYPE_CHECKING:
 
@@ -66,23 +65,8 @@ class IserDisk:
         blocks, size = parse_read_capacity_10(
             self.execute(cdb_read_capacity_10(), read_length=8, lun=lun)
         )
-        if lun is None or lun == self.lun:
-            self._capacity = (blocks, size)
+        self._keep_capacity(lun, blocks, size)
         return blocks, size
-
-    @property
-    def capacity(self) -> int:
-        if self._capacity is None:
-            self.read_capacity()
-        assert self._capacity is not None
-        return self._capacity[0]
-
-    @property
-    def block_size(self) -> int:
-        if self._capacity is None:
-            self.read_capacity()
-        assert self._capacity is not None
-        return self._capacity[1]
 
     def submit_read(self, lba: int, nblocks: int) -> IserIo:
         """Queue a read of ``nblocks`` from ``lba``."""

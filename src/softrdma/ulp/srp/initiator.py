@@ -65,6 +65,7 @@ from softrdma.dma.types import DmaDirection
 from softrdma.memory.layout import PAGE_SIZE
 from softrdma.memory.scatterlist import Scatterlist
 from softrdma.ulp.iu import IuBuf, IuMapError, alloc_iu_ring, free_iu_ring
+from softrdma.ulp.sd_capacity import SdCapacity
 from softrdma.ulp.srp.initiator_errors import (
     ScsiCheckCondition,
     ScsiStatusError,
@@ -470,7 +471,7 @@ def srp_max_it_iu_len(cmd_sg_cnt: int, use_imm_data: bool, max_imm_data: int, li
     return length
 
 
-class SrpInitiator:
+class SrpInitiator(SdCapacity):
     """An SRP target port as ib_srp logs into it, over the RDMA CM, and the
     disk behind LUN ``lun`` (``add_target_store`` with ``dest=ip:port``,
     ``id_ext``, ``ioc_guid``, ``initiator_ext``, ``queue_size``
@@ -872,25 +873,8 @@ class SrpInitiator:
             blocks, size = parse_read_capacity_10(self._data_in(cdb_read_capacity_10(), 8, lun))
         if size <= 0 or size % 512:
             raise SrpInitiatorError(f"unusable block size {size}", errno.EINVAL)
-        if lun is None or lun == self.lun:
-            self._capacity = (blocks, size)
+        self._keep_capacity(lun, blocks, size)
         return blocks, size
-
-    @property
-    def capacity(self) -> int:
-        """The number of blocks (read once)."""
-        if self._capacity is None:
-            self.read_capacity()
-        assert self._capacity is not None
-        return self._capacity[0]
-
-    @property
-    def block_size(self) -> int:
-        """The logical block size (read once)."""
-        if self._capacity is None:
-            self.read_capacity()
-        assert self._capacity is not None
-        return self._capacity[1]
 
     @property
     def max_transfer_blocks(self) -> int:
