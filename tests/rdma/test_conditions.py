@@ -147,6 +147,31 @@ def test_ud_send_with_qkey_and_grh(kinds: tuple[str, str]) -> None:
     assert grh[40:] == b"datagram"
 
 
+@pytest.mark.parametrize(("netdev_mtu", "ok"), [(4200, True), (1500, False)])
+def test_ud_message_size_is_bounded_by_the_port_mtu(netdev_mtu: int, ok: bool) -> None:
+    """rxe's ``get_mtu``: a UD send may carry up to the port's active MTU
+    (4096 on a 4200-byte netdev, 1024 on a 1500-byte one), not a path MTU."""
+    fabric = Fabric()
+    a = ud_node(make_device("cpu", fabric, "10.0.0.1", netdev_mtu=netdev_mtu), 0x1111)
+    b = ud_node(make_device("hw-iommu", fabric, "10.0.0.2", netdev_mtu=netdev_mtu), 0x1111)
+    ah = create_ah(a.pd, AhAttr(dgid=b.dev.query_gid()))
+    src, sink = Buffer(a.dev, 8192), Buffer(b.dev, 8192)
+    src.fill(bytes(range(256)) * 16)
+    b.qp.post_recv([RecvWR(1, (sink.sge(b.pd.local_dma_lkey),))])
+    sge = src.sge(a.pd.local_dma_lkey, 0, 4096)
+    a.qp.post_send(
+        UdWR(1, IbWrOpcode.SEND, (sge,), ah=ah, remote_qpn=b.qp.qp_num, remote_qkey=0x1111)
+    )
+    if ok:
+        a.wait_ok(1)
+        (wc,) = b.wait_ok(1)
+        assert wc.byte_len == 40 + 4096 and sink.read(40 + 4096)[40:] == src.read(4096)
+    else:
+        fabric.loop.run()
+        (wc,) = a.cq.poll(1)
+        assert wc.status == IbWcStatus.LOC_LEN_ERR and not b.cq.poll(1)
+
+
 @needs_tshark
 def test_pcap_tap_of_device_traffic_decodes_in_tshark(tmp_path: Path) -> None:
     fabric, a, b = pair("cpu", "hw-iommu", mtu=IbMtu.MTU_1024)

@@ -17,7 +17,6 @@ from softrdma.transport.packet import Packet
 from softrdma.transport.ud import GRH_SIZE, UdQp, make_grh
 from softrdma.transport.wqe import CqSide, QpFatal, SendWqe, SqDrained
 from softrdma.verbs.enums import (
-    IbMtu,
     IbQpAttrMask,
     IbQpState,
     IbSendFlags,
@@ -47,8 +46,9 @@ def to_state(ud: UdQp, state: IbQpState) -> None:
 
 def make_ud(qpn: int, mtu: int = 1024, qkey: int = QKEY, sig_all: bool = True) -> UdQp:
     ud = UdQp(qpn, FakeMemory(), sq_sig_all=sig_all)
-    attr = QpAttr(path_mtu=IbMtu.from_size(mtu), qkey=qkey, sq_psn=0x10)
-    ud.modify(attr, IbQpAttrMask.PATH_MTU | IbQpAttrMask.QKEY | IbQpAttrMask.SQ_PSN)
+    ud.mtu = mtu  # the port's MTU, as the driver sets it
+    attr = QpAttr(qkey=qkey, sq_psn=0x10)
+    ud.modify(attr, IbQpAttrMask.QKEY | IbQpAttrMask.SQ_PSN)
     for state in (IbQpState.INIT, IbQpState.RTR, IbQpState.RTS):
         to_state(ud, state)
     return ud

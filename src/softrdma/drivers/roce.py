@@ -137,6 +137,7 @@ class RoceDevice(IbDevice):
             engine = UcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
         else:
             engine = UdQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
+            engine.mtu = self.query_port().active_mtu.size
         self._engines[qp.qp_num] = engine
         return engine
 

@@ -101,6 +101,11 @@ class UdQp(NoAckQp):
     :class:`~softrdma.transport.qp_base.NoAckQp`."""
 
     transport = "UD"
+    mtu = 256
+    """The largest message a send may carry: the port's active MTU, set by
+    the driver (rxe's ``get_mtu``: UD and GSI QPs use ``port.mtu_cap``, not a
+    path MTU, which UD's modify does not take). 256, IBTA's smallest, until
+    the driver says."""
 
     def modify(self, attr: QpAttr, mask: int) -> None:
         """Apply ``ib_modify_qp`` (rxe_qp.c ``rxe_qp_from_attr``), validated
@@ -138,7 +143,7 @@ class UdQp(NoAckQp):
             self._complete_send(wqe, IbWcStatus.LOC_QP_OP_ERR)
             return
         n = wqe.length
-        if n > self.attr.path_mtu.size:
+        if n > self.mtu:
             self._complete_send(wqe, IbWcStatus.LOC_LEN_ERR)
             return
         if wqe.inline_data is not None:
