@@ -53,6 +53,11 @@ class CompletionQueue:
         # Only threads waiting on real time need waking: on simulated time
         # the poller runs the loop itself (Scheduler.wait).
         self._wake = not device.scheduler.simulated
+        self.timestamping = False
+        """Stamp each completion with the device clock as it is pushed
+        (``WorkCompletion.timestamp``; completion timestamps of
+        ``ibv_create_cq_ex``). Off by default: no clock read per completion."""
+        self._clock = device.scheduler.time
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -120,6 +125,8 @@ class CompletionQueue:
                 )
             )
             return
+        if self.timestamping:
+            wc.timestamp = self._clock()
         self._entries.append(wc)
         if self._armed and (solicited or not self._solicited_only):
             self._armed = False

@@ -26,7 +26,9 @@ access to a page faults it in (``ib_umem_odp_map_dma_and_lock``: the
 frame the process has there now, DMA-mapped); an MMU notifier unmaps a
 page the process unmaps, so the next access faults again — and finds
 nothing, which the device reports as an access error.
-:func:`ib_umem_odp_prefetch` maps ahead (``ibv_advise_mr``).
+:func:`ib_umem_odp_prefetch` maps ahead (``ibv_advise_mr``). An implicit
+ODP umem (:func:`ib_umem_odp_alloc_implicit`) is the same over the whole
+address space, its page list sparse.
 
 Kernel counterparts: ``drivers/infiniband/core/umem.c``,
 ``drivers/infiniband/core/uverbs_cmd.c`` (``ib_uverbs_reg_mr``),
@@ -62,6 +64,7 @@ from softrdma.verbs.mr import MemoryRegion, MrState, ib_check_mr_access
 from softrdma.verbs.pd import ProtectionDomain
 
 __all__ = [
+    "IMPLICIT_ODP_LENGTH",
     "IbUmem",
     "ib_dereg_user_mr",
     "ib_device_cc_dma_bounce",
@@ -70,6 +73,7 @@ __all__ = [
     "ib_rereg_user_mr",
     "ib_umem_dmabuf_get",
     "ib_umem_get",
+    "ib_umem_odp_alloc_implicit",
     "ib_umem_odp_get",
     "ib_umem_odp_prefetch",
     "ib_umem_release",
@@ -81,15 +85,26 @@ ODP_NOT_PRESENT = -1
 #: The DMA address a fault that finds no page gives: every device access
 #: to it fails, which the device reports as an access error.
 ODP_FAULT_DMA = (1 << 64) - PAGE_SIZE
+#: The length of an implicit ODP MR (``U64_MAX``: ``ibv_reg_mr``'s ``SIZE_MAX``).
+IMPLICIT_ODP_LENGTH = (1 << 64) - 1
+#: ``ibv_sge.length`` is 32 bits: the most one prefetch SGE asks for.
+_MAX_SGE_LENGTH = (1 << 32) - 1
 
 
 class OdpPageList(list[int]):
     """The page list of an ODP MR: reading an entry the device has not
-    mapped is the device's page fault (the page is faulted in then)."""
+    mapped is the device's page fault (the page is faulted in then). The
+    entries are kept sparse (``present``): an implicit MR spans the whole
+    address space, far more pages than a list could hold."""
 
-    def __init__(self, odp: OdpMap, npages: int) -> None:
-        super().__init__([ODP_NOT_PRESENT] * npages)
+    def __init__(self, odp: OdpMap) -> None:
+        super().__init__()
         self.odp = odp
+        self.present: dict[int, int] = {}
+        """Page index -> DMA address of the pages mapped now."""
+
+    def __len__(self) -> int:
+        return self.odp.npages
 
     @overload
     def __getitem__(self, i: SupportsIndex) -> int: ...
@@ -97,23 +112,28 @@ class OdpPageList(list[int]):
     def __getitem__(self, i: slice) -> list[int]: ...
     def __getitem__(self, i: SupportsIndex | slice) -> int | list[int]:
         if isinstance(i, slice):
-            return list(super().__getitem__(i))
-        value = super().__getitem__(i)
-        if value == ODP_NOT_PRESENT:
-            value = self.odp.fault(operator.index(i))
+            return [self.present.get(j, ODP_NOT_PRESENT) for j in range(*i.indices(len(self)))]
+        index = operator.index(i)
+        value = self.present.get(index)
+        if value is None:
+            if not 0 <= index < self.odp.npages:
+                raise IndexError(f"page {index} outside the ODP MR")
+            return self.odp.fault(index)
         return value
 
 
 @dataclass(eq=False)
 class OdpMap:
-    """``struct ib_umem_odp``: per page of the range from user address
-    ``first``, its frame and DMA address while the device has it mapped."""
+    """``struct ib_umem_odp``: per page of the ``npages`` from user address
+    ``first``, its frame and DMA address while the device has it mapped
+    (``implicit``: the whole address space, ``is_implicit_odp``)."""
 
     device: IbDevice
     mm: MmStruct
     first: int
     writable: bool
-    frames: list[Page | None]
+    npages: int
+    implicit: bool = False
     token: int = 0
     faults: int = 0
     """Pages faulted in (by an access or a prefetch)."""
@@ -121,20 +141,22 @@ class OdpMap:
     """Pages the MMU notifier took away."""
 
     def __post_init__(self) -> None:
-        self.dma = OdpPageList(self, len(self.frames))
+        self.frames: dict[int, Page] = {}
+        self.dma = OdpPageList(self)
 
     def fault(self, index: int) -> int:
         """``ib_umem_odp_map_dma_and_lock`` of page ``index``: its DMA
         address, or :data:`ODP_FAULT_DMA` when the process has nothing
         mapped there (nothing is recorded: the next access tries again)."""
-        page = self.mm.follow_page(self.first + (index << PAGE_SHIFT))
+        addr = self.first + (index << PAGE_SHIFT)
+        page = self.mm.follow_page(addr) if addr < TASK_SIZE else None
         if page is None:
             return ODP_FAULT_DMA
         dma = ib_dma_map_page(self.device, page, 0, PAGE_SIZE, DMA_BIDIRECTIONAL)
         if ib_dma_mapping_error(self.device, dma):
             return ODP_FAULT_DMA  # no IOVA space: the access fails, a later one may not
         self.frames[index] = page
-        list.__setitem__(self.dma, index, dma)
+        self.dma.present[index] = int(dma)
         self.faults += 1
         return int(dma)
 
@@ -142,33 +164,34 @@ class OdpMap:
         """The MMU notifier: the pages of ``[lo, hi)`` go; unmap them for
         the device (under its lock: no access is half way through)."""
         first = max(0, (lo - self.first) >> PAGE_SHIFT)
-        last = min(len(self.frames), (hi - self.first + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        last = min(self.npages, (hi - self.first + PAGE_SIZE - 1) >> PAGE_SHIFT)
+        present = self.dma.present
         with self.device.lock:
-            for i in range(first, last):
+            # walk whichever is shorter: the range, or the pages mapped now
+            if last - first <= len(present):
+                doomed = [i for i in range(first, last) if i in present]
+            else:
+                doomed = [i for i in present if first <= i < last]
+            for i in doomed:
                 self._unmap(i)
 
     def _unmap(self, i: int) -> None:
-        dma = list.__getitem__(self.dma, i)
-        if dma != ODP_NOT_PRESENT:
-            ib_dma_unmap_page(self.device, dma, PAGE_SIZE, DMA_BIDIRECTIONAL)
-            list.__setitem__(self.dma, i, ODP_NOT_PRESENT)
-            self.frames[i] = None
-            self.invalidations += 1
+        dma = self.dma.present.pop(i)
+        ib_dma_unmap_page(self.device, dma, PAGE_SIZE, DMA_BIDIRECTIONAL)
+        del self.frames[i]
+        self.invalidations += 1
 
     def mapped(self) -> list[int]:
         """The DMA addresses of the pages mapped now."""
-        return [d for d in list.__iter__(self.dma) if d != ODP_NOT_PRESENT]
+        return list(self.dma.present.values())
 
     def release(self) -> None:
         self.mm.mmu_notifier_unregister(self.token)
         with self.device.lock:
-            for i in range(len(self.frames)):
-                if list.__getitem__(self.dma, i) != ODP_NOT_PRESENT:
-                    ib_dma_unmap_page(
-                        self.device, list.__getitem__(self.dma, i), PAGE_SIZE, DMA_BIDIRECTIONAL
-                    )
-                    list.__setitem__(self.dma, i, ODP_NOT_PRESENT)
-                    self.frames[i] = None
+            for dma in self.dma.present.values():
+                ib_dma_unmap_page(self.device, dma, PAGE_SIZE, DMA_BIDIRECTIONAL)
+            self.dma.present.clear()
+            self.frames.clear()
 
 
 @dataclass(eq=False)
@@ -199,7 +222,7 @@ class IbUmem:
 
     @property
     def npages(self) -> int:
-        return len(self.pages) if self.odp is None else len(self.odp.frames)
+        return len(self.pages) if self.odp is None else self.odp.npages
 
     def dma_segments(self) -> list[tuple[int, int]]:
         """The mapped ``(dma_address, dma_length)`` segments (of ODP: the
@@ -338,9 +361,27 @@ def ib_umem_odp_get(
     first = addr & ~(PAGE_SIZE - 1)
     npages = (addr + size - first + PAGE_SIZE - 1) >> PAGE_SHIFT
     writable = bool(access & (IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE))
-    odp = OdpMap(device, mm, first, writable, [None] * npages)
+    odp = OdpMap(device, mm, first, writable, npages)
     odp.token = mm.mmu_notifier_register(first, npages << PAGE_SHIFT, odp.invalidate)
     return IbUmem(device, mm, addr, size, writable, [], None, 0, odp=odp)
+
+
+def ib_umem_odp_alloc_implicit(device: IbDevice, mm: MmStruct, access: IbAccess) -> IbUmem:
+    """``ib_umem_odp_alloc_implicit``: the umem of an implicit ODP MR
+    (``ibv_reg_mr(pd, NULL, SIZE_MAX, access | IBV_ACCESS_ON_DEMAND)``),
+    starting at address 0 and :data:`IMPLICIT_ODP_LENGTH` bytes long, so its
+    keys cover every address of ``mm``: a page the process has mapped is
+    faulted in on the device's first access; any other address (past
+    ``TASK_SIZE`` included) is an access error. Raises :class:`VerbsError`
+    ``EOPNOTSUPP`` on a device whose DMA bounces."""
+    if ib_device_cc_dma_bounce(device) or device.dma_device.backend is DmaBackend.SWIOTLB:
+        raise VerbsError(errno.EOPNOTSUPP, f"{device.name}: no on-demand paging over bouncing")
+    writable = bool(access & (IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE))
+    # page indices past TASK_SIZE exist (the keys cover them) but never map
+    npages = (IMPLICIT_ODP_LENGTH >> PAGE_SHIFT) + 1
+    odp = OdpMap(device, mm, 0, writable, npages, implicit=True)
+    odp.token = mm.mmu_notifier_register(0, TASK_SIZE, odp.invalidate)
+    return IbUmem(device, mm, 0, IMPLICIT_ODP_LENGTH, writable, [], None, 0, odp=odp)
 
 
 def ib_umem_odp_prefetch(
@@ -355,16 +396,20 @@ def ib_umem_odp_prefetch(
     device = pd.device
     mr = device.mr_table.lookup(lkey, pd, 0, remote=False)
     pages = mr.page_list
-    if not isinstance(pages, OdpPageList) or length < 0 or not mr.check_range(iova, length):
+    if (
+        not isinstance(pages, OdpPageList)
+        or not 0 <= length <= _MAX_SGE_LENGTH
+        or not mr.check_range(iova, length)
+    ):
         raise VerbsError(errno.EINVAL, f"prefetch of {iova:#x}+{length:#x}: no ODP MR there")
     odp = pages.odp
     base = mr.iova & ~(PAGE_SIZE - 1)
     first = (iova - base) >> PAGE_SHIFT
     last = (iova + max(length, 1) - base + PAGE_SIZE - 1) >> PAGE_SHIFT
+    present = odp.dma.present
     with device.lock:
         for i in range(first, last):
-            absent = list.__getitem__(odp.dma, i) == ODP_NOT_PRESENT
-            if absent and odp.fault(i) == ODP_FAULT_DMA and fault:
+            if i not in present and odp.fault(i) == ODP_FAULT_DMA and fault:
                 raise VerbsError(errno.EFAULT, f"prefetch: nothing mapped at page {i}")
 
 

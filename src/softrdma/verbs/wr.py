@@ -149,6 +149,11 @@ class WorkCompletion:
     src_qp: int = 0
     pkey_index: int = 0
     vendor_err: int = 0
+    timestamp: float = 0.0
+    """The device clock (its scheduler's time, seconds) when the completion
+    was pushed to a CQ that stamps completions
+    (:attr:`~softrdma.verbs.cq.CompletionQueue.timestamping`, as a CQ made
+    with ``IBV_WC_EX_WITH_COMPLETION_TIMESTAMP``); 0.0 otherwise."""
 
     def __str__(self) -> str:
         return (

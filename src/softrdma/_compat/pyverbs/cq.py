@@ -19,6 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import pyverbs.enums as e
+from pyverbs import _clock
 from pyverbs import _softrdma as sim
 from pyverbs.base import PyverbsCM, PyverbsObject
 from pyverbs.device import Context
@@ -38,8 +39,12 @@ __all__ = ["CQ", "CQEX", "WC", "CompChannel", "CqInitAttrEx", "PollCqAttr"]
 #: Seconds of simulated time ``get_cq_event`` waits for the hardware
 #: before reporting that no event can come.
 CQ_EVENT_TIMEOUT = 30.0
-#: The extended-CQ fields softrdma fills (``IBV_WC_STANDARD_FLAGS``).
-SUPPORTED_WC_FLAGS = e.IBV_WC_STANDARD_FLAGS
+#: Completion timestamps: the device clock (raw ticks) or the wall clock.
+TIMESTAMP_WC_FLAGS = (
+    e.IBV_WC_EX_WITH_COMPLETION_TIMESTAMP | e.IBV_WC_EX_WITH_COMPLETION_TIMESTAMP_WALLCLOCK
+)
+#: The extended-CQ fields softrdma fills.
+SUPPORTED_WC_FLAGS = e.IBV_WC_STANDARD_FLAGS | TIMESTAMP_WC_FLAGS
 
 
 def _wc_flags(flags: int) -> int:
@@ -305,8 +310,12 @@ class PollCqAttr(PyverbsObject):
 
 class CQEX(CQ):
     """``struct ibv_cq_ex`` (``ibv_create_cq_ex``) with the standard
-    ``wc_flags``; completion timestamps, CVLAN, flow tags and tag-matching
-    info are not supported (``EOPNOTSUPP``). With
+    ``wc_flags`` and completion timestamps: with
+    ``IBV_WC_EX_WITH_COMPLETION_TIMESTAMP`` (``read_timestamp``, device
+    clock ticks, see ``hca_core_clock``) or ``..._WALLCLOCK``
+    (``read_completion_wallclock_ns``) each completion is stamped with the
+    device clock when the hardware writes it. CVLAN, flow tags and
+    tag-matching info are not supported (``EOPNOTSUPP``). With
     ``IBV_CQ_INIT_ATTR_MASK_PD`` the CQ belongs to a parent domain, whose
     allocators give its ring, and is closed before it."""
 
@@ -337,6 +346,8 @@ class CQEX(CQ):
         )
         self.cq_context = init_attr.cq_context
         self.parent_domain = domain
+        # the hardware stamps completions as it writes them
+        self.cq.timestamping = bool(self.wc_flags & TIMESTAMP_WC_FLAGS)
         if domain is not None:
             # the CQ's ring comes from the parent domain's allocators
             try:
@@ -417,3 +428,22 @@ class CQEX(CQ):
 
     def read_dlid_path_bits(self) -> int:
         return 0
+
+    def _stamp(self, flag: int, what: str) -> float:
+        wc = self._wc()
+        if not self.wc_flags & flag:
+            raise PyverbsUserError(f"{what}: the CQ was not created with wc_flags {flag:#x}")
+        return wc.timestamp
+
+    def read_timestamp(self) -> int:
+        """``ibv_wc_read_completion_ts``: the device clock, in
+        ``hca_core_clock`` ticks, when the completion was written."""
+        flag = e.IBV_WC_EX_WITH_COMPLETION_TIMESTAMP
+        return _clock.ticks(self._stamp(flag, "read_timestamp"))
+
+    def read_completion_wallclock_ns(self) -> int:
+        """``ibv_wc_read_completion_wallclock_ns``: the wall-clock
+        (``CLOCK_REALTIME``) nanoseconds when the completion was written."""
+        flag = e.IBV_WC_EX_WITH_COMPLETION_TIMESTAMP_WALLCLOCK
+        ns = _clock.wallclock_ns(self.cq.device, self._stamp(flag, "read_completion_wallclock_ns"))
+        return ns

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import errno
 import os
+import weakref
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import pyverbs.enums as e
+from pyverbs import _clock
 from pyverbs import _softrdma as sim
 from pyverbs.addr import GID
 from pyverbs.base import PyverbsCM, PyverbsObject
@@ -60,6 +62,36 @@ MAX_MSG_SZ = 0x80000000
 DEFAULT_PKEY = 0xFFFF
 #: Seconds of device time ``get_async_event`` waits before giving up.
 ASYNC_EVENT_TIMEOUT = 30.0
+
+_Obj = TypeVar("_Obj", bound=PyverbsCM)
+
+
+class UverbsFile:
+    """The uverbs command file behind ``Context.cmd_fd`` (the kernel's
+    ``ib_uverbs_file`` with its ``ib_ucontext``): the contexts opened on it
+    (the first by ``ibv_open_device``, the others by ``ibv_import_device``
+    from a duplicate of its descriptor) and so the objects they share by
+    handle. The descriptor is a memfd: a file of its own, so ``fstat`` of
+    any duplicate names it."""
+
+    def __init__(self, name: str, key: tuple[int, int]) -> None:
+        self.name = name
+        self.key = key
+        self.contexts: list[weakref.ref[Context]] = []
+
+    def live_contexts(self) -> list[Context]:
+        """The open contexts on the file."""
+        out = [c for r in self.contexts if (c := r()) is not None and not c.closed]
+        return out
+
+
+#: (st_dev, st_ino) of each open command file -> its uverbs file.
+_ufiles: dict[tuple[int, int], UverbsFile] = {}
+
+
+def _fd_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 @dataclass
@@ -139,15 +171,15 @@ class DeviceAttr(PyverbsObject):
 
 
 def _odp_caps(dev: RoceDevice) -> ODPCaps:
-    """On-demand paging (explicit MRs) where the DMA does not bounce: every
-    transport's requests and receives reach an ODP MR through the same page
-    walk; no implicit (whole address space) MRs."""
+    """On-demand paging (explicit and implicit, whole address space MRs)
+    where the DMA does not bounce: every transport's requests and receives
+    reach an ODP MR through the same page walk."""
     if dev.dma_device.backend is DmaBackend.SWIOTLB:
         return ODPCaps()
     ops = e.IBV_ODP_SUPPORT_SEND | e.IBV_ODP_SUPPORT_RECV
     rdma = e.IBV_ODP_SUPPORT_WRITE | e.IBV_ODP_SUPPORT_READ | e.IBV_ODP_SUPPORT_ATOMIC
     return ODPCaps(
-        general_caps=int(e.IBV_ODP_SUPPORT),
+        general_caps=int(e.IBV_ODP_SUPPORT | e.IBV_ODP_SUPPORT_IMPLICIT),
         rc_odp_caps=int(ops | rdma | e.IBV_ODP_SUPPORT_SRQ_RECV),
         uc_odp_caps=int(ops | e.IBV_ODP_SUPPORT_WRITE),
         ud_odp_caps=int(ops),
@@ -186,9 +218,11 @@ class _Caps(PyverbsObject):
 @dataclass
 class DeviceAttrEx(PyverbsObject):
     """``struct ibv_device_attr_ex``: ``orig_attr`` and the extensions,
-    which softrdma's devices report as absent (no ODP, TSO, RSS, tag
-    matching, packet pacing, PCI atomics, CQ moderation) except device
-    memory (``max_dm_size``, see :class:`DM`)."""
+    which softrdma's devices report as absent (TSO, RSS, tag matching,
+    packet pacing, PCI atomics, CQ moderation) except ODP, device memory
+    (``max_dm_size``, see :class:`DM`) and the completion clock
+    (``hca_core_clock``, ``completion_timestamp_mask``: see
+    :mod:`pyverbs._clock`)."""
 
     orig_attr: DeviceAttr
     comp_mask: int = 0
@@ -265,36 +299,101 @@ class GIDEntry(PyverbsObject):
 class Context(PyverbsCM):
     """``struct ibv_context``: an open device. ``Context(name=...)`` opens
     the device of that name (``ibv_open_device``); contexts of one device
-    share it. Closing the context closes what was created on it."""
+    share it. ``Context(cmd_fd=os.dup(ctx.cmd_fd))`` imports ``ctx``
+    (``ibv_import_device``): a context on the same command file, which
+    can import its objects by handle (``PD(..., handle=)``, ``MR``,
+    ``DM``) and owns the descriptor it was given. Closing the context
+    closes what was created on it."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
         if kwargs.get("cmid") is not None:
             raise PyverbsRDMAError("RDMA CM contexts are not supported", errno.EOPNOTSUPP)
-        if kwargs.get("cmd_fd") is not None:
-            raise PyverbsRDMAError("Importing a device context is not supported", errno.EOPNOTSUPP)
+        cmd_fd = kwargs.get("cmd_fd")
         if kwargs.get("attr") is not None:
             # provider-specific attributes: the vendor's own open path
             raise PyverbsUserError("Provider attributes are not supported by softrdma devices")
-        name = kwargs.get("name")
+        ufile: UverbsFile | None = None
+        if cmd_fd is not None:
+            # ibv_import_device: another context on the file of that fd
+            ufile = self._ufile_of(cmd_fd)
+            name: object = ufile.name
+        else:
+            name = kwargs.get("name")
         if isinstance(name, bytes):
             name = name.decode()
         if not isinstance(name, str):
             raise PyverbsUserError("Device name must be provided")
-        proc = sim.process()
-        dev = proc.devices.get(name)
+        proc: sim.SimProcess
+        dev: RoceDevice | None
+        if ufile is not None:
+            # the device of the file (not whatever now has its name)
+            first = ufile.live_contexts()[0]
+            proc, dev = first.proc, first.device
+        else:
+            proc = sim.process()
+            dev = proc.devices.get(name)
         if dev is None:
             raise PyverbsRDMAError(f"Failed to open device {name}", errno.ENODEV)
         self.name = name
         self.device: RoceDevice = dev
         self.kind = proc.kind(name)
-        self.proc = proc
+        self.proc: sim.SimProcess = proc
         self.num_comp_vectors = 1
         self._async_events: deque[IbEvent] = deque()
         proc.contexts[name].add(self)
-        # the uverbs command file of the context (a real descriptor, so code
-        # that dup()s it works; importing it elsewhere is refused)
-        self.cmd_fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        if ufile is None:
+            # the uverbs command file of the context: a real descriptor, so
+            # a dup() of it imports the context (ibv_import_device)
+            self.cmd_fd: int = os.memfd_create(f"uverbs-{name}", os.MFD_CLOEXEC)
+            ufile = UverbsFile(name, _fd_key(self.cmd_fd))
+            _ufiles[ufile.key] = ufile
+        else:
+            # the imported context owns the descriptor it was given
+            assert cmd_fd is not None
+            self.cmd_fd = int(cmd_fd)
+        self.ufile = ufile
+        ufile.contexts.append(weakref.ref(self))
+
+    @staticmethod
+    def _ufile_of(cmd_fd: object) -> UverbsFile:
+        what = "Failed to import device"
+        if not isinstance(cmd_fd, int) or cmd_fd < 0:
+            raise PyverbsRDMAError(f"{what}: bad command fd {cmd_fd!r}", errno.EBADF)
+        try:
+            key = _fd_key(cmd_fd)
+        except OSError as ex:
+            raise PyverbsRDMAError(
+                f"{what}: fd {cmd_fd}: {ex.strerror}", ex.errno or errno.EBADF
+            ) from None
+        ufile = _ufiles.get(key)
+        if ufile is None or not ufile.live_contexts():
+            # not the command file of an open softrdma context
+            raise PyverbsRDMAError(f"{what}: fd {cmd_fd} is not a uverbs file", errno.EINVAL)
+        return ufile
+
+    def import_object(self, cls: type[_Obj], handle: int, what: str) -> _Obj:
+        """The object of class ``cls`` with ``handle`` created on a context
+        of this context's command file (the kernel's lookup of a uobject
+        by handle, behind ``ibv_import_pd`` / ``_mr`` / ``_dm``); imported
+        copies do not count. ``ENOENT`` when there is none."""
+        self._alive()
+        todo: list[PyverbsCM] = list(self.ufile.live_contexts())
+        seen: set[int] = set()
+        while todo:
+            obj = todo.pop()
+            if id(obj) in seen:
+                continue  # reached again through another parent (a QP's CQ)
+            seen.add(id(obj))
+            if (
+                isinstance(obj, cls)
+                and not obj.closed
+                and not getattr(obj, "imported", False)
+                and getattr(obj, "handle", None) == handle
+            ):
+                return obj
+            todo.extend(d for r in obj._dependants if (d := r()) is not None)
+        raise PyverbsRDMAError(f"{what}: no object of handle {handle:#x}", errno.ENOENT)
 
     def __repr__(self) -> str:
         return f"Context({self.name!r})"
@@ -362,7 +461,11 @@ class Context(PyverbsCM):
         # a device in a CoCo guest says it needs shared-heap memory
         cc = _IBV_DEVICE_CC_DMA_BOUNCE if ib_device_cc_dma_bounce(dev) else 0
         return DeviceAttrEx(
-            orig_attr=self.query_device(), device_cap_flags_ex=cc, odp_caps=_odp_caps(dev)
+            orig_attr=self.query_device(),
+            device_cap_flags_ex=cc,
+            odp_caps=_odp_caps(dev),
+            completion_timestamp_mask=_clock.COMPLETION_TIMESTAMP_MASK,
+            hca_core_clock=_clock.HCA_CORE_CLOCK_KHZ,
         )
 
     # -- ports and GIDs ------------------------------------------------------------------
@@ -449,11 +552,28 @@ class Context(PyverbsCM):
         return DEFAULT_PKEY
 
     def _release(self) -> None:
+        self._closed = True  # not a live context of its file any more
+        if not self.ufile.live_contexts():
+            _ufiles.pop(self.ufile.key, None)
         os.close(self.cmd_fd)
 
-    def query_rt_values_ex(self, comp_mask: int = 0) -> tuple[int, int]:
-        """``ibv_query_rt_values_ex``: no hardware clock to read."""
-        raise PyverbsRDMAError("Failed to query RT values", errno.EOPNOTSUPP)
+    def query_rt_values_ex(self, comp_mask: int = e.IBV_VALUES_MASK_RAW_CLOCK) -> tuple[int, int]:
+        """``ibv_query_rt_values_ex``: ``(tv_sec, tv_nsec)`` of the raw
+        device clock now (``raw_clock``, ``hca_core_clock`` ticks: at 1 GHz
+        a tick is a nanosecond), the clock completion timestamps use.
+        ``comp_mask`` must ask for ``IBV_VALUES_MASK_RAW_CLOCK`` only, the
+        one value the device has."""
+        dev = self._alive()
+        if comp_mask != e.IBV_VALUES_MASK_RAW_CLOCK:
+            # the provider answers the values it has; pyverbs refuses a
+            # reply whose comp_mask differs from the request
+            raise PyverbsRDMAError(
+                f"Failed to query real time values with requested comp_mask {comp_mask:#x}",
+                errno.EOPNOTSUPP,
+            )
+        with dev.lock:
+            raw = _clock.ticks(_clock.device_now(dev))
+        return divmod(raw, 1_000_000_000)
 
     def queue_async_event(self, event: IbEvent) -> None:
         """Keep a device's asynchronous event for :meth:`get_async_event`."""
@@ -571,9 +691,18 @@ class DM(PyverbsCM):
 
     def __init__(self, context: Context, dm_attr: AllocDmAttr | None = None, **kwargs: Any) -> None:
         super().__init__()
-        if kwargs.get("handle") is not None:
-            self._closed = True
-            raise PyverbsRDMAError("Importing device memory is not supported", errno.EOPNOTSUPP)
+        self.imported = False
+        handle = kwargs.get("handle")
+        if handle is not None:
+            # ibv_import_dm: the DM of that handle on the context's file
+            what = "Failed to import DM"
+            origin = context.import_object(DM, int(handle), what)
+            self.dm: IbDm = origin.dm
+            self.context = context
+            self.handle = int(handle)
+            self.imported = True
+            context.add_ref(self)
+            return
         if dm_attr is None:
             raise PyverbsUserError("DM needs an AllocDmAttr")
         dev = context._alive()
@@ -584,7 +713,7 @@ class DM(PyverbsCM):
         if dm_attr.comp_mask or not 0 <= dm_attr.log_align_req <= PAGE_SHIFT:
             raise PyverbsRDMAError(what, errno.EINVAL)
         try:
-            self.dm: IbDm = ib_alloc_dm(dev, length)
+            self.dm = ib_alloc_dm(dev, length)
         except SoftRdmaError as ex:
             raise sim.rdma_error(what, ex) from None
         self.context = context
@@ -610,8 +739,18 @@ class DM(PyverbsCM):
             raise sim.rdma_error("Failed to copy from dm", ex) from None
 
     def unimport(self) -> None:
-        """``ibv_unimport_dm``: only imported DMs can be unimported."""
-        raise PyverbsRDMAError("Failed to unimport DM: it was not imported", errno.EINVAL)
+        """``ibv_unimport_dm``: forget an imported DM without freeing the
+        memory, which stays with its other users."""
+        if not self.imported:
+            raise PyverbsRDMAError("Failed to unimport DM: it was not imported", errno.EINVAL)
+        self.imported = False
+        self._closed = True
+        self._dependants.clear()
 
     def _release(self) -> None:
-        self.dm.free()
+        # closing an imported DM frees it for every user, as ibv_free_dm does
+        if not self.dm.freed:
+            try:
+                self.dm.free()
+            except SoftRdmaError as ex:
+                raise sim.rdma_error("Failed to free device memory", ex) from None

@@ -11,9 +11,11 @@ checker tracks until ``close()``. ``MR.read`` / ``MR.write`` are CPU
 accesses to that memory, with the DMA syncs a bounce-buffer platform
 needs around them.
 
-``DMMR`` registers device memory (:class:`pyverbs.device.DM`). Memory
-windows and dma-buf MRs are not supported: their constructors raise
-``EOPNOTSUPP``.
+``MR(..., access | IBV_ACCESS_ON_DEMAND)`` registers an ODP MR
+(:func:`~softrdma.verbs.umem.ib_umem_odp_get`), with ``implicit=True`` one
+over the whole address space. ``DMMR`` registers device memory
+(:class:`pyverbs.device.DM`); ``MW`` is a memory window of type 1 or 2.
+dma-buf MRs are not supported: ``DmaBufMR`` raises ``EOPNOTSUPP``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,13 @@ from softrdma.verbs.enums import IbAccess
 from softrdma.verbs.mr import MemoryRegion
 from softrdma.verbs.mw import MemoryWindow
 from softrdma.verbs.umem import (
+    IMPLICIT_ODP_LENGTH,
     IbUmem,
     ib_dereg_user_mr,
     ib_reg_user_mr,
     ib_rereg_user_mr,
     ib_umem_get,
+    ib_umem_odp_alloc_implicit,
     ib_umem_odp_get,
     ib_umem_release,
 )
@@ -83,7 +87,12 @@ def ibv_access_to_ib(access: int, what: str) -> IbAccess:
 
 
 class MR(PyverbsCM):
-    """``struct ibv_mr``: ``MR(pd, length, access, address=None)``."""
+    """``struct ibv_mr``: ``MR(pd, length, access, address=None)``.
+
+    ``implicit=True`` (with ``IBV_ACCESS_ON_DEMAND``) registers an implicit
+    ODP MR, ``ibv_reg_mr(pd, NULL, SIZE_MAX, access)``: its keys reach any
+    address of the process (iova 0), pages faulting in on first access;
+    ``buf`` is still a ``length``-byte buffer, as pyverbs allocates one."""
 
     def __init__(
         self,
@@ -95,11 +104,12 @@ class MR(PyverbsCM):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        if kwargs.get("handle") is not None:
+            self._import(creator, int(kwargs["handle"]), address)
+            return
         what = "Failed to register a MR"
         if not isinstance(creator, PD):
             raise PyverbsUserError("MR needs a PD (RDMA CM registration is not supported)")
-        if implicit:
-            raise PyverbsRDMAError(f"{what}: implicit ODP MRs", errno.EOPNOTSUPP)
         self.pd = creator
         pd = creator.alive(what)
         # IBV_ACCESS_ON_DEMAND: an ODP umem, faulted in by the device
@@ -118,10 +128,19 @@ class MR(PyverbsCM):
         self._buf = address
         self._length = length
         self._access = access
-        iova = 0 if ib_access & IbAccess.ZERO_BASED else address
+        self._implicit = implicit
+        iova = 0 if ib_access & IbAccess.ZERO_BASED or implicit else address
         try:
-            get_umem = ib_umem_odp_get if odp else ib_umem_get
-            self.umem: IbUmem = get_umem(pd.device, proc.mm, address, length, ib_access)
+            if implicit and odp:
+                # ibv_reg_mr(pd, NULL, SIZE_MAX): the keys cover the whole
+                # address space (the buffer is only what read / write use)
+                self.umem: IbUmem = ib_umem_odp_alloc_implicit(pd.device, proc.mm, ib_access)
+            elif implicit:
+                # without ON_DEMAND the core tries to pin it all, and fails
+                self.umem = ib_umem_get(pd.device, proc.mm, 0, IMPLICIT_ODP_LENGTH, ib_access)
+            else:
+                get_umem = ib_umem_odp_get if odp else ib_umem_get
+                self.umem = get_umem(pd.device, proc.mm, address, length, ib_access)
             try:
                 self.mr: MemoryRegion = ib_reg_user_mr(pd, self.umem, iova, ib_access)
             except SoftRdmaError:
@@ -143,7 +162,8 @@ class MR(PyverbsCM):
 
     @property
     def length(self) -> int:
-        return self._length
+        """``ibv_mr.length``: ``SIZE_MAX`` for an implicit ODP MR."""
+        return IMPLICIT_ODP_LENGTH if self._implicit else self._length
 
     @property
     def lkey(self) -> int:
@@ -213,6 +233,8 @@ class MR(PyverbsCM):
         ib_access = ibv_access_to_ib(access, what) if flags & e.IBV_REREG_MR_CHANGE_ACCESS else None
         umem = None
         if flags & e.IBV_REREG_MR_CHANGE_TRANSLATION:
+            if self._implicit:
+                raise PyverbsRDMAError(f"{what}: an implicit ODP MR", errno.EOPNOTSUPP)
             if length <= 0:
                 raise PyverbsRDMAError(f"{what}: length {length}", errno.EINVAL)
             try:
@@ -242,7 +264,50 @@ class MR(PyverbsCM):
         if ib_access is not None:
             self._access = access
 
+    #: Set on an MR made by ``ibv_import_mr``: the MR it shares.
+    _origin: MR | None = None
+    imported = False
+
+    def _import(self, creator: PD, handle: int, address: int | None) -> None:
+        """``ibv_import_mr``: the MR of ``handle`` on the command file of
+        ``creator``'s context, which must be its PD (``EINVAL``); ``buf``
+        is ``address`` (the user's pointer to the memory, as pyverbs takes
+        it) or the MR's own."""
+        what = "Failed to import MR"
+        if not isinstance(creator, PD):
+            raise PyverbsUserError("MR needs a PD")
+        ibpd = creator.alive(what)
+        origin = creator.ctx.import_object(MR, handle, what)
+        if origin.mr.pd is not ibpd:
+            raise PyverbsRDMAError(f"{what}: MR {handle:#x} is of another PD", errno.EINVAL)
+        self.pd = creator
+        self._origin = origin
+        self.imported = True
+        self._mm = origin._mm
+        self._owns_buf = False
+        self._buf = origin._buf if address is None else int(address)
+        self._length = origin._length
+        self._access = origin._access
+        self._implicit = origin._implicit
+        self.umem = origin.umem
+        self.mr = origin.mr
+        creator.add_ref(self)
+
+    def unimport(self) -> None:
+        """``ibv_unimport_mr``: forget an imported MR without deregistering
+        it (it stays with the context that registered it)."""
+        if not self.imported:
+            raise PyverbsRDMAError("Failed to unimport MR: it was not imported", errno.EINVAL)
+        self.imported = False
+        self._closed = True
+        self._dependants.clear()
+
     def _release(self) -> None:
+        if self._origin is not None:
+            # closing an imported MR deregisters it for every user, as
+            # ibv_dereg_mr does
+            self._origin.close()
+            return
         ib_dereg_user_mr(self.mr, self.umem)
         if self._owns_buf:
             self._mm.munmap(self._buf, self._length)

@@ -116,12 +116,19 @@ class PD(PyverbsCM):
         super().__init__()
         if not isinstance(creator, Context):
             raise PyverbsUserError("A PD is created on a Context")
-        if kwargs.get("handle") is not None:
-            raise PyverbsRDMAError("Failed to import PD", errno.EOPNOTSUPP)
         self.ctx = creator
+        self.imported = False
+        if kwargs.get("handle") is not None:
+            # ibv_import_pd: the PD of that handle on the context's file
+            origin = creator.import_object(PD, int(kwargs["handle"]), "Failed to import PD")
+            self.pd: ProtectionDomain = origin.pd
+            self.handle = int(kwargs["handle"])
+            self.imported = True
+            creator.add_ref(self)
+            return
         dev = creator._alive()
         try:
-            self.pd: ProtectionDomain = dev.alloc_pd()
+            self.pd = dev.alloc_pd()
         except SoftRdmaError as ex:
             raise sim.rdma_error("Failed to allocate PD", ex) from None
         self.handle = id(self.pd) & 0xFFFFFFFF
@@ -134,7 +141,18 @@ class PD(PyverbsCM):
             raise PyverbsRDMAError(f"{what}: the PD is closed", errno.EINVAL)
         return self.pd
 
+    def unimport(self) -> None:
+        """``ibv_unimport_pd``: forget an imported PD without deallocating
+        it (it stays with the context that created it)."""
+        if not self.imported:
+            raise PyverbsRDMAError("Failed to unimport PD: it was not imported", errno.EINVAL)
+        self.imported = False
+        self._closed = True
+        self._dependants.clear()
+
     def _release(self) -> None:
+        # closing an imported PD deallocates it for every user, as
+        # ibv_dealloc_pd does
         if not self.pd.deallocated:
             self.pd.dealloc()
 

@@ -676,8 +676,18 @@ class QPEx(QP):
         wr = self._new(e.IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD, e.IBV_WR_ATOMIC_FETCH_AND_ADD)
         wr.set_wr_atomic(rkey, remote_addr, add)
 
-    def wr_bind_mw(self, mw: object, rkey: int, bind_info: object) -> None:
-        raise PyverbsRDMAError("Failed to bind MW: memory windows", errno.EOPNOTSUPP)
+    def wr_bind_mw(self, mw: MW, rkey: int, bind_info: MWBindInfo) -> None:
+        """``ibv_wr_bind_mw``: bind ``mw`` to the range of ``bind_info`` under
+        the new key ``rkey`` (``inc_rkey`` of the window's: the key byte
+        changes, the index stays). The window's ``rkey`` attribute is left
+        as it is, as rdma-core's providers leave ``ibv_mw.rkey``; the bind
+        takes effect, or fails with an error completion, in order with the
+        other work requests."""
+        if not isinstance(mw, MW) or not isinstance(bind_info, MWBindInfo):
+            raise PyverbsUserError("wr_bind_mw takes an MW, a key and an MWBindInfo")
+        wr = self._new(e.IBV_QP_EX_WITH_BIND_MW, e.IBV_WR_BIND_MW)
+        wr.rkey = rkey & 0xFFFFFFFF
+        wr.bind = (mw, wr.rkey, bind_info)
 
     def wr_atomic_write(self, rkey: int, remote_addr: int, data: bytes) -> None:
         raise PyverbsRDMAError("Failed to post atomic write", errno.EOPNOTSUPP)
@@ -743,6 +753,14 @@ _SEND_OPS: dict[int, int] = {
     | e.IBV_QP_EX_WITH_ATOMIC_CMP_AND_SWP
     | e.IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD
     | e.IBV_QP_EX_WITH_LOCAL_INV
+    | e.IBV_QP_EX_WITH_BIND_MW
+    | e.IBV_QP_EX_WITH_SEND_WITH_INV,
+    e.IBV_QPT_UC: e.IBV_QP_EX_WITH_RDMA_WRITE
+    | e.IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM
+    | e.IBV_QP_EX_WITH_SEND
+    | e.IBV_QP_EX_WITH_SEND_WITH_IMM
+    | e.IBV_QP_EX_WITH_LOCAL_INV
+    | e.IBV_QP_EX_WITH_BIND_MW
     | e.IBV_QP_EX_WITH_SEND_WITH_INV,
     e.IBV_QPT_UD: e.IBV_QP_EX_WITH_SEND | e.IBV_QP_EX_WITH_SEND_WITH_IMM,
 }
