@@ -264,13 +264,18 @@ def test_duration(linux_peer: LinuxPeer, role: str, case: Case) -> None:
     assert ours.returncode == 0 and linux.returncode == 0, report
     assert info_block(ours.stdout) == info_block(linux.stdout), report
     lat = case.tool.endswith("_lat")
+    # perftest's own cycle counter can break under TCG (it warns and then
+    # reports 0 or inf): its rates say nothing then, ours still must.
+    clock_broken = "Correlation coefficient r^2" in linux.stdout + linux.stderr
     for out in (ours.stdout, linux.stdout):
+        rates = out is ours.stdout or not clock_broken
         if lat:
             assert " #bytes        #iterations       t_avg[usec]    tps average" in out, report
             m = LAT_DUR_LINE.search(out)
             assert m and int(m.group(1)) == case.size and int(m.group(2)) > 0, report
-            assert float(m.group(3)) > 0 and float(m.group(4)) > 0, report
+            assert not rates or (float(m.group(3)) > 0 and float(m.group(4)) > 0), report
         else:
             m = BW_LINE.search(out)
             assert m and int(m.group(1)) == case.size and int(m.group(2)) > 0, report
-            assert float(m.group(3)) == 0.0 and float(m.group(4)) > 0, report
+            assert float(m.group(3)) == 0.0, report  # -D reports no peak
+            assert not rates or float(m.group(4)) > 0, report
