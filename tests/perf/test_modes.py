@@ -37,7 +37,9 @@ def _dur_lines(text: str) -> list[tuple[int, int, float, float]]:
 # --- UD ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("tool", "size", "iters"), [("send_bw", 1024, 40), ("send_lat", 64, 30)])
+@pytest.mark.parametrize(
+    ("tool", "size", "iters"), [("send_bw", 1024, 40), ("send_bw", 4096, 20), ("send_lat", 64, 30)]
+)
 def test_ud_in_process(tool: str, size: int, iters: int) -> None:
     r = in_process(tool, size=size, iters=iters, connection="UD", rx_depth=iters)
     lat = tool.endswith("_lat")

@@ -158,6 +158,7 @@ def test_cmdsn_window_closes_and_reopens(tmp_path: Path) -> None:
     reads = [ini.submit_read(8 * i, 8) for i in range(16)]
     assert ini.wait_io(reads)
     assert [io.result() for io in reads] == datas
+    assert ini.stats["max_unanswered"] == 4, "never more commands unanswered than the window"
     assert len(ini.conn.outstanding) == 0 and ini.outstanding == 0
     ini.logout()
     _teardown(fabric, target, tdev, idev)

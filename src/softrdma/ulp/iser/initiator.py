@@ -720,7 +720,9 @@ class IserInitiator(IserDisk, IserErrorHandler):
         self._active[pdu.itt] = req
         req.deadline = self._now() + self.cmd_timeout  # blk_add_timer
         self.stats["commands"] += 1
-        self.stats["max_active"] = max(self.stats["max_active"], len(self._active))
+        # commands the target has not answered: never more than the window
+        waiting = len(self.conn.outstanding)
+        self.stats["max_unanswered"] = max(self.stats["max_unanswered"], waiting)
         try:
             ic.qp.post_send(wrs)
         except VerbsError as e:  # the QP failed: the command is requeued with the others
