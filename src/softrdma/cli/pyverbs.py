@@ -178,12 +178,21 @@ def _install_debian_suite(err: TextIO) -> None:
         return
     err.write("pyverbs-tests: installing python3-pyverbs for rdma-core's test suite\n")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(
-        ["apt-get", "install", "-y", "-q", "python3-pyverbs"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        check=False,
-    )
+    install = ["apt-get", "install", "-y", "-q", "python3-pyverbs"]
+    try:
+        # a fresh machine may have no package lists yet: update, then retry
+        for argv in (install, ["apt-get", "update", "-q"], install):
+            done = subprocess.run(
+                argv, env=env, stdout=subprocess.DEVNULL, check=False, timeout=APT_TIMEOUT
+            )
+            if argv is install and done.returncode == 0:
+                return
+    except subprocess.TimeoutExpired:
+        err.write(f"pyverbs-tests: apt-get took over {APT_TIMEOUT:.0f} s; giving up\n")
+
+
+APT_TIMEOUT = 600.0
+"""Seconds one apt-get call may take."""
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
