@@ -20,6 +20,7 @@ PACKAGES = [
     "softrdma.drivers",
     "softrdma.mad",
     "softrdma.cm",
+    "softrdma.ulp.cm_target",
     "softrdma.ulp.cq_work",
     "softrdma.ulp.databuf",
     "softrdma.ulp.iu",

@@ -35,7 +35,6 @@ Everything runs on the devices' schedulers: the RDMA CM hands events to
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 from collections import Counter
@@ -46,13 +45,12 @@ from ipaddress import IPv4Address
 from softrdma.cm.cma import (
     RdmaCmError,
     RdmaCmEvent,
-    RdmaCmEventType,
     RdmaCmId,
     RdmaConnParam,
-    RdmaEventChannel,
 )
 from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE
 from softrdma.memory.host import Host
+from softrdma.ulp.cm_target import CmTargetPort, target_devices
 from softrdma.ulp.cq_work import CqWork
 from softrdma.ulp.databuf import DataBuf
 from softrdma.ulp.iscsi.proto import ISCSI_HDR_LEN, IscsiPdu, IscsiTmfResponseCode
@@ -98,7 +96,7 @@ from softrdma.ulp.scsi import (
     TmFunction,
 )
 from softrdma.verbs.cq import CompletionQueue
-from softrdma.verbs.device import IbDevice, ib_devices
+from softrdma.verbs.device import IbDevice
 from softrdma.verbs.dma import ib_dma_map_sg, ib_dma_unmap_sg
 from softrdma.verbs.enums import IbQpType, IbSendFlags, IbWcStatus, IbWrOpcode
 from softrdma.verbs.errors import VerbsError
@@ -582,6 +580,11 @@ class IserConn:
 
     # -- the connection ------------------------------------------------------------
 
+    @property
+    def disconnecting(self) -> bool:
+        """This side has sent its DREQ (``ISER_CONN_TERMINATING``)."""
+        return self.state is ConnState.CLOSING
+
     def established(self) -> None:
         """``isert_connected_handler``."""
         if self.state is ConnState.CONNECTING:
@@ -619,7 +622,7 @@ class IserConn:
         self.target._forget(self)
 
 
-class IserTarget:
+class IserTarget(CmTargetPort[IserConn]):
     """An iSER network portal of LIO (``ib_isert`` under ``iscsi_target``)
     on a host's RDMA devices: listens on the RDMA CM at ``addr:port`` and
     serves ``scsi`` under the iSCSI target names ``targets`` (or a ready
@@ -647,9 +650,7 @@ class IserTarget:
         seed: int | None = None,
         observer: Callable[[IserConn, object], None] | None = None,
     ) -> None:
-        devices = ib_devices(host)
-        if not devices:
-            raise RdmaCmError(19, f"no RDMA device on {host!r}")
+        target_devices(host)
         self.host = host
         self.scsi = scsi
         self.rq_size = rq_size
@@ -669,13 +670,12 @@ class IserTarget:
         ``rdma_reads`` / ``rdma_writes`` (work requests), ``send_with_inv``,
         ``rejects``, ``dropped``, ``dropped_connections``, ``rdma_errors``,
         ``task_management``, ``aborted``, ``busy``, ``bad_iser_header``."""
-        self.conns: list[IserConn] = []
-        self._pds: dict[IbDevice, ProtectionDomain] = {}
-        self.channel = RdmaEventChannel(host, handler=self._cm_event)
-        self.listener = RdmaCmId(self.channel)
-        self.listener.bind_addr(addr, port)
-        self.listener.listen()
-        self.port = port
+        super().__init__(host, addr, port)
+
+    @property
+    def conns(self) -> list[IserConn]:
+        """The connections, logged in or not yet."""
+        return self._conns
 
     def __repr__(self) -> str:
         return f"IserTarget(port {self.port}, {len(self.conns)} connections)"
@@ -683,45 +683,12 @@ class IserTarget:
     def close(self) -> None:
         """Disconnect every initiator and stop listening
         (``isert_free_np``)."""
-        for c in list(self.conns):
-            c.close()
-            c.release()
-        self.listener.destroy()
-        for pd in self._pds.values():
-            pd.dealloc()
-        self._pds.clear()
-
-    def _forget(self, c: IserConn) -> None:
-        if c in self.conns:
-            self.conns.remove(c)
+        super().close()
 
     def _reinstated(self, old: tuple[IscsiTargetConnection, ...]) -> None:
         for c in list(self.conns):
             if c.conn in old:
                 c.close()
-
-    def _pd(self, dev: IbDevice) -> ProtectionDomain:
-        pd = self._pds.get(dev)
-        if pd is None:
-            pd = self._pds[dev] = dev.alloc_pd()
-        return pd
-
-    def _cm_event(self, ev: RdmaCmEvent) -> None:
-        """``isert_cma_handler``."""
-        E = RdmaCmEventType
-        if ev.event is E.CONNECT_REQUEST:
-            self._connect_request(ev)
-            return
-        c = next((x for x in self.conns if x.cm_id is ev.id), None)
-        if c is None:
-            return
-        if ev.event is E.ESTABLISHED:
-            c.established()
-        elif ev.event in (E.DISCONNECTED, E.REJECTED, E.UNREACHABLE, E.DEVICE_REMOVAL):
-            if c.state is not ConnState.CLOSING:
-                with contextlib.suppress(RdmaCmError):
-                    ev.id.disconnect()
-            c.release()
 
     def _connect_request(self, ev: RdmaCmEvent) -> None:
         """``isert_connect_request`` + ``isert_rdma_accept``: the REQ's iSER

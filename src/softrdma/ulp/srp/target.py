@@ -29,7 +29,6 @@ credits meets RNR NAKs at the RC layer until a buffer is free again.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 from collections import Counter
@@ -40,13 +39,12 @@ from ipaddress import IPv4Address
 from softrdma.cm.cma import (
     RdmaCmError,
     RdmaCmEvent,
-    RdmaCmEventType,
     RdmaCmId,
     RdmaConnParam,
-    RdmaEventChannel,
 )
 from softrdma.dma.types import DMA_FROM_DEVICE, DMA_TO_DEVICE
 from softrdma.memory.host import Host
+from softrdma.ulp.cm_target import CmTargetPort, target_devices
 from softrdma.ulp.cq_work import CqWork
 from softrdma.ulp.databuf import DataBuf
 from softrdma.ulp.iu import IuBuf, IuMapError, alloc_iu_ring, free_iu_ring
@@ -87,7 +85,7 @@ from softrdma.ulp.srp.proto import (
     decode_srp_iu,
 )
 from softrdma.verbs.cq import CompletionQueue
-from softrdma.verbs.device import IbDevice, ib_devices
+from softrdma.verbs.device import IbDevice
 from softrdma.verbs.dma import ib_dma_map_sg, ib_dma_unmap_sg
 from softrdma.verbs.enums import IbQpType, IbSendFlags, IbWcStatus, IbWrOpcode
 from softrdma.verbs.errors import VerbsError
@@ -571,6 +569,11 @@ class SrpChannel:
 
     # -- the connection --------------------------------------------------------------
 
+    @property
+    def disconnecting(self) -> bool:
+        """This side has sent its DREQ (``CH_DISCONNECTING``)."""
+        return self.state is ChState.DISCONNECTING
+
     def established(self) -> None:
         """``srpt_cm_rtu_recv``: the channel is live; a zero-length RDMA
         WRITE checks the QP reaches the peer (``srpt_zerolength_write``)."""
@@ -621,7 +624,7 @@ class _Login:
     terminated: list[SrpChannel] = field(default_factory=list)
 
 
-class SrpTarget:
+class SrpTarget(CmTargetPort[SrpChannel]):
     """An ``ib_srpt`` target port on a host's RDMA devices: listens on the
     RDMA CM at ``addr:port`` and serves ``scsi`` to every initiator that
     logs in with the right target port ID (``id_ext`` + ``ioc_guid``,
@@ -641,10 +644,7 @@ class SrpTarget:
         rq_size: int = SRPT_RQ_SIZE,
         max_req_size: int = SRP_MAX_REQ_SIZE,
     ) -> None:
-        devices = ib_devices(host)
-        if not devices:
-            raise RdmaCmError(19, f"no RDMA device on {host!r}")
-        guid = devices[0].node_guid
+        guid = target_devices(host)[0].node_guid
         self.host = host
         self.scsi = scsi
         self.id_ext = guid if id_ext is None else id_ext
@@ -657,13 +657,12 @@ class SrpTarget:
         ``responses``, ``rdma_reads`` / ``rdma_writes`` (work requests),
         ``task_management``, ``aborted``, ``bad_iu``, ``external_tables``,
         ``rdma_errors``, ``busy`` (data buffers it could not map), ..."""
-        self.channels: list[SrpChannel] = []
-        self._pds: dict[IbDevice, ProtectionDomain] = {}
-        self.channel = RdmaEventChannel(host, handler=self._cm_event)
-        self.listener = RdmaCmId(self.channel)
-        self.listener.bind_addr(addr, port)
-        self.listener.listen()
-        self.port = port
+        super().__init__(host, addr, port)
+
+    @property
+    def channels(self) -> list[SrpChannel]:
+        """The channels, logged in or being disconnected."""
+        return self._conns
 
     def __repr__(self) -> str:
         return f"SrpTarget(port {self.port}, {len(self.channels)} channels)"
@@ -680,42 +679,11 @@ class SrpTarget:
 
     def close(self) -> None:
         """Log every initiator out (a DREQ each) and stop listening."""
-        for ch in list(self.channels):
-            ch.close()
-            ch.release()
-        self.listener.destroy()
-        for pd in self._pds.values():
-            pd.dealloc()
-        self._pds.clear()
+        super().close()
 
-    def _forget(self, ch: SrpChannel) -> None:
-        if ch in self.channels:
-            self.channels.remove(ch)
-
-    def _pd(self, dev: IbDevice) -> ProtectionDomain:
-        pd = self._pds.get(dev)
-        if pd is None:
-            pd = self._pds[dev] = dev.alloc_pd()
-        return pd
-
-    # -- RDMA CM events -----------------------------------------------------------------
-
-    def _cm_event(self, ev: RdmaCmEvent) -> None:
-        """``srpt_rdma_cm_handler``."""
-        E = RdmaCmEventType
-        if ev.event is E.CONNECT_REQUEST:
-            self._login(ev)
-            return
-        ch = next((c for c in self.channels if c.cm_id is ev.id), None)
-        if ch is None:
-            return
-        if ev.event is E.ESTABLISHED:
-            ch.established()
-        elif ev.event in (E.DISCONNECTED, E.REJECTED, E.UNREACHABLE, E.DEVICE_REMOVAL):
-            if ch.state is not ChState.DISCONNECTING:
-                with contextlib.suppress(RdmaCmError):
-                    ev.id.disconnect()  # answer the DREQ
-            ch.release()
+    def _connect_request(self, ev: RdmaCmEvent) -> None:
+        """``srpt_rdma_cm_req_recv``: a login."""
+        self._login(ev)
 
     def _check_login(self, req: SrpLoginReq) -> _Login:
         """``srpt_cm_req_recv``'s checks, in its order."""
