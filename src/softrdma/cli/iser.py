@@ -338,10 +338,6 @@ def _serve(
     isert.addHandler(warnings)
     isert.propagate = False
 
-    def disconnect_all() -> None:
-        for c in list(target.conns):
-            c.close()
-
     try:
         return serve_until_stopped(
             opened,
@@ -350,9 +346,7 @@ def _serve(
             listening=f"listening on {dev.name} {dev.ip}:{target.port} (RDMA CM, iSER)",
             banner=[f"iqn: {iqn}", *iscsiadm_lines(iqn, str(dev.ip), target.port)],
             live=lambda: sum(1 for s in log._known.values() if s.live),
-            disconnect_all=disconnect_all,
-            gone=lambda: not target.conns,
-            close_target=target.close,
+            target=target,
         )
     finally:
         log.detach()

@@ -313,10 +313,6 @@ def _serve(target: SrpTarget, opened: OpenDevice, backstore: FileBackstore, out:
     srpt.setLevel(logging.INFO)
     srpt.propagate = False
 
-    def disconnect_all() -> None:
-        for ch in list(target.channels):
-            ch.close()
-
     try:
         return serve_until_stopped(
             opened,
@@ -326,9 +322,7 @@ def _serve(target: SrpTarget, opened: OpenDevice, backstore: FileBackstore, out:
             f"ID 0x{target.target_port_id.hex()}",
             banner=[f"add_target: {target.add_target_line(str(dev.ip))}"],
             live=lambda: len(target.channels),
-            disconnect_all=disconnect_all,
-            gone=lambda: not target.channels,
-            close_target=target.close,
+            target=target,
         )
     finally:
         log.detach()

@@ -16,11 +16,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address
 from types import FrameType
-from typing import NoReturn, Protocol, TextIO
+from typing import Any, NoReturn, Protocol, TextIO
 
 from softrdma.cli.netdev import DEVICES, OpenDevice, add_device_options, open_device
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.udp import UdpLink
+from softrdma.ulp.cm_target import CmTargetPort
 from softrdma.ulp.scsi import BLOCK_SIZES, FileBackstore, ScsiUsageError
 
 __all__ = [
@@ -321,16 +322,14 @@ def serve_until_stopped(
     listening: str,
     banner: Sequence[str],
     live: Callable[[], int],
-    disconnect_all: Callable[[], None],
-    gone: Callable[[], bool],
-    close_target: Callable[[], None],
+    target: CmTargetPort[Any],
 ) -> int:
     """A target tool's life after start-up: the image and ``listening``
     lines, the ``banner`` (untimestamped), sessions logged until SIGINT or
-    SIGTERM; then ``disconnect_all`` (a DREQ each; ``live()`` initiators are
-    named in the stopping line), up to :data:`LOGOUT_GRACE` seconds until
-    ``gone()``, ``close_target``, the device closed and the image flushed.
-    Returns 0."""
+    SIGTERM; then the target disconnects everyone (a DREQ each; ``live()``
+    initiators are named in the stopping line), up to :data:`LOGOUT_GRACE`
+    seconds until it is idle, it is closed, the device closed and the image
+    flushed. Returns 0."""
     dev = opened.device
     with stop_signals() as signals:
         log.line(describe_image(backstore))
@@ -345,12 +344,12 @@ def serve_until_stopped(
             n = live()
             log.line(f"stopping ({signals.name}): logging out {n} initiator{'s' * (n != 1)}")
             log.sync("target stopping")
-            disconnect_all()
+            target.disconnect_all()
             log.sync()
-        dev.wait(gone, LOGOUT_GRACE)
+        dev.wait(lambda: target.idle, LOGOUT_GRACE)
         with dev.lock:
             log.sync()
-            close_target()
+            target.close()
             log.sync("target stopping (no DREP from the initiator)")
         opened.close()  # the CM's last messages leave before the device goes
         backstore.flush()

@@ -87,6 +87,17 @@ class CmTargetPort(Generic[C]):
             pd.dealloc()
         self._pds.clear()
 
+    def disconnect_all(self) -> None:
+        """A DREQ to every initiator; each connection is released when its
+        DREP (or the CM's timeout) comes."""
+        for c in list(self._conns):
+            c.close()
+
+    @property
+    def idle(self) -> bool:
+        """No connection left."""
+        return not self._conns
+
     def _connect_request(self, ev: RdmaCmEvent) -> None:
         raise NotImplementedError
 
