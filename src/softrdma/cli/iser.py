@@ -49,22 +49,19 @@ import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from typing import TextIO
 
 from softrdma.cli.netdev import OpenDevice
 from softrdma.cli.target_common import (
     LOGOUT_GRACE,
-    Failed,
     LogLines,
     OneLineParser,
     add_image_target_options,
-    message,
     one_line_errors,
-    open_target_device,
     parse_port,
     run_image_target,
     serve_until_stopped,
+    start_image_target,
 )
 from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType
 from softrdma.errors import SoftRdmaError
@@ -304,24 +301,19 @@ def run_target(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _serve_image(
     args: argparse.Namespace, backstore: FileBackstore, out: TextIO, err: TextIO, prog: str
 ) -> int:
-    ip: IPv4Address = args.ip
-    try:
-        opened = open_target_device(args)
-    except Failed as e:
-        err.write(f"{prog}: {e}\n")
-        return 1
-    try:
+    def make(opened: OpenDevice, scsi: ScsiTarget) -> IserTarget:
         dev = opened.device
         iqn: str = args.iqn or default_iqn(dev.node_guid)
-        scsi = ScsiTarget(transport_version=VERSION_ISCSI)
-        scsi.add_lun(0, backstore)
-        with dev.lock:
-            target = IserTarget(dev.host, scsi, targets=(iqn,), addr=ip, port=args.port)
-    except (SoftRdmaError, OSError, IscsiUsageError) as e:
-        err.write(f"{prog}: {message(e)}\n")
-        opened.close()
+        return IserTarget(dev.host, scsi, targets=(iqn,), addr=args.ip, port=args.port)
+
+    started = start_image_target(
+        args, backstore, err, prog, VERSION_ISCSI, make, errors=(IscsiUsageError,)
+    )
+    if started is None:
         return 1
+    opened, target = started
     try:
+        (iqn,) = target.portal.targets
         return _serve(target, iqn, opened, backstore, out)
     finally:
         opened.close()

@@ -47,27 +47,23 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Address
 from typing import TextIO
 
 from softrdma.cli.netdev import OpenDevice
 from softrdma.cli.target_common import (
     LOGOUT_GRACE,
-    Failed,
     LogLines,
     OneLineParser,
     add_image_target_options,
-    message,
     one_line_errors,
-    open_target_device,
     parse_guid,
     parse_port,
     parse_size,
     run_image_target,
     serve_until_stopped,
+    start_image_target,
 )
 from softrdma.cm.cma import RdmaCmEvent, RdmaCmEventType
-from softrdma.errors import SoftRdmaError
 from softrdma.ulp.scsi import VERSION_SRP, FileBackstore, ScsiTarget
 from softrdma.ulp.srp.proto import SrpError, SrpLoginReq
 from softrdma.ulp.srp.target import SRPT_DEFAULT_PORT, ChState, SrpChannel, SrpTarget
@@ -279,25 +275,16 @@ def run_target(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def _serve_image(
     args: argparse.Namespace, backstore: FileBackstore, out: TextIO, err: TextIO, prog: str
 ) -> int:
-    ip: IPv4Address = args.ip
-    try:
-        opened = open_target_device(args)
-    except Failed as e:
-        err.write(f"{prog}: {e}\n")
+    def make(opened: OpenDevice, scsi: ScsiTarget) -> SrpTarget:
+        return SrpTarget(
+            opened.device.host, scsi, addr=args.ip, port=args.port, id_ext=args.id_ext,
+            ioc_guid=args.ioc_guid,
+        )  # fmt: skip
+
+    started = start_image_target(args, backstore, err, prog, VERSION_SRP, make)
+    if started is None:
         return 1
-    try:
-        dev = opened.device
-        scsi = ScsiTarget(transport_version=VERSION_SRP)
-        scsi.add_lun(0, backstore)
-        with dev.lock:
-            target = SrpTarget(
-                dev.host, scsi, addr=ip, port=args.port, id_ext=args.id_ext,
-                ioc_guid=args.ioc_guid,
-            )  # fmt: skip
-    except (SoftRdmaError, OSError) as e:
-        err.write(f"{prog}: {message(e)}\n")
-        opened.close()
-        return 1
+    opened, target = started
     try:
         return _serve(target, opened, backstore, out)
     finally:

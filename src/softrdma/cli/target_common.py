@@ -16,13 +16,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from ipaddress import IPv4Address
 from types import FrameType
-from typing import Any, NoReturn, Protocol, TextIO
+from typing import Any, NoReturn, Protocol, TextIO, TypeVar
 
 from softrdma.cli.netdev import DEVICES, OpenDevice, add_device_options, open_device
 from softrdma.errors import SoftRdmaError
 from softrdma.fabric.udp import UdpLink
 from softrdma.ulp.cm_target import CmTargetPort
-from softrdma.ulp.scsi import BLOCK_SIZES, FileBackstore, ScsiUsageError
+from softrdma.ulp.scsi import BLOCK_SIZES, FileBackstore, ScsiTarget, ScsiUsageError
 
 __all__ = [
     "LOGOUT_GRACE",
@@ -43,6 +43,7 @@ __all__ = [
     "parse_size",
     "run_image_target",
     "serve_until_stopped",
+    "start_image_target",
     "stop_signals",
     "timestamp",
 ]
@@ -294,6 +295,40 @@ def run_image_target(
         return serve_image(backstore)
     finally:
         backstore.close()
+
+
+T = TypeVar("T", bound="CmTargetPort[Any]")
+
+
+def start_image_target(
+    args: argparse.Namespace,
+    backstore: FileBackstore,
+    err: TextIO,
+    prog: str,
+    transport_version: int,
+    make: Callable[[OpenDevice, ScsiTarget], T],
+    errors: tuple[type[Exception], ...] = (),
+) -> tuple[OpenDevice, T] | None:
+    """Open the device of ``args``, put ``backstore`` as LUN 0 of a SCSI
+    target core (``transport_version``: the VPD page 0x83 / INQUIRY
+    version descriptor), and ``make`` the target on them under the device's
+    lock. None after a one-line error (``errors``: further exception types
+    that are one); the device is closed then."""
+    try:
+        opened = open_target_device(args)
+    except Failed as e:
+        err.write(f"{prog}: {e}\n")
+        return None
+    one_line: tuple[type[Exception], ...] = (SoftRdmaError, OSError, *errors)
+    try:
+        scsi = ScsiTarget(transport_version=transport_version)
+        scsi.add_lun(0, backstore)
+        with opened.device.lock:
+            return opened, make(opened, scsi)
+    except one_line as e:
+        err.write(f"{prog}: {message(e)}\n")
+        opened.close()
+        return None
 
 
 class SessionLog(Protocol):
