@@ -22,6 +22,7 @@ PACKAGES = [
     "softrdma.cm",
     "softrdma.ulp.cm_target",
     "softrdma.ulp.cq_work",
+    "softrdma.ulp.progress",
     "softrdma.ulp.databuf",
     "softrdma.ulp.iu",
     "softrdma.ulp.scsi",

@@ -94,6 +94,7 @@ from softrdma.ulp.iser.initiator_recovery import (
 from softrdma.ulp.iser.initiator_task import IserIo, IserRequest
 from softrdma.ulp.iser.proto import ISER_HDR_LEN, IserError, IserFlag, IserHdr, encode_iser_send
 from softrdma.ulp.iu import IuMapError
+from softrdma.ulp.progress import service_until
 from softrdma.verbs.device import IbDevice
 from softrdma.verbs.enums import (
     IbAccess,
@@ -504,24 +505,14 @@ class IserInitiator(IserDisk, IserErrorHandler):
 
     def _wait(self, pred: Callable[[], bool], timeout: float | None) -> bool:
         """Service until ``pred()`` or ``timeout`` seconds (None: no bound)."""
-        sched = self.dev.scheduler
-        deadline = None if timeout is None else sched.time() + timeout
-        while True:
-            self._service()
-            if pred():
-                return True
-            now = sched.time()
-            if deadline is not None and now >= deadline:
-                return False
+
+        def next_timer() -> float | None:
             quiet = self._connecting is not None or self._logging_out
-            timer = None if quiet else self._next_timer()
-            limits = [t for t in (deadline, timer) if t is not None]
-            span = max(0.0, min(limits) - now) if limits else None
-            if span is None and sched.simulated:
-                if not self._has_events() and getattr(sched, "idle", False):
-                    return pred()  # nothing scheduled, no timer: nothing can happen
-                span = 3600.0
-            self.dev.wait(self._has_events, span)
+            return None if quiet else self._next_timer()
+
+        return service_until(
+            self.dev, self._service, pred, timeout, wake=self._has_events, next_timer=next_timer
+        )
 
     def _wait_reqs(self, reqs: Sequence[IserRequest]) -> None:
         with self._lock:

@@ -65,6 +65,7 @@ from softrdma.dma.types import DmaDirection
 from softrdma.memory.layout import PAGE_SIZE
 from softrdma.memory.scatterlist import Scatterlist
 from softrdma.ulp.iu import IuBuf, IuMapError, alloc_iu_ring, free_iu_ring
+from softrdma.ulp.progress import service_until
 from softrdma.ulp.sd_capacity import SdCapacity
 from softrdma.ulp.srp.initiator_errors import (
     ScsiCheckCondition,
@@ -992,41 +993,17 @@ class SrpInitiator(SdCapacity):
 
     def _wait(self, pred: Callable[[], bool], timeout: float | None) -> bool:
         """Service the channel until ``pred()`` or ``timeout`` seconds."""
-        sched = self.dev.scheduler
-        deadline = None if timeout is None else sched.time() + timeout
-        while True:
-            self._service()
-            if pred():
-                return True
-            now = sched.time()
-            if deadline is not None and now >= deadline:
-                return False
-            limits = [t for t in (deadline, self._next_timer()) if t is not None]
-            span = max(0.0, min(limits) - now) if limits else None
-            if span is None and sched.simulated:
-                if not self._has_events() and getattr(sched, "idle", False):
-                    return False  # nothing scheduled, no timer: nothing can happen
-                span = 3600.0
-            self.dev.wait(self._has_events, span)
+        return service_until(
+            self.dev, self._service, pred, timeout, wake=self._has_events,
+            next_timer=self._next_timer,
+        )  # fmt: skip
 
     def _wait_raw(self, pred: Callable[[], bool], timeout: float | None) -> bool:
         """Wait for ``pred()`` handling only CM events, not commands (login,
         logout, teardown)."""
-        sched = self.dev.scheduler
-        deadline = None if timeout is None else sched.time() + timeout
-        while True:
-            self._pump_cm()
-            if pred():
-                return True
-            now = sched.time()
-            if deadline is not None and now >= deadline:
-                return False
-            span = None if deadline is None else deadline - now
-            if span is None and sched.simulated:
-                if getattr(sched, "idle", False) and not len(self._events):
-                    return False
-                span = 3600.0
-            self.dev.wait(lambda: len(self._events) > 0 or pred(), span)
+        return service_until(
+            self.dev, self._pump_cm, pred, timeout, wake=lambda: len(self._events) > 0 or pred()
+        )
 
     def _service(self) -> None:
         """One pass: completions, CM events, timers, deferred recovery,
