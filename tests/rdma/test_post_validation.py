@@ -85,6 +85,8 @@ def test_the_wr_opcode_table_is_complete() -> None:
         IbWrOpcode.ATOMIC_CMP_AND_SWP,
         IbWrOpcode.ATOMIC_FETCH_AND_ADD,
         IbWrOpcode.SEND_WITH_INV,
+        IbWrOpcode.FLUSH,
+        IbWrOpcode.ATOMIC_WRITE,
     }
 
 

@@ -223,12 +223,16 @@ def refresh_checksums(raw: bytearray, frame: RoceFrame, layout: FrameLayout) -> 
 def transport_ignored_bits(pkt: Packet, length: int) -> dict[int, int]:
     """Byte offset (from the BTH) → the bits of a received transport packet
     of ``length`` bytes that the decoder ignores and the encoder writes as
-    zero: BTH Resv6a (byte 4) and Resv7 (byte 8), the DETH reserved byte and
-    the pad bytes. A decoded packet re-encodes to the received bytes but for
+    zero: BTH Resv6a (byte 4) and Resv7 (byte 8), the DETH reserved byte, the
+    FETH reserved bits, the XRCETH reserved byte and the pad bytes. A decoded packet re-encodes to the received bytes but for
     these."""
     ignore = {4: 0x3F, 8: 0x7F}
     if pkt.deth is not None:
         ignore[BTH + 4] = 0xFF
+    if pkt.feth is not None:  # FETH (right after the BTH): 26 reserved bits
+        ignore.update({BTH: 0xFF, BTH + 1: 0xFF, BTH + 2: 0xFF, BTH + 3: 0xC0})
+    if pkt.xrceth is not None:  # XRCETH (right after the BTH): its reserved byte
+        ignore[BTH] = 0xFF
     for i in range(length - pkt.bth.pad, length):
         ignore[i] = 0xFF
     return ignore

@@ -239,6 +239,13 @@ class FakeMemory:
             self._check(rkey, va, length, access)
         return FakeRemoteMr(self, rkey, va, length, int(access))
 
+    def check_rkey_access(self, rkey: int, access: int) -> None:
+        mr = self._lookup(rkey)
+        if mr is None:
+            raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, f"bad rkey {rkey:#x}")
+        if int(access) & ~mr.access:
+            raise RemoteAccessError(NakCode.REMOTE_ACCESS_ERR, "access not granted")
+
     def write_once(self, rkey: int, va: int, data: BytesLike) -> None:
         self.check_rkey(rkey, va, len(data), IbAccess.REMOTE_WRITE).write(va, data)
 

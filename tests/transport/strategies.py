@@ -12,9 +12,11 @@ from softrdma.transport.headers import (
     AtomicEth,
     CnpRsvd,
     Deth,
+    Feth,
     Ieth,
     ImmDt,
     Reth,
+    XrcEth,
 )
 from softrdma.transport.opcodes import OPCODE_TABLE, OpcodeInfo
 from softrdma.transport.packet import Packet
@@ -37,6 +39,8 @@ SLOT: dict[type, str] = {
     Ieth: "ieth",
     Deth: "deth",
     CnpRsvd: "cnp",
+    XrcEth: "xrceth",
+    Feth: "feth",
 }
 
 HEADER_STRATEGY: dict[type, st.SearchStrategy[Any]] = {
@@ -48,6 +52,8 @@ HEADER_STRATEGY: dict[type, st.SearchStrategy[Any]] = {
     Ieth: st.builds(Ieth, u(32)),
     Deth: st.builds(Deth, u(32), u(24)),
     CnpRsvd: st.builds(CnpRsvd, st.binary(min_size=16, max_size=16)),
+    XrcEth: st.builds(XrcEth, u(24)),
+    Feth: st.builds(Feth, u(4), u(2)),
 }
 
 

@@ -101,7 +101,7 @@ def test_names_and_values() -> None:
     assert int(Opcode.RC_RDMA_READ_RESPONSE_MIDDLE) == 0x0E
     assert int(Opcode.UD_SEND_ONLY) == 0x64
     assert opcode_info(0x0E).name == "IB_OPCODE_RC_RDMA_READ_RESPONSE_MIDDLE"
-    assert len(Opcode) == 23 + 12 + 2 + 1
+    assert len(Opcode) == 23 + 2 + 12 + 2 + 1 + 23  # RC (+ FLUSH, ATOMIC WRITE), UC, UD, CNP, XRC
     for op in Opcode:
         assert opcode_info(op).opcode is op
 

@@ -23,13 +23,15 @@ from softrdma.transport.rc import RcQp
 from softrdma.transport.wqe import Completion, SendWqe
 from softrdma.verbs.enums import IbAccess
 from softrdma.verbs.enums import IbWrOpcode as Op
-from softrdma.verbs.wr import RdmaWR, RecvWR, SendWR
+from softrdma.verbs.wr import AtomicWriteWR, FlushWR, RdmaWR, RecvWR, SendWR
 
 from .engine_harness import Pair, pattern
 from .strategies import packets
 
 MTU = 256
 REMOTE = IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE | IbAccess.REMOTE_READ
+# FLUSH and ATOMIC WRITE (single-packet requests) are mixed in with the runs
+REMOTE_A19 = REMOTE | IbAccess.FLUSH_GLOBAL
 
 
 @dataclass
@@ -105,15 +107,27 @@ def _deliver(
 def _scenario(
     offload: bool, sizes: list[int], hostile: list[Packet], lose: set[int]
 ) -> tuple[Trace, Trace, bytes, bytes]:
-    p = Pair(mtu=MTU, psn_a=0xFFFFF0, psn_b=0x100, a_kw={"timeout": 10})
+    p = Pair(
+        mtu=MTU,
+        psn_a=0xFFFFF0,
+        psn_b=0x100,
+        a_kw={"timeout": 10},
+        b_kw={"qp_access_flags": REMOTE_A19},
+    )
     if offload:
         p.a.offload = lambda: True
     src = p.mem_a.reg(64 * 1024)
     src.buf[:] = pattern(64 * 1024, 3)
-    dst = p.mem_b.reg(64 * 1024, access=REMOTE)
+    dst = p.mem_b.reg(64 * 1024, access=REMOTE_A19)
     rbuf = p.mem_b.reg(64 * 1024)
     off = 0
     for k, n in enumerate(sizes):
+        if k % 4 == 3:
+            # a FLUSH of what was written so far, then an ATOMIC WRITE
+            p.post(FlushWR(k, Op.FLUSH, remote_addr=dst.iova, rkey=dst.key, flush_len=off))
+            va = dst.iova + (off & ~7)
+            p.post(AtomicWriteWR(k, Op.ATOMIC_WRITE, remote_addr=va, rkey=dst.key,
+                                 atomic_wr=n.to_bytes(8, "little")))  # fmt: skip
         if k % 3 == 2:
             p.post_recv(RecvWR(k, (rbuf.sge(0, 64 * 1024),)))
             p.post(SendWR(k, Op.SEND, (src.sge(off, n),)))

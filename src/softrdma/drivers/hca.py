@@ -19,7 +19,20 @@ from softrdma.dma.platform import Platform
 from softrdma.dma.types import DMA_BIT_MASK, DmaBackend
 from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.link import Network
-from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IBK_LOCAL_DMA_LKEY, DeviceAttr
+from softrdma.verbs.device import (
+    IB_DEVICE_MEM_MGT_EXTENSIONS,
+    IB_DEVICE_XRC,
+    IBK_LOCAL_DMA_LKEY,
+    DeviceAttr,
+)
+from softrdma.verbs.enums import IB_DEVICE_ATOMIC_WRITE, IB_DEVICE_FLUSH_GLOBAL
+
+HCA_DEVICE_CAP_FLAGS = (
+    IB_DEVICE_MEM_MGT_EXTENSIONS | IB_DEVICE_FLUSH_GLOBAL | IB_DEVICE_ATOMIC_WRITE
+)
+"""What the HCA's transport executes: RC FLUSH to global visibility and ATOMIC
+WRITE (IBTA annex A19), not FLUSH to persistence — it has no persistent memory
+to place data in, so it does not claim ``IB_DEVICE_FLUSH_PERSISTENT``."""
 
 #: The reserved lkey, as firmware hands one to mlx5 (index 1, key byte 0).
 HCA_RESERVED_LKEY = 0x100
@@ -54,7 +67,8 @@ class HwHca(RoceDevice):
         attrs = DeviceAttr(
             vendor_id=0x02C9,
             kernel_cap_flags=IBK_LOCAL_DMA_LKEY,
-            device_cap_flags=IB_DEVICE_MEM_MGT_EXTENSIONS,
+            device_cap_flags=HCA_DEVICE_CAP_FLAGS | IB_DEVICE_XRC,
+            max_xrcds=0x10000,
         )
         super().__init__(
             name,

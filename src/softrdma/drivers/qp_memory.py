@@ -39,6 +39,7 @@ from softrdma.verbs.wr import BindMwWR, RegWR, Sge
 
 if TYPE_CHECKING:
     from softrdma.verbs.device import IbDevice
+    from softrdma.verbs.pd import ProtectionDomain
     from softrdma.verbs.qp import QueuePair
 
 _U64 = struct.Struct("<Q")  # atomics act on a host-order (little-endian) u64
@@ -88,12 +89,13 @@ def _page_runs(pages: list[int], size: int, mr_iova: int, iova: int, length: int
 
 
 class QpMemory:
-    """The :class:`MemoryPort` of one QP (its PD scopes every key)."""
+    """The :class:`MemoryPort` of one QP (its PD scopes every key; for an
+    XRC TGT QP, ``pd`` is the PD of the XRC SRQ a request names)."""
 
-    def __init__(self, device: IbDevice, qp: QueuePair) -> None:
+    def __init__(self, device: IbDevice, qp: QueuePair, pd: ProtectionDomain | None = None) -> None:
         self.device = device
         self.qp = qp
-        self.pd = qp.pd
+        self.pd = qp.pd if pd is None else pd
         self.dma = device.dma_device
         self.mrs = device.mr_table
         self._reserved_lkey = (
@@ -254,6 +256,19 @@ class QpMemory:
         mr = self._remote_mr(rkey, va, length, access)
         self._probe(_translate(mr, va, length), bool(access & _REMOTE_MODIFY), local=False)
         return RemoteMr(self, rkey, va, length, access, mr)
+
+    def check_rkey_access(self, rkey: int, access: int) -> None:
+        """``check_rkey`` of a FLUSH of the whole MR or an empty range: the
+        key (``lookup_mr`` / ``rxe_lookup_mw``), PD, state and access, no
+        range."""
+        try:
+            mw = self.mrs.mw(rkey)
+            if mw is not None:
+                mw.check_remote(rkey, self.pd, self.qp, mw.addr, 0, int(access))
+            else:
+                self.mrs.lookup(rkey, self.pd, int(access), remote=True)
+        except MrKeyError as e:
+            raise RemoteAccessError(_ACCESS_ERR, str(e)) from e
 
     def write_once(self, rkey: int, va: int, data: BytesLike) -> None:
         """:meth:`check_rkey` for REMOTE_WRITE and :meth:`RemoteMr.write`

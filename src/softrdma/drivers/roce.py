@@ -53,6 +53,7 @@ from softrdma.transport.wqe import (
     SrqLimitReached,
     check_send_wr,
 )
+from softrdma.transport.xrc import XrcIniQp, XrcSrq, XrcTgtQp, xrc_supports
 from softrdma.verbs.device import DeviceAttr, IbDevice, IbEvent
 from softrdma.verbs.enums import IbEventType, IbQpState, IbQpType, IbSendFlags, IbSrqAttrMask
 from softrdma.verbs.errors import PostError
@@ -63,6 +64,8 @@ from softrdma.verbs.wr import RecvWR, SendWR
 log = logging.getLogger("softrdma.drivers")
 
 Engine = RcQp | UcQp | UdQp
+_POST_AS = {IbQpType.GSI: IbQpType.UD, IbQpType.XRC_INI: IbQpType.RC}
+"""The QP type whose send opcodes a type posts (``validate_send_wr``)."""
 _INLINE = int(IbSendFlags.INLINE)  # (IntFlag's & is slow: once per WR posted)
 
 
@@ -133,6 +136,18 @@ class RoceDevice(IbDevice):
         if qp.qp_type == IbQpType.RC:
             engine = RcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
             engine.offload = self._offload
+        elif qp.qp_type == IbQpType.XRC_INI:
+            # No segmentation offload: XRC packets go frame by frame.
+            engine = XrcIniQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats)
+        elif qp.qp_type == IbQpType.XRC_TGT:
+            engine = XrcTgtQp(
+                qp.qp_num,
+                mem,
+                xrcd=qp.xrcd,
+                srq_lookup=self._xrc_srq,
+                srq_mem=self._xrc_mem(qp),
+                counters=self.stats,
+            )
         elif qp.qp_type == IbQpType.UC:
             engine = UcQp(qp.qp_num, mem, sq_sig_all=qp.sq_sig_all, counters=self.stats, srq=srq)
         else:
@@ -156,11 +171,14 @@ class RoceDevice(IbDevice):
         """``rxe_post_send``: ``validate_send_wr`` with the WR opcode table,
         inline data copied, then the doorbell."""
         engine = self._engines[qp.qp_num]
-        qp_type = IbQpType.UD if qp.qp_type == IbQpType.GSI else qp.qp_type
+        qp_type = _POST_AS.get(qp.qp_type, qp.qp_type)
         sig_all = qp.sq_sig_all
+        xrc_ini = qp.qp_type == IbQpType.XRC_INI
         try:
             for wr in wrs:
                 why = check_send_wr(wr, qp_type)
+                if why is None and xrc_ini and not xrc_supports(wr.opcode):
+                    why = f"{wr.opcode.name} is not valid on an XRC_INI QP"
                 if why is not None:
                     raise PostError(errno.EINVAL, f"QP {qp.qp_num:#x}: {why}", wr)
                 inline = None
@@ -192,9 +210,32 @@ class RoceDevice(IbDevice):
 
     def ops_create_srq(self, srq: SharedReceiveQueue, attr: SrqAttr) -> SharedRq:
         """``rxe_create_srq``: the queue the QPs attached to it take from."""
-        hw = SharedRq(srq.srq_num, attr.max_wr, attr.max_sge, attr.srq_limit)
+        hw: SharedRq
+        if srq.xrcd is not None:
+            hw = XrcSrq(srq.srq_num, attr.max_wr, attr.max_sge, attr.srq_limit, xrcd=srq.xrcd)
+        else:
+            hw = SharedRq(srq.srq_num, attr.max_wr, attr.max_sge, attr.srq_limit)
         self._srqs[srq.srq_num] = hw
         return hw
+
+    def _xrc_srq(self, srqn: int) -> XrcSrq | None:
+        """The XRC SRQ numbered ``srqn``, for a TGT QP's XRCETH."""
+        hw = self._srqs.get(srqn)
+        return hw if isinstance(hw, XrcSrq) else None
+
+    def _xrc_mem(self, qp: QueuePair) -> Callable[[XrcSrq], QpMemory]:
+        """A TGT QP's memory port per XRC SRQ: keys checked against the
+        SRQ's PD (made on first use, kept while the SRQ lives)."""
+        ports: dict[int, tuple[XrcSrq, QpMemory]] = {}
+
+        def mem_of(hw: XrcSrq) -> QpMemory:
+            got = ports.get(hw.srqn)
+            if got is None or got[0] is not hw:
+                srq = self._tables.srqs[hw.srqn]
+                got = ports[hw.srqn] = (hw, QpMemory(self, qp, srq.pd))
+            return got[1]
+
+        return mem_of
 
     def ops_post_srq_recv(self, srq: SharedReceiveQueue, wrs: Sequence[RecvWR]) -> None:
         """``rxe_post_srq_recv``. Nothing to kick: a sender refused with an
@@ -338,9 +379,16 @@ class RoceDevice(IbDevice):
             # Application code may run from here (a CQ's comp_handler, an
             # event handler): what was sent before it is on the wire.
             self._flush()
+        tgt = self._engines.get(qp.qp_num) if qp.qp_type == IbQpType.XRC_TGT else None
         for c in out.completions:
             if c.side is CqSide.SEND:
                 qp.send_cq.push(c.wc)
+            elif isinstance(tgt, XrcTgtQp):
+                # to the CQ of the XRC SRQ that supplied the WQE
+                xsrq = tgt.srq_of(c)
+                vsrq = None if xsrq is None else self._tables.srqs.get(xsrq.srqn)
+                if vsrq is not None and vsrq.cq is not None:
+                    vsrq.cq.push(c.wc, c.solicited)
             else:
                 qp.recv_cq.push(c.wc, c.solicited)
         for event in out.events:
@@ -350,8 +398,10 @@ class RoceDevice(IbDevice):
                 if qp.hw.attr.en_sqd_async_notify:
                     self.dispatch_event(IbEvent(IbEventType.SQ_DRAINED, self, qp=qp))
             elif isinstance(event, SrqLimitReached):
-                if qp.srq is not None:
-                    ev = IbEvent(IbEventType.SRQ_LIMIT_REACHED, self, srq=qp.srq)
+                # (an XRC TGT QP's SRQ is the one its request named)
+                srq = qp.srq if qp.srq is not None else self._tables.srqs.get(event.srqn)
+                if srq is not None:
+                    ev = IbEvent(IbEventType.SRQ_LIMIT_REACHED, self, srq=srq)
                     self.dispatch_event(ev)
             elif isinstance(event, LastWqeReached):
                 self.dispatch_event(IbEvent(IbEventType.LAST_WQE_REACHED, self, qp=qp))

@@ -19,7 +19,23 @@ from softrdma.dma.platform import Platform
 from softrdma.dma.types import DmaBackend
 from softrdma.drivers.roce import RoceDevice
 from softrdma.fabric.link import Network
-from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, DeviceAttr
+from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IB_DEVICE_XRC, DeviceAttr
+from softrdma.verbs.enums import (
+    IB_DEVICE_ATOMIC_WRITE,
+    IB_DEVICE_FLUSH_GLOBAL,
+    IB_DEVICE_FLUSH_PERSISTENT,
+)
+
+RXE_DEVICE_CAP_FLAGS = (
+    IB_DEVICE_MEM_MGT_EXTENSIONS
+    | IB_DEVICE_FLUSH_GLOBAL
+    | IB_DEVICE_FLUSH_PERSISTENT
+    | IB_DEVICE_ATOMIC_WRITE
+)
+"""rxe_param.h ``RXE_DEVICE_CAP_FLAGS`` (the part softrdma implements): rxe
+advertises FLUSH to persistence too, and refuses it per MR when the pages are
+not persistent memory, as every page of softrdma's host is
+(:func:`~softrdma.verbs.mr.ib_check_mr_access`)."""
 
 
 class SoftRoce(RoceDevice):
@@ -42,5 +58,11 @@ class SoftRoce(RoceDevice):
             debug=debug,
             driver="softrdma_rxe",
         )
-        attrs = DeviceAttr(vendor_id=0xFFFFFF, device_cap_flags=IB_DEVICE_MEM_MGT_EXTENSIONS)
+        # XRC goes beyond rxe (its XRC series was never merged): the RC
+        # engines serve XRC INI / TGT QPs on every softrdma device.
+        attrs = DeviceAttr(
+            vendor_id=0xFFFFFF,
+            device_cap_flags=RXE_DEVICE_CAP_FLAGS | IB_DEVICE_XRC,
+            max_xrcds=0x10000,
+        )
         super().__init__(name, dma_device, attrs, network, ip, netdev_mtu=netdev_mtu)

@@ -73,6 +73,7 @@ from softrdma.transport.wqe import (
     WQE_POSTED,
     WR_ATOMIC,
     WR_READ,
+    WR_RESPONSE,
     Completion,
     CqSide,
     SendWqe,
@@ -207,7 +208,7 @@ def _ack_fast(qp: RcQp, comp: CompInfo, pkt: Packet, now: float) -> bool:
     if (
         wqe.state is not WQE_PENDING
         or psn != wqe.last_psn
-        or wqe.mask & (WR_READ | WR_ATOMIC)
+        or wqe.mask & WR_RESPONSE
         or (psn - qp.req.sent_psn) & PSN_MASK < PSN_HALF  # not below every PSN sent
         or (psn - comp.psn) & PSN_MASK >= PSN_HALF  # behind: a duplicate
     ):
@@ -353,7 +354,7 @@ def _check_psn(p: _Pass) -> CompState:
         # The response is past the oldest WQE: a SEND/WRITE is implicitly
         # acknowledged; a READ/atomic lost its response and is retried.
         if wqe.state is WQE_PENDING:
-            if wqe.mask & (WR_READ | WR_ATOMIC):
+            if wqe.mask & WR_RESPONSE:
                 return ERROR_RETRY
             reset_retry_counters(qp)
             return COMP_WQE
@@ -374,7 +375,7 @@ def _check_psn(p: _Pass) -> CompState:
         if psn == wqe.last_psn and wqe.state is WQE_PENDING:
             return COMP_ACK
         return DONE
-    if diff > 0 and wqe.mask & (WR_READ | WR_ATOMIC):
+    if diff > 0 and wqe.mask & WR_RESPONSE:
         return DONE
     return CHECK_ACK
 
@@ -403,7 +404,14 @@ def _check_ack(p: _Pass) -> CompState:
         if aeth is not None and aeth.syndrome >> 5 != AethType.ACK:
             return _bad_response(wqe)
         if not wqe.mask & WR_READ:
-            return _bad_response(wqe)
+            # FLUSH and ATOMIC WRITE are answered with an RDMA READ
+            # RESPONSE ONLY without payload (rxe send_read_response_ack;
+            # rxe_comp.c check_ack accepts it for IB_WR_FLUSH /
+            # IB_WR_ATOMIC_WRITE).
+            if not wqe.mask & WR_RESPONSE or op != RC_RDMA_READ_RESPONSE_ONLY or len(pkt.payload):
+                return _bad_response(wqe)
+            reset_retry_counters(qp)
+            return COMP_ACK
         reset_retry_counters(qp)
         return READ
     assert aeth is not None  # ACKNOWLEDGE and ATOMIC ACKNOWLEDGE carry one
@@ -415,8 +423,9 @@ def _check_ack(p: _Pass) -> CompState:
         return ATOMIC
     if op == RC_ACKNOWLEDGE:
         if kind == AethType.ACK:
-            if wqe.mask & (WR_READ | WR_ATOMIC):
-                # Only its response completes a READ / atomic. A plain ACK at
+            if wqe.mask & WR_RESPONSE:
+                # Only its response completes a READ / atomic (/ FLUSH /
+                # ATOMIC WRITE). A plain ACK at
                 # its PSN is the responder re-acknowledging a duplicate
                 # (C9-105: PSN of the last request executed); rxe would
                 # complete the WQE here without its data.
@@ -664,6 +673,7 @@ COMPLETER: dict[CompState, Step] = {
                 READ,
                 ATOMIC,
                 WRITE_SEND,
+                COMP_ACK,
                 RNR_RETRY,
                 ERROR_RETRY,
                 ERROR,

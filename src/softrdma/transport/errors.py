@@ -81,7 +81,7 @@ DROP_REASONS: tuple[DropReason, ...] = get_args(DropReason)
 ``bad_checksum``
     IPv4 header checksum or (non-zero) UDP checksum wrong.
 ``bad_opcode``
-    BTH opcode unknown (reserved, RD, XRC): ``UnknownOpcode``.
+    BTH opcode unknown (reserved, RD): ``UnknownOpcode``.
 ``bad_pad``
     BTH PadCnt larger than the payload.
 ``bad_icrc``

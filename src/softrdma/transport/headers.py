@@ -39,11 +39,13 @@ __all__ = [
     "BTH_SIZE",
     "CNP_RSVD_SIZE",
     "DETH_SIZE",
+    "FETH_SIZE",
     "GSI_QKEY",
     "IETH_SIZE",
     "IMMDT_SIZE",
     "RETH_SIZE",
     "RNR_NAK_USEC",
+    "XRCETH_SIZE",
     "Aeth",
     "AethType",
     "AtomicAckEth",
@@ -53,6 +55,7 @@ __all__ = [
     "CnpRsvd",
     "Deth",
     "ExtHeader",
+    "Feth",
     "HeaderFieldError",
     "Ieth",
     "ImmDt",
@@ -60,6 +63,7 @@ __all__ = [
     "NakCode",
     "Reth",
     "WritableBuffer",
+    "XrcEth",
     "aeth_syndrome",
     "aeth_syndrome_parse",
     "rnr_timer_decode",
@@ -77,6 +81,8 @@ IMMDT_SIZE = 4
 IETH_SIZE = 4
 DETH_SIZE = 8
 CNP_RSVD_SIZE = 16
+FETH_SIZE = 4
+XRCETH_SIZE = 4
 
 BTH_DEF_PKEY = 0xFFFF
 """rxe_hdr.h BTH_DEF_PKEY: the default (full member) partition key."""
@@ -481,6 +487,73 @@ class Deth(_DethFields, _WireHeader):
         return tuple.__new__(cls, (qkey, word & 0xFFFFFF))
 
 
+class _FethFields(NamedTuple):
+    plt: int
+    sel: int
+
+
+class Feth(_FethFields, _WireHeader):
+    """FLUSH Extended Transport Header, 4 bytes (IBTA vol. 1 annex A19;
+    rxe_hdr.h ``struct rxe_feth``, ``feth_plt`` / ``feth_sel`` /
+    ``feth_init``): reserved (26), ``sel`` — the selectivity level (2, bits
+    5..4: ``IB_FLUSH_RANGE`` 0, ``IB_FLUSH_MR`` 1) — and ``plt`` — the
+    placement type (4, bits 3..0: ``IB_FLUSH_GLOBAL`` 1 | ``IB_FLUSH_PERSISTENT``
+    2). It precedes the RETH of an RC FLUSH request."""
+
+    __slots__ = ()
+
+    SIZE: ClassVar[int] = FETH_SIZE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">I")
+    NAME: ClassVar[str] = "FETH"
+    BITS: ClassVar[tuple[int, ...]] = (4, 2)
+    VERBATIM: ClassVar[bool] = False
+
+    def wire_fields(self) -> tuple[int, ...]:
+        """Values for :attr:`STRUCT` (rxe ``feth_init``)."""
+        plt, sel = self.plt, self.sel
+        if not isinstance(plt, int) or plt >> 4 or plt < 0:
+            raise _bad(self.NAME, "plt", plt, 4)
+        if not isinstance(sel, int) or sel >> 2 or sel < 0:
+            raise _bad(self.NAME, "sel", sel, 2)
+        return (sel << 4 | plt,)
+
+    @classmethod
+    def from_wire(cls, word: int) -> Self:
+        """Build from the :attr:`STRUCT` value (reserved bits ignored)."""
+        return tuple.__new__(cls, (word & 0xF, (word >> 4) & 3))
+
+
+class _XrcEthFields(NamedTuple):
+    srqn: int
+
+
+class XrcEth(_XrcEthFields, _WireHeader):
+    """XRC Extended Transport Header, 4 bytes (IBTA vol. 1 §9.3.6 /
+    ``IB_XRCETH_BYTES``; rxe's XRC series ``struct rxe_xrceth``): reserved (8),
+    ``srqn`` (24), the XRC SRQ of the target that the request is for. It
+    follows the BTH of every XRC request packet; responses carry none."""
+
+    __slots__ = ()
+
+    SIZE: ClassVar[int] = XRCETH_SIZE
+    STRUCT: ClassVar[struct.Struct] = struct.Struct(">I")
+    NAME: ClassVar[str] = "XRCETH"
+    BITS: ClassVar[tuple[int, ...]] = (24,)
+    VERBATIM: ClassVar[bool] = False
+
+    def wire_fields(self) -> tuple[int, ...]:
+        """Values for :attr:`STRUCT` (the reserved byte is the top of the word)."""
+        srqn = self.srqn
+        if not isinstance(srqn, int) or srqn >> _U24:
+            raise self._field_error("range")
+        return (srqn,)
+
+    @classmethod
+    def from_wire(cls, word: int) -> Self:
+        """Build from the :attr:`STRUCT` value (reserved byte ignored)."""
+        return tuple.__new__(cls, (word & 0xFFFFFF,))
+
+
 class _CnpRsvdFields(NamedTuple):
     rsvd: bytes = bytes(CNP_RSVD_SIZE)
 
@@ -505,7 +578,7 @@ class CnpRsvd(_CnpRsvdFields, _WireHeader):
         return self
 
 
-ExtHeader = Reth | Aeth | AtomicEth | AtomicAckEth | ImmDt | Ieth | Deth | CnpRsvd
+ExtHeader = Reth | Aeth | AtomicEth | AtomicAckEth | ImmDt | Ieth | Deth | CnpRsvd | XrcEth | Feth
 """Any extension header instance."""
 
 

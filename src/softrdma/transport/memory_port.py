@@ -159,6 +159,13 @@ class MemoryPort(Protocol):
         their handle allows no access. Raises :class:`RemoteAccessError`."""
         ...
 
+    def check_rkey_access(self, rkey: int, access: int) -> None:
+        """The key, PD, state and ``access`` of ``rkey`` without a range: a
+        FLUSH of the whole MR (``IB_FLUSH_MR``) or of an empty range (rxe
+        ``check_rkey`` skips ``mr_check_range`` for the first). Raises
+        :class:`RemoteAccessError`."""
+        ...
+
     def write_once(self, rkey: int, va: int, data: BytesLike) -> None:
         """:meth:`check_rkey` with REMOTE_WRITE for ``len(data)`` bytes at
         ``va``, then :meth:`RemoteMr.write` of ``data`` there: a one-packet

@@ -9,7 +9,7 @@ tuple indexed by the opcode byte.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import TypeAlias
 
@@ -20,10 +20,12 @@ from softrdma.transport.headers import (
     AtomicEth,
     CnpRsvd,
     Deth,
+    Feth,
     Ieth,
     ImmDt,
     MalformedPacket,
     Reth,
+    XrcEth,
 )
 
 __all__ = [
@@ -39,7 +41,7 @@ __all__ = [
 
 class UnknownOpcode(MalformedPacket):
     """The BTH opcode is not one softrdma (or rxe) knows: reserved values and the
-    RD / XRC transports. rxe_recv.c drops such packets. Reason ``bad_opcode``."""
+    RD transport. rxe_recv.c drops such packets. Reason ``bad_opcode``."""
 
     def __init__(self, opcode: int) -> None:
         super().__init__(f"unknown BTH opcode {opcode:#04x}", reason="bad_opcode")
@@ -55,6 +57,7 @@ class Transport(IntEnum):
     RD = 0x40
     UD = 0x60
     CNP = 0x80
+    XRC = 0xA0
 
 
 class Opcode(IntEnum):
@@ -88,6 +91,8 @@ class Opcode(IntEnum):
     RC_FETCH_ADD = 0x14
     RC_SEND_LAST_WITH_INVALIDATE = 0x16
     RC_SEND_ONLY_WITH_INVALIDATE = 0x17
+    RC_FLUSH = 0x1C
+    RC_ATOMIC_WRITE = 0x1D
 
     UC_SEND_FIRST = 0x20
     UC_SEND_MIDDLE = 0x21
@@ -105,6 +110,30 @@ class Opcode(IntEnum):
     UD_SEND_ONLY = 0x64
     UD_SEND_ONLY_WITH_IMMEDIATE = 0x65
 
+    XRC_SEND_FIRST = 0xA0
+    XRC_SEND_MIDDLE = 0xA1
+    XRC_SEND_LAST = 0xA2
+    XRC_SEND_LAST_WITH_IMMEDIATE = 0xA3
+    XRC_SEND_ONLY = 0xA4
+    XRC_SEND_ONLY_WITH_IMMEDIATE = 0xA5
+    XRC_RDMA_WRITE_FIRST = 0xA6
+    XRC_RDMA_WRITE_MIDDLE = 0xA7
+    XRC_RDMA_WRITE_LAST = 0xA8
+    XRC_RDMA_WRITE_LAST_WITH_IMMEDIATE = 0xA9
+    XRC_RDMA_WRITE_ONLY = 0xAA
+    XRC_RDMA_WRITE_ONLY_WITH_IMMEDIATE = 0xAB
+    XRC_RDMA_READ_REQUEST = 0xAC
+    XRC_RDMA_READ_RESPONSE_FIRST = 0xAD
+    XRC_RDMA_READ_RESPONSE_MIDDLE = 0xAE
+    XRC_RDMA_READ_RESPONSE_LAST = 0xAF
+    XRC_RDMA_READ_RESPONSE_ONLY = 0xB0
+    XRC_ACKNOWLEDGE = 0xB1
+    XRC_ATOMIC_ACKNOWLEDGE = 0xB2
+    XRC_COMPARE_SWAP = 0xB3
+    XRC_FETCH_ADD = 0xB4
+    XRC_SEND_LAST_WITH_INVALIDATE = 0xB6
+    XRC_SEND_ONLY_WITH_INVALIDATE = 0xB7
+
     CNP = 0x81
 
 
@@ -117,6 +146,8 @@ ExtHeaderType: TypeAlias = (
     | type[Ieth]
     | type[Deth]
     | type[CnpRsvd]
+    | type[Feth]
+    | type[XrcEth]
 )
 """An extension header class, as listed in :attr:`OpcodeInfo.ext_headers`."""
 
@@ -139,9 +170,12 @@ class OpcodeInfo:
       (``RXE_IMMDT_MASK``), ``has_invalidate`` (``RXE_IETH_MASK``);
     * ``is_send`` / ``is_write`` / ``is_read`` / ``is_atomic``
       (``RXE_SEND_MASK`` / ``RXE_WRITE_MASK`` / ``RXE_READ_MASK`` / ``RXE_ATOMIC_MASK``);
+      ``is_flush`` / ``is_atomic_write`` (``RXE_FLUSH_MASK`` /
+      ``RXE_ATOMIC_WRITE_MASK``: RC FLUSH and ATOMIC WRITE, IBTA annex A19,
+      answered like a READ with an empty READ RESPONSE ONLY);
     * ``consumes_recv_wqe`` (``RXE_RWR_MASK``), ``completes`` (``RXE_COMP_MASK``:
       the responder generates a receive completion);
-    * ``requires_ack``: an RC request; the requester keeps it until an ACK or
+    * ``requires_ack``: an RC (or XRC) request; the requester keeps it until an ACK or
       response (explicit or coalesced) covers its PSN. UC, UD and CNP are never
       acknowledged.
     """
@@ -169,6 +203,8 @@ class OpcodeInfo:
     consumes_recv_wqe: bool
     completes: bool
     requires_ack: bool
+    is_flush: bool = False
+    is_atomic_write: bool = False
 
     @property
     def starts_message(self) -> bool:
@@ -182,9 +218,10 @@ class OpcodeInfo:
 
 
 # Flags used only to build the table below.
-_REQ, _RESP, _FIRST, _MIDDLE, _LAST, _PAY, _SEND, _WRITE, _READ, _ATOMIC, _RWR, _COMP = (
-    1 << i for i in range(12)
-)
+(
+    _REQ, _RESP, _FIRST, _MIDDLE, _LAST, _PAY, _SEND, _WRITE, _READ, _ATOMIC, _RWR, _COMP,
+    _FLUSH, _ATOMIC_WRITE,
+) = (1 << i for i in range(14))  # fmt: skip
 _ONLY = _FIRST | _LAST
 
 
@@ -221,6 +258,8 @@ def _row(op: Opcode, flags: int, *ext: ExtHeaderType) -> OpcodeInfo:
         consumes_recv_wqe=bool(flags & _RWR),
         completes=bool(flags & _COMP),
         requires_ack=transport is Transport.RC and bool(flags & _REQ),
+        is_flush=bool(flags & _FLUSH),
+        is_atomic_write=bool(flags & _ATOMIC_WRITE),
     )
 
 
@@ -244,6 +283,33 @@ def _send_write_rows(t: str) -> list[OpcodeInfo]:
         _row(o[t + "_RDMA_WRITE_ONLY"], wr | _ONLY, Reth),
         _row(o[t + "_RDMA_WRITE_ONLY_WITH_IMMEDIATE"], wr | _COMP | _RWR | _ONLY, Reth, ImmDt),
     ]
+
+
+_LAST_XRC_TWIN = Opcode.RC_SEND_ONLY_WITH_INVALIDATE
+"""XRC has a twin of every RC opcode up to SEND ONLY WITH INVALIDATE
+(ib_pack.h ``IB_OPCODE_XRC``; the later RC-only FLUSH / ATOMIC WRITE have none)."""
+
+
+def _xrc_row(rc: OpcodeInfo) -> OpcodeInfo:
+    """The XRC twin of an RC row (IBTA vol. 1 §9.2 / ib_pack.h
+    ``IB_OPCODE_XRC + op``): the same operation; a request carries the
+    XRCETH right after the BTH, before its other extension headers (rxe's XRC
+    series ``rxe_opcode.c``, Wireshark's ``packet-infiniband.c``), a
+    response (ACK, READ response, atomic ACK) is laid out as in RC."""
+    op = Opcode(rc.opcode | Transport.XRC)
+    if not rc.is_request:
+        return replace(rc, opcode=op, name="IB_OPCODE_" + op.name, qp_type=Transport.XRC)
+    ext = (XrcEth, *rc.ext_headers)
+    offsets = (BTH_SIZE, *(o + XrcEth.SIZE for o in rc.offsets))
+    return replace(
+        rc,
+        opcode=op,
+        name="IB_OPCODE_" + op.name,
+        qp_type=Transport.XRC,
+        ext_headers=ext,
+        offsets=offsets,
+        length=rc.length + XrcEth.SIZE,
+    )
 
 
 def _build_table() -> tuple[OpcodeInfo | None, ...]:
@@ -271,6 +337,10 @@ def _build_table() -> tuple[OpcodeInfo | None, ...]:
             _REQ | _PAY | _SEND | _COMP | _RWR | _ONLY,
             Ieth,
         ),
+        # IBTA annex A19 (rxe_opcode.c): FLUSH is FETH + RETH, no payload;
+        # ATOMIC WRITE is a RETH and exactly 8 bytes of payload.
+        _row(Opcode.RC_FLUSH, _REQ | _FLUSH | _ONLY, Feth, Reth),
+        _row(Opcode.RC_ATOMIC_WRITE, _REQ | _PAY | _ATOMIC_WRITE | _ONLY, Reth),
         _row(Opcode.UD_SEND_ONLY, _REQ | _PAY | _SEND | _COMP | _RWR | _ONLY, Deth),
         _row(
             Opcode.UD_SEND_ONLY_WITH_IMMEDIATE,
@@ -281,6 +351,7 @@ def _build_table() -> tuple[OpcodeInfo | None, ...]:
         # RoCEv2 CNP (IBTA annex A17): BTH + 16 reserved bytes, no payload.
         _row(Opcode.CNP, 0, CnpRsvd),
     ]
+    rows += [_xrc_row(r) for r in rows if r.opcode <= _LAST_XRC_TWIN]
     table: list[OpcodeInfo | None] = [None] * 256
     for r in rows:
         assert table[r.opcode] is None, r

@@ -32,11 +32,13 @@ from softrdma.transport.headers import (
     BytesLike,
     CnpRsvd,
     Deth,
+    Feth,
     HeaderFieldError,
     Ieth,
     ImmDt,
     MalformedPacket,
     Reth,
+    XrcEth,
 )
 from softrdma.transport.opcodes import (
     OPCODE_TABLE,
@@ -60,6 +62,8 @@ _SLOT: dict[ExtHeaderType, str] = {
     Ieth: "ieth",
     Deth: "deth",
     CnpRsvd: "cnp",
+    XrcEth: "xrceth",
+    Feth: "feth",
 }
 
 
@@ -123,7 +127,8 @@ class Packet:
 
     Exactly the extension headers the opcode carries must be set (``reth`` for
     RDMA WRITE FIRST/ONLY and READ REQUEST, ``aeth`` for ACKs and read
-    responses, ``atmeth``, ``atmack``, ``immdt``, ``ieth``, ``deth``, ``cnp``).
+    responses, ``atmeth``, ``atmack``, ``immdt``, ``ieth``, ``deth``, ``cnp``,
+    ``xrceth`` for XRC requests, ``feth`` for FLUSH).
     ``bth.pad`` must equal :func:`pad_count` of the payload; :meth:`build`
     fills it in. A decoded packet's ``payload`` is a :class:`memoryview` into
     the received buffer (no copy).
@@ -139,6 +144,8 @@ class Packet:
     ieth: Ieth | None = None
     deth: Deth | None = None
     cnp: CnpRsvd | None = None
+    xrceth: XrcEth | None = None
+    feth: Feth | None = None
 
     @classmethod
     def build(
@@ -162,6 +169,8 @@ class Packet:
         ieth: Ieth | None = None,
         deth: Deth | None = None,
         cnp: CnpRsvd | None = None,
+        xrceth: XrcEth | None = None,
+        feth: Feth | None = None,
     ) -> Packet:
         """A packet with PadCnt computed from the payload (rxe_req.c
         ``init_req_packet`` → ``bth_init``). A CNP gets zero reserved bytes
@@ -173,7 +182,7 @@ class Packet:
         bth = tuple.__new__(
             Bth, (opcode, dest_qp, psn, pkey, se, mig, -n & 3, 0, fecn, becn, ack_req)
         )
-        return cls(bth, payload, reth, aeth, atmeth, atmack, immdt, ieth, deth, cnp)
+        return cls(bth, payload, reth, aeth, atmeth, atmack, immdt, ieth, deth, cnp, xrceth, feth)
 
     # Convenience views of the BTH and the opcode row.
     @property
@@ -239,6 +248,8 @@ class Packet:
             + (self.ieth is not None)
             + (self.deth is not None)
             + (self.cnp is not None)
+            + (self.xrceth is not None)
+            + (self.feth is not None)
         )
         vals = bth.wire_fields()
         for slot in plan.slots:

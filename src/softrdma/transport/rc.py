@@ -140,6 +140,7 @@ class RespRes:
         "last_psn",
         "length",
         "mr",
+        "opcode",
         "orig",
         "replay",
         "resid",
@@ -156,6 +157,7 @@ class RespRes:
         self.first_psn = self.last_psn = self.cur_psn = 0
         self.va = self.va_org = self.length = self.resid = self.rkey = 0
         self.orig = 0
+        self.opcode = 0  # the request it answers (rxe res->type, finer)
         self.replay = False
         self.started = False
         self.mr: RemoteMr | None = None

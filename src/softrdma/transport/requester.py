@@ -19,8 +19,10 @@ unacknowledged PSN (go-back-N).
 Flow control, as rxe:
 
 * at most :data:`MAX_UNACKED_PSNS` PSNs outstanding (``RXE_MAX_UNACKED_PSNS``);
-* at most ``max_rd_atomic`` READ / atomic WQEs outstanding (``req.rd_atomic``
-  credits, ``check_init_depth``);
+* at most ``max_rd_atomic`` READ / atomic / FLUSH / ATOMIC WRITE WQEs
+  outstanding (``req.rd_atomic`` credits, ``check_init_depth``): the
+  responder keeps a ``max_dest_rd_atomic`` resource for each, to replay its
+  response;
 * AckReq on the last packet of a message and at least every
   :data:`MAX_PKT_PER_ACK` packets (``RXE_MAX_PKT_PER_ACK``);
 * ``IB_SEND_FENCE`` waits for every earlier READ / atomic, LOCAL_INV for
@@ -34,7 +36,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from softrdma.transport.burst import SegRun, edge_packet
-from softrdma.transport.headers import AtomicEth, BytesLike, Reth
+from softrdma.transport.headers import AtomicEth, BytesLike, Feth, Reth
 from softrdma.transport.memory_port import LocalAccessError
 from softrdma.transport.opcodes import Opcode
 from softrdma.transport.packet import Packet
@@ -46,17 +48,20 @@ from softrdma.transport.wqe import (
     WQE_POSTED,
     WQE_PROCESSING,
     WR_ATOMIC,
+    WR_ATOMIC_WRITE,
+    WR_FLUSH,
     WR_IMM,
     WR_INV,
     WR_LOCAL,
     WR_READ,
+    WR_RESPONSE,
     WR_SEND,
     WR_WRITE,
     OutPacket,
     SendWqe,
 )
 from softrdma.verbs.enums import IbQpState, IbSendFlags, IbWcStatus, IbWrOpcode
-from softrdma.verbs.wr import AtomicWR, BindMwWR, RegWR
+from softrdma.verbs.wr import AtomicWR, AtomicWriteWR, BindMwWR, FlushWR, RegWR
 
 if TYPE_CHECKING:
     from softrdma.transport.rc import RcQp
@@ -218,8 +223,9 @@ def run(qp: RcQp, now: float) -> None:
         if mask & (WR_SEND | WR_WRITE):
             if not _send_write(qp, wqe, now):
                 break
-        elif mask & (WR_READ | WR_ATOMIC):
-            # check_init_depth(): a READ / atomic needs a credit.
+        elif mask & WR_RESPONSE:
+            # check_init_depth(): a READ / atomic / FLUSH / ATOMIC WRITE
+            # needs a credit.
             if not wqe.has_rd_atomic:
                 if req.rd_atomic <= 0:
                     break
@@ -227,8 +233,10 @@ def run(qp: RcQp, now: float) -> None:
                 wqe.has_rd_atomic = True
             if mask & WR_READ:
                 _send_read(qp, wqe, now)
-            else:
+            elif mask & WR_ATOMIC:
                 _send_atomic(qp, wqe, now)
+            else:
+                _send_flush_or_atomic_write(qp, wqe, now)
         else:
             # next_opcode() < 0: not an RC operation.
             _error(wqe, IbWcStatus.LOC_QP_OP_ERR)
@@ -478,6 +486,14 @@ def _send_atomic(qp: RcQp, wqe: SendWqe, now: float) -> None:
     pkt = Packet.build(
         opcode, dest_qp=qp.attr.dest_qp_num, psn=psn, pkey=qp.pkey, ack_req=True, atmeth=atmeth
     )
+    _send_single(qp, wqe, pkt, now)
+
+
+def _send_single(qp: RcQp, wqe: SendWqe, pkt: Packet, now: float) -> None:
+    """Send the one packet of a single-PSN request (an atomic, a FLUSH or an
+    ATOMIC WRITE) and move on to the next WQE."""
+    req = qp.req
+    psn = pkt.bth.psn
     qp.out.packets.append(OutPacket(pkt))
     req.noack_pkts = 0
     wqe.started = True
@@ -486,3 +502,38 @@ def _send_atomic(qp: RcQp, wqe: SendWqe, now: float) -> None:
     wqe.state = WQE_PENDING
     req.wqe_index += 1
     _arm(qp, now)
+
+
+def _send_flush_or_atomic_write(qp: RcQp, wqe: SendWqe, now: float) -> None:
+    """A FLUSH (FETH + RETH, no payload: oA19-2) or an ATOMIC WRITE (RETH of
+    8 bytes and the 8-byte value), one PSN each (rxe_req.c
+    ``init_req_packet`` / ``finish_packet``: ``feth_init``, the
+    ``dma.atomic_wr`` payload). Both are ordered behind every earlier
+    request of the QP by the RC PSN order, so a FLUSH answers only once the
+    WRITEs before it were placed."""
+    req = qp.req
+    wr = wqe.wr
+    psn = req.psn
+    if wqe.mask & WR_FLUSH:
+        assert isinstance(wr, FlushWR)  # the driver's check_send_wr made sure
+        pkt = Packet.build(
+            Opcode.RC_FLUSH,
+            dest_qp=qp.attr.dest_qp_num,
+            psn=psn,
+            pkey=qp.pkey,
+            ack_req=True,
+            feth=Feth(wr.placement_type, wr.level),
+            reth=Reth(wqe.iova, wqe.rkey, wqe.length),
+        )
+    else:
+        assert wqe.mask & WR_ATOMIC_WRITE and isinstance(wr, AtomicWriteWR)
+        pkt = Packet.build(
+            Opcode.RC_ATOMIC_WRITE,
+            dest_qp=qp.attr.dest_qp_num,
+            psn=psn,
+            pkey=qp.pkey,
+            ack_req=True,
+            payload=bytes(wr.atomic_wr),
+            reth=Reth(wqe.iova, wqe.rkey, 8),
+        )
+    _send_single(qp, wqe, pkt, now)

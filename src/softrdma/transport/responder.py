@@ -17,8 +17,10 @@ each state does (where it may go is the table's alone)::
                    behind it: a duplicate
     CHK_OP_SEQ     MIDDLE/LAST continue the message in progress; a new
                    message does not start while one is open
-    CHK_OP_VALID   READ / WRITE / atomic need the QP's remote access flag
-    CHK_RESOURCE   READ/atomic need max_dest_rd_atomic > 0; SEND FIRST/ONLY
+    CHK_OP_VALID   READ / WRITE / atomic need the QP's remote access flag,
+                   ATOMIC WRITE REMOTE_WRITE, FLUSH the FLUSH access of its
+                   placement type
+    CHK_RESOURCE   READ/atomic/FLUSH/ATOMIC WRITE need max_dest_rd_atomic > 0; SEND FIRST/ONLY
                    and WRITE-with-immediate need a posted receive (else an
                    RNR NAK, class B)
     CHK_LENGTH     FIRST/MIDDLE carry exactly one MTU, LAST 1..MTU, ONLY
@@ -31,12 +33,17 @@ each state does (where it may go is the table's alone)::
                    AETH on FIRST/LAST/ONLY); the rest after the link has
                    carried them
     ATOMIC_REPLY   execute once, save the original value
+    ATOMIC_WRITE_REPLY  store the 8 bytes once (IBTA annex A19)
+    PROCESS_FLUSH  a placement barrier: memory here is placed when written,
+                   so it only takes the resource and answers
     COMPLETE       the receive completion (or its error)
-    ACKNOWLEDGE    a pending NAK, an ATOMIC ACKNOWLEDGE, or an ACK when the
-                   request asked for one (AckReq)
+    ACKNOWLEDGE    a pending NAK, an ATOMIC ACKNOWLEDGE, an empty READ
+                   RESPONSE ONLY for FLUSH / ATOMIC WRITE, or an ACK when
+                   the request asked for one (AckReq)
     DUPLICATE_REQUEST  SEND/WRITE: re-ACK, never re-execute; READ: read the
                    memory again from the saved resource; atomic: replay the
-                   saved original value; no resource: drop (class D)
+                   saved original value; FLUSH / ATOMIC WRITE: answer again, never
+                   re-execute; no resource: drop (class D)
     ERR_PSN_OUT_OF_SEQ, ERR_RNR  class B: NAK and drop
     ERR_*          class A/C: NAK, the receive WQE completes in error, then
                    the QP enters ERR
@@ -59,7 +66,11 @@ buffer too small for a SEND completes with ``IB_WC_LOC_LEN_ERR`` (rxe:
 remote operational error with the fault's own status; a failed
 SEND_WITH_INVALIDATE NAKs invalid request (rxe ACKs, then errors the QP);
 a WRITE with a zero RETH length must carry no payload; RC receive
-completions carry no ``IB_WC_GRH`` flag (no GRH is placed for RC).
+completions carry no ``IB_WC_GRH`` flag (no GRH is placed for RC); a FLUSH
+with a reserved placement type or selectivity level is an invalid request
+(rxe runs it as a no-op or a whole-MR flush), a FLUSH without responder
+resources too (rxe only checks READ / atomics there), and an ATOMIC WRITE
+whose RETH length is not 8 is a length error (rxe reads 8 bytes anyway).
 """
 
 from __future__ import annotations
@@ -126,6 +137,8 @@ class RespState(enum.IntEnum):
     ERR_INVALIDATE_RKEY = 24
     ERR_LENGTH = 25
     DONE = 27
+    ATOMIC_WRITE_REPLY = 28
+    PROCESS_FLUSH = 29
 
 
 # The states as module names (see wqe.py: ~80 ns an enum attribute, ~10 a
@@ -138,6 +151,8 @@ CHK_LENGTH = RespState.CHK_LENGTH
 CHK_RKEY = RespState.CHK_RKEY
 EXECUTE = RespState.EXECUTE
 READ_REPLY = RespState.READ_REPLY
+ATOMIC_WRITE_REPLY = RespState.ATOMIC_WRITE_REPLY
+PROCESS_FLUSH = RespState.PROCESS_FLUSH
 ATOMIC_REPLY = RespState.ATOMIC_REPLY
 COMPLETE = RespState.COMPLETE
 ACKNOWLEDGE = RespState.ACKNOWLEDGE
@@ -203,6 +218,9 @@ _READ_RESPONSES = (
 _REMOTE_READ = int(IbAccess.REMOTE_READ)
 _REMOTE_WRITE = int(IbAccess.REMOTE_WRITE)
 _REMOTE_ATOMIC = int(IbAccess.REMOTE_ATOMIC)
+_FLUSH_GLOBAL = int(IbAccess.FLUSH_GLOBAL)
+_FLUSH_PERSISTENT = int(IbAccess.FLUSH_PERSISTENT)
+_FLUSH_MR = 1  # ib_user_verbs.h IB_FLUSH_MR: the FETH selectivity "whole MR"
 _MAX_DMA_LEN = 1 << 31  # IBTA C9-94 (rxe_resp_check_length)
 _SUCCESS = IbWcStatus.SUCCESS
 
@@ -515,17 +533,31 @@ def _check_op_valid(p: _Pass) -> RespState:
     info = p.info
     if (
         (info.is_read and not flags & _REMOTE_READ)
-        or (info.is_write and not flags & _REMOTE_WRITE)
+        or ((info.is_write or info.is_atomic_write) and not flags & _REMOTE_WRITE)
         or (info.is_atomic and not flags & _REMOTE_ATOMIC)
     ):
         return ERR_UNSUPPORTED_OPCODE
+    if info.is_flush:
+        feth = p.pkt.feth
+        assert feth is not None
+        # ib_placement_type: GLOBAL and/or PERSISTENT, each needing the QP's
+        # FLUSH access; ib_selectivity_level: RANGE or MR.
+        plt = feth.plt
+        if not 0 < plt <= 3 or feth.sel > _FLUSH_MR or _flush_access(plt) & ~flags:
+            return ERR_UNSUPPORTED_OPCODE
     return CHK_RESOURCE
+
+
+def _flush_access(plt: int) -> int:
+    """The access a FLUSH of placement type ``plt`` needs (rxe
+    ``check_qp_attr_access`` / ``check_rkey``)."""
+    return (_FLUSH_GLOBAL if plt & 1 else 0) | (_FLUSH_PERSISTENT if plt & 2 else 0)
 
 
 def _check_resource(p: _Pass) -> RespState:
     info = p.info
     qp = p.qp
-    if info.is_read or info.is_atomic:
+    if info.is_read or info.is_atomic or info.is_atomic_write or info.is_flush:
         # The requester must not exceed our resources; we just recycle.
         if qp.attr.max_dest_rd_atomic > 0:
             return CHK_LENGTH
@@ -579,6 +611,8 @@ def _check_rkey(p: _Pass) -> RespState:
         resp.rkey = atmeth.rkey
         resp.resid = 8
         access = _REMOTE_ATOMIC
+    elif info.is_atomic_write or info.is_flush:
+        return _check_rkey_a19(p)
     else:
         return EXECUTE
     if info.is_write:
@@ -597,6 +631,41 @@ def _check_rkey(p: _Pass) -> RespState:
             return ERR_RKEY_VIOLATION
     if info.is_atomic and resp.va & 7:
         return ERR_MISALIGNED_ATOMIC
+    return EXECUTE
+
+
+def _check_rkey_a19(p: _Pass) -> RespState:
+    """``check_rkey`` of an ATOMIC WRITE (REMOTE_WRITE on its 8 bytes, 8-byte
+    aligned) or a FLUSH (the FLUSH access of its placement type on its RETH
+    range, or on the MR alone for ``IB_FLUSH_MR``)."""
+    pkt = p.pkt
+    resp = p.resp
+    reth = pkt.reth
+    assert reth is not None
+    resp.va = reth.va
+    resp.rkey = reth.rkey
+    resp.resid = resp.length = reth.dma_len
+    mem = p.qp.mem
+    try:
+        if p.info.is_atomic_write:
+            if reth.dma_len != 8 or len(pkt.payload) != 8:
+                return ERR_LENGTH
+            resp.mr = mem.check_rkey(reth.rkey, reth.va, 8, _REMOTE_WRITE)
+            if reth.va & 7:
+                return ERR_MISALIGNED_ATOMIC
+            return EXECUTE
+        feth = pkt.feth
+        assert feth is not None
+        access = _flush_access(feth.plt)
+        if feth.sel == _FLUSH_MR or not reth.dma_len:
+            mem.check_rkey_access(reth.rkey, access)
+            resp.mr = None
+        else:
+            resp.mr = mem.check_rkey(reth.rkey, reth.va, reth.dma_len, access)
+    except RemoteAccessError as e:
+        resp.mr = None
+        resp.nak = e.nak
+        return ERR_RKEY_VIOLATION
     return EXECUTE
 
 
@@ -639,6 +708,10 @@ def _execute(p: _Pass) -> RespState:
         # The MSN counts the READ now (C9-148).
         resp.msn = psn_add(resp.msn)
         return READ_REPLY
+    elif info.is_atomic_write:
+        return ATOMIC_WRITE_REPLY
+    elif info.is_flush:
+        return PROCESS_FLUSH
     else:
         return ATOMIC_REPLY
     if info.has_invalidate:
@@ -668,6 +741,7 @@ def _prepare_res(p: _Pass, is_read: bool) -> RespRes:
     res.started = False
     psn = p.pkt.bth.psn
     res.first_psn = res.cur_psn = psn
+    res.opcode = p.pkt.bth.opcode
     if is_read:
         res.va = res.va_org = resp.va
         res.resid = res.length = resp.resid
@@ -796,6 +870,52 @@ def _atomic_reply(p: _Pass) -> RespState:
     return ACKNOWLEDGE
 
 
+def _a19_done(p: _Pass) -> RespState:
+    """A new FLUSH / ATOMIC WRITE executed: take its resource (rxe
+    ``rxe_prepare_res``, kept for a replay) and count it (MSN, next PSN).
+    The resource spans the request's PSN, so a repeated FLUSH finds it (rxe
+    sets no PSNs on a FLUSH resource and may not)."""
+    resp = p.resp
+    psn = p.pkt.bth.psn
+    resp.res = _prepare_res(p, False)
+    resp.msn = psn_add(resp.msn)
+    resp.psn = resp.ack_psn = psn_add(psn)
+    resp.opcode = p.pkt.bth.opcode
+    resp.status = _SUCCESS
+    return ACKNOWLEDGE
+
+
+def _atomic_write_reply(p: _Pass) -> RespState:
+    """rxe_resp.c ``atomic_write_reply`` / ``rxe_mr_do_atomic_write``: store
+    the 8 bytes, as they came, in one access to the aligned target (one DMA
+    write cannot tear); a repeated request only answers again."""
+    resp = p.resp
+    if resp.res is not None:  # a replay (duplicate_request found it)
+        return ACKNOWLEDGE
+    mr = resp.mr
+    assert mr is not None  # check_rkey() kept the checked 8 bytes
+    try:
+        mr.write(resp.va, p.pkt.payload)
+    except RemoteAccessError as e:
+        resp.nak = e.nak
+        return ERR_RKEY_VIOLATION
+    resp.resid = 0
+    return _a19_done(p)
+
+
+def _process_flush(p: _Pass) -> RespState:
+    """rxe_resp.c ``process_flush``: make the range (or the MR) globally
+    visible. Every write this responder executed went to memory before it
+    answered, and the RC order put the WRITEs before this FLUSH, so there
+    is nothing left to push out: the FLUSH takes its resource and answers.
+    (Persistence cannot be asked for: no MR has FLUSH_PERSISTENT access.)
+    A repeated FLUSH only answers again (oA19-14, oA19-15)."""
+    if p.resp.res is not None:
+        return ACKNOWLEDGE
+    p.resp.mr = None
+    return _a19_done(p)
+
+
 def _do_complete(p: _Pass) -> RespState:
     """rxe_resp.c ``do_complete``: the receive completion (or its error)."""
     qp = p.qp
@@ -872,6 +992,17 @@ def _acknowledge(p: _Pass) -> RespState:
             atmack=AtomicAckEth(res.orig),
         )
         qp.out.packets.append(OutPacket(ack))
+    elif p.info.is_flush or p.info.is_atomic_write:
+        # rxe send_read_response_ack: a READ RESPONSE ONLY of length zero.
+        resp.res = None
+        ack = Packet.build(
+            Opcode.RC_RDMA_READ_RESPONSE_ONLY,
+            dest_qp=qp.attr.dest_qp_num,
+            psn=pkt.bth.psn,
+            pkey=qp.pkey,
+            aeth=Aeth(_ACK_SYN, resp.msn),
+        )
+        qp.out.packets.append(OutPacket(ack))
     elif pkt.bth.ack_req:
         _send_ack(qp, _ACK_SYN, pkt.bth.psn)
     return CLEANUP
@@ -892,6 +1023,7 @@ def _duplicate_request(p: _Pass) -> RespState:
             for r in resp.resources
             if r.valid
             and r.is_read == info.is_read
+            and (info.is_read or r.opcode == pkt.bth.opcode)
             and psn_in_range(pkt.bth.psn, r.first_psn, r.last_psn)
         ),
         None,
@@ -901,6 +1033,10 @@ def _duplicate_request(p: _Pass) -> RespState:
     res.replay = True
     res.cur_psn = pkt.bth.psn
     resp.res = res
+    if info.is_atomic_write:
+        return ATOMIC_WRITE_REPLY
+    if info.is_flush:
+        return PROCESS_FLUSH
     if not info.is_read:
         return ATOMIC_REPLY
     reth = pkt.reth
@@ -1054,6 +1190,8 @@ RESPONDER: dict[RespState, Step] = {
                 ACKNOWLEDGE,
                 READ_REPLY,
                 ATOMIC_REPLY,
+                ATOMIC_WRITE_REPLY,
+                PROCESS_FLUSH,
                 ERR_LENGTH,
                 ERR_MALFORMED_WQE,
                 ERR_RKEY_VIOLATION,
@@ -1063,11 +1201,13 @@ RESPONDER: dict[RespState, Step] = {
     ),
     READ_REPLY: Step(_read_reply, frozenset({CLEANUP, DONE, ERR_RKEY_VIOLATION})),
     ATOMIC_REPLY: Step(_atomic_reply, frozenset({ACKNOWLEDGE, ERR_RKEY_VIOLATION})),
+    ATOMIC_WRITE_REPLY: Step(_atomic_write_reply, frozenset({ACKNOWLEDGE, ERR_RKEY_VIOLATION})),
+    PROCESS_FLUSH: Step(_process_flush, frozenset({ACKNOWLEDGE})),
     COMPLETE: Step(_do_complete, frozenset({ACKNOWLEDGE})),
     ACKNOWLEDGE: Step(_acknowledge, frozenset({CLEANUP})),
     DUPLICATE_REQUEST: Step(
         _duplicate_request,
-        frozenset({CLEANUP, READ_REPLY, ATOMIC_REPLY}),
+        frozenset({CLEANUP, READ_REPLY, ATOMIC_REPLY, ATOMIC_WRITE_REPLY, PROCESS_FLUSH}),
     ),
     ERR_PSN_OUT_OF_SEQ: Step(_err_psn_out_of_seq, frozenset({CLEANUP})),
     ERR_RNR: Step(_err_rnr, frozenset({CLEANUP})),

@@ -32,7 +32,17 @@ from softrdma.verbs.enums import (
     IbWcStatus,
     IbWrOpcode,
 )
-from softrdma.verbs.wr import AtomicWR, BindMwWR, RdmaWR, RegWR, SendWR, UdWR, WorkCompletion
+from softrdma.verbs.wr import (
+    AtomicWR,
+    AtomicWriteWR,
+    BindMwWR,
+    FlushWR,
+    RdmaWR,
+    RegWR,
+    SendWR,
+    UdWR,
+    WorkCompletion,
+)
 
 __all__ = [
     "WQE_DONE",
@@ -41,11 +51,14 @@ __all__ = [
     "WQE_POSTED",
     "WQE_PROCESSING",
     "WR_ATOMIC",
+    "WR_ATOMIC_WRITE",
+    "WR_FLUSH",
     "WR_IMM",
     "WR_INV",
     "WR_LOCAL",
     "WR_OPCODE_INFO",
     "WR_READ",
+    "WR_RESPONSE",
     "WR_SEND",
     "WR_WRITE",
     "Completion",
@@ -106,6 +119,13 @@ WR_ATOMIC = 1 << 3
 WR_LOCAL = 1 << 4
 WR_IMM = 1 << 5
 WR_INV = 1 << 6
+WR_FLUSH = 1 << 7
+WR_ATOMIC_WRITE = 1 << 8
+_A19 = WR_FLUSH | WR_ATOMIC_WRITE
+WR_RESPONSE = WR_READ | WR_ATOMIC | WR_FLUSH | WR_ATOMIC_WRITE
+"""WQEs that only a response completes (READ RESPONSE / ATOMIC ACKNOWLEDGE),
+never a plain ACK, and that hold one of the ``max_rd_atomic`` credits: the
+responder answers them from its ``max_dest_rd_atomic`` resources."""
 
 _RC = frozenset({IbQpType.RC})
 _RC_UC = frozenset({IbQpType.RC, IbQpType.UC})
@@ -173,6 +193,15 @@ WR_OPCODE_INFO: dict[IbWrOpcode, WrOpcodeInfo] = {
     IbWrOpcode.ATOMIC_FETCH_AND_ADD: WrOpcodeInfo(
         WR_ATOMIC, _RC, AtomicWR, (Opcode.RC_FETCH_ADD,) * 4, IbWcOpcode.FETCH_ADD
     ),
+    # IBTA annex A19 (rxe_opcode.c): one request packet each, answered with
+    # an RDMA READ RESPONSE ONLY without payload.
+    IbWrOpcode.FLUSH: WrOpcodeInfo(
+        WR_FLUSH, _RC, FlushWR, (Opcode.RC_FLUSH,) * 4, IbWcOpcode.FLUSH
+    ),
+    IbWrOpcode.ATOMIC_WRITE: WrOpcodeInfo(
+        WR_ATOMIC_WRITE, _RC, AtomicWriteWR, (Opcode.RC_ATOMIC_WRITE,) * 4,
+        IbWcOpcode.ATOMIC_WRITE,
+    ),
     IbWrOpcode.LOCAL_INV: WrOpcodeInfo(WR_LOCAL, _RC_UC, SendWR, _NO_OPS, IbWcOpcode.LOCAL_INV),
     IbWrOpcode.REG_MR: WrOpcodeInfo(WR_LOCAL, _RC_UC, RegWR, _NO_OPS, IbWcOpcode.REG_MR),
     IbWrOpcode.BIND_MW: WrOpcodeInfo(WR_LOCAL, _RC_UC, BindMwWR, _NO_OPS, IbWcOpcode.BIND_MW),
@@ -180,6 +209,8 @@ WR_OPCODE_INFO: dict[IbWrOpcode, WrOpcodeInfo] = {
 """Every send opcode, as rxe's ``rxe_wr_opcode_info[]``: the one table the
 driver validates with and the engines build packets and completions from."""
 _SIGNALED = int(IbSendFlags.SIGNALED)
+MAX_FLUSH_LEN = (1 << 32) - 1
+"""The RETH DMA length of a FLUSH is 32 bits."""
 
 
 def wr_to_wc_opcode(opcode: IbWrOpcode) -> IbWcOpcode:
@@ -201,10 +232,29 @@ def check_send_wr(wr: SendWR, qp_type: IbQpType) -> str | None:
         return f"{wr.opcode.name} needs an {info.wr_class.__name__}"
     if info.mask & WR_ATOMIC and (len(wr.sg_list) != 1 or wr.sg_list[0].length != 8):
         return "an atomic needs one 8-byte SGE for the original value"
+    if info.mask & _A19:  # (the wr_class check above made the types sure)
+        return _check_a19(wr)
     if isinstance(wr, RegWR) and wr.mr is None:
         return "REG_MR needs a RegWR with an MR"
     if isinstance(wr, BindMwWR) and wr.mw is None:
         return "BIND_MW needs a BindMwWR with an MW"
+    return None
+
+
+def _check_a19(wr: SendWR) -> str | None:
+    """A FLUSH's FETH values and length, an ATOMIC WRITE's 8 bytes."""
+    if isinstance(wr, FlushWR):
+        # ib_user_verbs.h enum ib_placement_type / ib_selectivity_level.
+        if not isinstance(wr.placement_type, int) or not 0 < wr.placement_type <= 3:
+            return f"FLUSH placement type {wr.placement_type!r} is not GLOBAL and/or PERSISTENT"
+        if wr.level not in (0, 1):
+            return f"FLUSH selectivity level {wr.level!r} is not RANGE or MR"
+        if not isinstance(wr.flush_len, int) or not 0 <= wr.flush_len <= MAX_FLUSH_LEN:
+            return f"FLUSH length {wr.flush_len!r} does not fit the RETH"
+    elif isinstance(wr, AtomicWriteWR) and (
+        not isinstance(wr.atomic_wr, bytes | bytearray) or len(wr.atomic_wr) != 8
+    ):
+        return "ATOMIC WRITE carries exactly 8 bytes"
     return None
 
 
@@ -271,6 +321,12 @@ class SendWqe:
         if isinstance(wr, RdmaWR | AtomicWR):
             self.remote_addr = wr.remote_addr
             self.rkey = wr.rkey
+        elif self.mask & _A19 and isinstance(wr, FlushWR | AtomicWriteWR):
+            self.remote_addr = wr.remote_addr
+            self.rkey = wr.rkey
+            # rxe: the WQE's dma.length is the FLUSH length (the RETH's; no
+            # payload, oA19-2) or the 8 bytes; byte_len reports it.
+            self.length = wr.flush_len if isinstance(wr, FlushWR) else 8
         else:
             self.remote_addr = 0
             self.rkey = 0

@@ -29,6 +29,8 @@ from softrdma.verbs.dma import (
 from softrdma.verbs.enums import (
     IbAccess,
     IbEventType,
+    IbFlushLevel,
+    IbFlushType,
     IbMrType,
     IbMtu,
     IbMwType,
@@ -52,7 +54,9 @@ from softrdma.verbs.qp import IbSigType, QpAttr, QpCap, QpInitAttr, QueuePair, c
 from softrdma.verbs.srq import SharedReceiveQueue, SrqAttr, SrqInitAttr
 from softrdma.verbs.wr import (
     AtomicWR,
+    AtomicWriteWR,
     BindMwWR,
+    FlushWR,
     RdmaWR,
     RecvWR,
     RegWR,
@@ -61,19 +65,24 @@ from softrdma.verbs.wr import (
     UdWR,
     WorkCompletion,
 )
+from softrdma.verbs.xrcd import XrcDomain, ib_alloc_xrcd_user, ib_dealloc_xrcd_user, ib_open_qp
 
 __all__ = [
     "AddressHandle",
     "AhAttr",
     "AtomicWR",
+    "AtomicWriteWR",
     "BindMwWR",
     "CompChannel",
     "CompletionQueue",
     "DeviceAttr",
+    "FlushWR",
     "IbAccess",
     "IbDevice",
     "IbEvent",
     "IbEventType",
+    "IbFlushLevel",
+    "IbFlushType",
     "IbMrType",
     "IbMtu",
     "IbMwType",
@@ -110,7 +119,10 @@ __all__ = [
     "UdWR",
     "VerbsError",
     "WorkCompletion",
+    "XrcDomain",
     "connect_qp",
+    "ib_alloc_xrcd_user",
+    "ib_dealloc_xrcd_user",
     "ib_dma_alloc_coherent",
     "ib_dma_free_coherent",
     "ib_dma_map_page",
@@ -124,5 +136,6 @@ __all__ = [
     "ib_dma_unmap_sg",
     "ib_dma_unmap_single",
     "ib_inc_rkey",
+    "ib_open_qp",
     "ib_uses_virt_dma",
 ]

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 #: ``IB_DEVICE_MEM_MGT_EXTENSIONS``: REG_MR, LOCAL_INV, SEND_WITH_INV.
 IB_DEVICE_MEM_MGT_EXTENSIONS = 1 << 21
+#: ``IB_DEVICE_XRC``: XRC domains, XRC SRQs and XRC INI / TGT QPs.
+IB_DEVICE_XRC = 1 << 20
 #: ``IBK_LOCAL_DMA_LKEY``: one device-wide lkey for DMA addresses.
 IBK_LOCAL_DMA_LKEY = 1 << 0
 #: rxe.h ``RXE_MAX_HDR_LENGTH``: the headers a RoCEv2 packet may carry.
@@ -76,6 +78,9 @@ class DeviceAttr:
     max_mw: int = 0x10000
     max_srq_wr: int = 0x4000
     max_srq_sge: int = 32
+    max_xrcds: int = 0
+    """XRC domains the device can hold (a driver capability, mlx4's
+    ``caps.max_xrcds``; ``struct ib_device_attr`` has no such field)."""
     local_ca_ack_delay: int = 15
     """``IB_DEVICE``'s ``local_ca_ack_delay`` (rxe's ``RXE_LOCAL_CA_ACK_DELAY``):
     the CA's ACK delay, 4.096 µs × 2**value, sent as the CM REP's target ACK delay."""

@@ -22,6 +22,10 @@ class IbWrOpcode(enum.IntEnum):
     LOCAL_INV = 7
     BIND_MW = 8
     SEND_WITH_INV = 9
+    FLUSH = 14
+    """``IB_WR_FLUSH`` (= ``IB_UVERBS_WR_FLUSH``): RC FLUSH, IBTA annex A19."""
+    ATOMIC_WRITE = 15
+    """``IB_WR_ATOMIC_WRITE`` (= ``IB_UVERBS_WR_ATOMIC_WRITE``): RC ATOMIC WRITE."""
     REG_MR = 0x20
 
 
@@ -35,6 +39,10 @@ class IbWcOpcode(enum.IntEnum):
     FETCH_ADD = 4
     BIND_MW = 5
     LOCAL_INV = 6
+    FLUSH = 8
+    """``IB_WC_FLUSH`` (= ``IB_UVERBS_WC_FLUSH``)."""
+    ATOMIC_WRITE = 9
+    """``IB_WC_ATOMIC_WRITE`` (= ``IB_UVERBS_WC_ATOMIC_WRITE``)."""
     REG_MR = 10
     RECV = 1 << 7
     RECV_RDMA_WITH_IMM = (1 << 7) + 1
@@ -101,6 +109,35 @@ class IbAccess(enum.IntFlag):
     REMOTE_ATOMIC = 8
     MW_BIND = 16
     ZERO_BASED = 32
+    FLUSH_GLOBAL = 1 << 8
+    """``IB_ACCESS_FLUSH_GLOBAL``: the target of FLUSH with placement type global."""
+    FLUSH_PERSISTENT = 1 << 9
+    """``IB_ACCESS_FLUSH_PERSISTENT``: FLUSH to persistence (persistent memory only)."""
+
+
+class IbFlushType(enum.IntFlag):
+    """``enum ib_placement_type`` (ib_user_verbs.h; IBTA A19.4.1.1): the FETH
+    placement type of a FLUSH."""
+
+    GLOBAL = 1 << 0
+    PERSISTENT = 1 << 1
+
+
+class IbFlushLevel(enum.IntEnum):
+    """``enum ib_selectivity_level`` (ib_user_verbs.h; IBTA A19.4.1.2): what a
+    FLUSH covers, its RETH range or the whole MR."""
+
+    RANGE = 0
+    MR = 1
+
+
+IB_DEVICE_FLUSH_GLOBAL = 1 << 38
+"""``IB_DEVICE_FLUSH_GLOBAL`` (= ``IB_UVERBS_DEVICE_FLUSH_GLOBAL``): the device
+executes FLUSH with placement type global."""
+IB_DEVICE_FLUSH_PERSISTENT = 1 << 39
+"""``IB_DEVICE_FLUSH_PERSISTENT``: FLUSH to persistence."""
+IB_DEVICE_ATOMIC_WRITE = 1 << 40
+"""``IB_DEVICE_ATOMIC_WRITE``: the device executes RC ATOMIC WRITE."""
 
 
 class IbQpType(enum.IntEnum):
@@ -111,6 +148,8 @@ class IbQpType(enum.IntEnum):
     RC = 2
     UC = 3
     UD = 4
+    XRC_INI = 9
+    XRC_TGT = 10
 
 
 class IbQpState(enum.IntEnum):
@@ -237,6 +276,10 @@ IB_WR_ATOMIC_FETCH_AND_ADD = IbWrOpcode.ATOMIC_FETCH_AND_ADD
 IB_WR_LOCAL_INV = IbWrOpcode.LOCAL_INV
 IB_WR_SEND_WITH_INV = IbWrOpcode.SEND_WITH_INV
 IB_WR_REG_MR = IbWrOpcode.REG_MR
+IB_WR_FLUSH = IbWrOpcode.FLUSH
+IB_WR_ATOMIC_WRITE = IbWrOpcode.ATOMIC_WRITE
+IB_WC_FLUSH = IbWcOpcode.FLUSH
+IB_WC_ATOMIC_WRITE = IbWcOpcode.ATOMIC_WRITE
 
 IB_WC_SUCCESS = IbWcStatus.SUCCESS
 IB_WC_LOC_LEN_ERR = IbWcStatus.LOC_LEN_ERR
@@ -256,6 +299,13 @@ IB_ACCESS_LOCAL_WRITE = IbAccess.LOCAL_WRITE
 IB_ACCESS_REMOTE_WRITE = IbAccess.REMOTE_WRITE
 IB_ACCESS_REMOTE_READ = IbAccess.REMOTE_READ
 IB_ACCESS_REMOTE_ATOMIC = IbAccess.REMOTE_ATOMIC
+IB_ACCESS_FLUSH_GLOBAL = IbAccess.FLUSH_GLOBAL
+IB_ACCESS_FLUSH_PERSISTENT = IbAccess.FLUSH_PERSISTENT
+
+IB_FLUSH_GLOBAL = IbFlushType.GLOBAL
+IB_FLUSH_PERSISTENT = IbFlushType.PERSISTENT
+IB_FLUSH_RANGE = IbFlushLevel.RANGE
+IB_FLUSH_MR = IbFlushLevel.MR
 
 IB_SEND_FENCE = IbSendFlags.FENCE
 IB_SEND_SIGNALED = IbSendFlags.SIGNALED

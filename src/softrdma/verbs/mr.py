@@ -26,7 +26,12 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from softrdma.memory.scatterlist import Scatterlist
-from softrdma.verbs.enums import IbAccess, IbMrType
+from softrdma.verbs.enums import (
+    IB_DEVICE_FLUSH_GLOBAL,
+    IB_DEVICE_FLUSH_PERSISTENT,
+    IbAccess,
+    IbMrType,
+)
 from softrdma.verbs.errors import VerbsError
 
 if TYPE_CHECKING:
@@ -56,8 +61,16 @@ def ib_inc_rkey(rkey: int) -> int:
     return ((rkey + 1) & 0xFF) | (rkey & ~0xFF & 0xFFFFFFFF)
 
 
-def ib_check_mr_access(access: int) -> None:
-    """``ib_check_mr_access``: remote write or atomic needs local write."""
+def ib_check_mr_access(access: int, device_cap_flags: int | None = None) -> None:
+    """``ib_check_mr_access``: known flags only; remote write or atomic needs
+    local write; FLUSH access needs the device's ``IB_DEVICE_FLUSH_*`` cap
+    (``EOPNOTSUPP``) when ``device_cap_flags`` is given (the registration
+    paths that have a device).
+
+    ``IB_ACCESS_FLUSH_PERSISTENT`` is refused with ``EINVAL`` on any device:
+    softrdma's host memory has no persistent memory, and rxe refuses to
+    register pages that are not pmem with that flag
+    (``rxe_mr_fill_pages_from_sgt``: "Page can't be persistent")."""
     if access & ~(
         IbAccess.LOCAL_WRITE
         | IbAccess.REMOTE_WRITE
@@ -65,6 +78,8 @@ def ib_check_mr_access(access: int) -> None:
         | IbAccess.REMOTE_ATOMIC
         | IbAccess.MW_BIND
         | IbAccess.ZERO_BASED
+        | IbAccess.FLUSH_GLOBAL
+        | IbAccess.FLUSH_PERSISTENT
     ):
         raise VerbsError(errno.EINVAL, f"unsupported access flags {access:#x}")
     if (
@@ -72,6 +87,17 @@ def ib_check_mr_access(access: int) -> None:
         and not access & IbAccess.LOCAL_WRITE
     ):
         raise VerbsError(errno.EINVAL, "REMOTE_WRITE / REMOTE_ATOMIC need LOCAL_WRITE")
+    if device_cap_flags is not None and (
+        (access & IbAccess.FLUSH_GLOBAL and not device_cap_flags & IB_DEVICE_FLUSH_GLOBAL)
+        or (
+            access & IbAccess.FLUSH_PERSISTENT and not device_cap_flags & IB_DEVICE_FLUSH_PERSISTENT
+        )
+    ):
+        raise VerbsError(errno.EOPNOTSUPP, "the device does not support this FLUSH access")
+    if access & IbAccess.FLUSH_PERSISTENT:
+        raise VerbsError(
+            errno.EINVAL, "IB_ACCESS_FLUSH_PERSISTENT needs persistent memory; the host has none"
+        )
 
 
 class MemoryRegion:

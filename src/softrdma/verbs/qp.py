@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from softrdma.verbs.device import EventHandler
     from softrdma.verbs.pd import ProtectionDomain
     from softrdma.verbs.srq import SharedReceiveQueue
+    from softrdma.verbs.xrcd import XrcDomain
 
 
 class IbSigType(enum.IntEnum):
@@ -69,6 +70,9 @@ class QpInitAttr:
     """Take receive WQEs from this SRQ (same PD) instead of a receive
     queue of the QP's own; ``cap.max_recv_wr`` / ``max_recv_sge`` are then
     ignored."""
+    xrcd: XrcDomain | None = None
+    """The XRC domain of an ``IB_QPT_XRC_TGT`` QP (create those with
+    :meth:`XrcDomain.create_tgt_qp <softrdma.verbs.xrcd.XrcDomain.create_tgt_qp>`)."""
 
 
 @dataclass
@@ -202,6 +206,21 @@ _TABLE: dict[tuple[IbQpState, IbQpState], dict[IbQpType, tuple[int, int]]] = {
 for _state in IbQpState:
     _TABLE[(_state, IbQpState.RESET)] = {_RC: (0, 0), _UC: (0, 0), _UD: (0, 0)}
     _TABLE[(_state, IbQpState.ERR)] = {_RC: (0, 0), _UC: (0, 0), _UD: (0, 0)}
+# XRC INI / TGT QPs move as RC ones (the kernel's qp_state_table), except that
+# an INI (no responder) needs no responder attributes for RTR and a TGT (no
+# requester) no requester attributes for RTS; they may still be given.
+_XRC_INI, _XRC_TGT = IbQpType.XRC_INI, IbQpType.XRC_TGT
+_RESPONDER_ATTRS = IbQpAttrMask.MAX_DEST_RD_ATOMIC | IbQpAttrMask.MIN_RNR_TIMER
+_REQUESTER_ATTRS = IbQpAttrMask.RETRY_CNT | IbQpAttrMask.RNR_RETRY | IbQpAttrMask.MAX_QP_RD_ATOMIC
+for _key, _row in _TABLE.items():
+    if _RC in _row:
+        _req, _opt = _row[_RC]
+        _row[_XRC_INI] = _row[_XRC_TGT] = (_req, _opt)
+        if _key == (IbQpState.INIT, IbQpState.RTR):
+            _row[_XRC_INI] = (_req & ~_RESPONDER_ATTRS, _opt | _RESPONDER_ATTRS)
+        elif _key == (IbQpState.RTR, IbQpState.RTS):
+            _row[_XRC_TGT] = (_req & ~_REQUESTER_ATTRS, _opt | _REQUESTER_ATTRS)
+_XRC_TYPES = (_XRC_INI, _XRC_TGT)
 
 _W = TypeVar("_W", SendWR, RecvWR)
 
@@ -276,8 +295,14 @@ class QueuePair:
         device = pd.device
         cap = init_attr.cap
         attrs = device.attrs
-        if init_attr.qp_type not in (IbQpType.RC, IbQpType.UC, IbQpType.UD, IbQpType.GSI):
+        if init_attr.qp_type not in (
+            IbQpType.RC, IbQpType.UC, IbQpType.UD, IbQpType.GSI, *_XRC_TYPES
+        ):  # fmt: skip
             raise VerbsError(errno.EOPNOTSUPP, f"{init_attr.qp_type.name} QPs are not supported")
+        if init_attr.qp_type in _XRC_TYPES or init_attr.xrcd is not None:
+            from softrdma.verbs.xrcd import qp_init_check
+
+            qp_init_check(init_attr)
         for name, value, limit in (
             ("max_send_wr", cap.max_send_wr, attrs.max_qp_wr),
             ("max_recv_wr", cap.max_recv_wr, attrs.max_qp_wr),
@@ -294,6 +319,8 @@ class QueuePair:
         if srq is not None:
             if srq.destroyed or srq.pd is not pd:
                 raise VerbsError(errno.EINVAL, "SRQ destroyed, or of another PD")
+            if srq.xrcd is not None:
+                raise VerbsError(errno.EINVAL, "an XRC SRQ serves XRC TGT QPs only")
             if init_attr.qp_type == IbQpType.GSI:
                 raise VerbsError(errno.EINVAL, "the GSI QP has its own receive queue")
         self.pd = pd
@@ -306,9 +333,14 @@ class QueuePair:
         self.cap = copy.copy(cap)
         self.event_handler = init_attr.event_handler
         self.srq = srq
-        if srq is not None:
+        if srq is not None or self.qp_type in _XRC_TYPES:
+            # No receive queue of its own: an SRQ's, or none at all (XRC).
             self.cap.max_recv_wr = self.cap.max_recv_sge = 0
+        if srq is not None:
             srq.usecnt += 1
+        self.xrcd = init_attr.xrcd
+        if self.xrcd is not None:
+            self.xrcd.attach(self)
         self.destroyed = False
         pd.usecnt += 1
         self.send_cq.usecnt += 1
@@ -395,6 +427,10 @@ class QueuePair:
                     | IbAccess.REMOTE_WRITE
                     | IbAccess.REMOTE_READ
                     | IbAccess.REMOTE_ATOMIC
+                    # Checked by the responder against a FLUSH's placement
+                    # type (rxe check_qp_attr_access).
+                    | IbAccess.FLUSH_GLOBAL
+                    | IbAccess.FLUSH_PERSISTENT
                 ),
                 "unsupported qp_access_flags",
             ),
@@ -425,6 +461,10 @@ class QueuePair:
             if state in (IbQpState.RESET, IbQpState.INIT, IbQpState.RTR):
                 raise PostError(
                     errno.EINVAL, f"post_send on a QP in {state.name}", batch[0] if batch else None
+                )
+            if self.qp_type == IbQpType.XRC_TGT:
+                raise PostError(
+                    errno.EINVAL, "an XRC TGT QP has no send queue", batch[0] if batch else None
                 )
             good: list[SendWR] = []
             queued = self.hw.sq_outstanding
@@ -458,6 +498,8 @@ class QueuePair:
             total += n
         if total > 1 << 31:
             raise bad(errno.EINVAL, "message larger than 2 GiB", wr)
+        if self.qp_type == IbQpType.XRC_INI and not 0 <= wr.xrc_remote_srqn < 1 << 24:
+            raise bad(errno.EINVAL, "xrc_remote_srqn is 24 bits", wr)
 
     def _bad_wr(self, err: int, why: str, wr: SendWR) -> PostError:
         return PostError(err, f"QP {self.qp_num:#x}: {why}", wr)
@@ -475,6 +517,12 @@ class QueuePair:
                 raise PostError(
                     errno.EINVAL,
                     f"QP {self.qp_num:#x} receives from SRQ {self.srq.srq_num:#x}",
+                    batch[0] if batch else None,
+                )
+            if self.qp_type in _XRC_TYPES:
+                raise PostError(
+                    errno.EINVAL,
+                    f"XRC QP {self.qp_num:#x} has no receive queue",
                     batch[0] if batch else None,
                 )
             good: list[RecvWR] = []
@@ -505,6 +553,8 @@ class QueuePair:
             self.recv_cq.usecnt -= 1
             if self.srq is not None:
                 self.srq.usecnt -= 1
+            if self.xrcd is not None:
+                self.xrcd.detach(self)
 
     def _alive(self) -> None:
         if self.destroyed:

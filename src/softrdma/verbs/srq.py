@@ -3,7 +3,13 @@
 ``ib_destroy_srq``).
 
 One pool of receive WQEs that several QPs of the same PD draw from (a QP
-created with ``srq=`` has no receive queue of its own). ``srq_limit`` arms
+created with ``srq=`` has no receive queue of its own).
+
+An XRC SRQ (``srq_type`` ``IB_SRQT_XRC``, ``ib_srq.ext.xrc``) belongs to an
+XRC domain and has its own CQ: the XRC TGT QPs of the domain take WQEs
+from the XRC SRQ each request names by its number (``srq_num``,
+``ibv_get_srq_num``), complete them on the SRQ's CQ, and check the
+request's R_Key against the SRQ's PD. ``srq_limit`` arms
 a low-water mark: when taking a WQE leaves fewer than that many, the SRQ's
 event handler gets ``IB_EVENT_SRQ_LIMIT_REACHED`` once and the limit reads
 0 again until re-armed with ``ib_modify_srq(IB_SRQ_LIMIT)``.
@@ -24,8 +30,10 @@ from softrdma.verbs.errors import PostError, VerbsError
 from softrdma.verbs.wr import RecvWR
 
 if TYPE_CHECKING:
+    from softrdma.verbs.cq import CompletionQueue
     from softrdma.verbs.device import EventHandler
     from softrdma.verbs.pd import ProtectionDomain
+    from softrdma.verbs.xrcd import XrcDomain
 
 __all__ = ["SharedReceiveQueue", "SrqAttr", "SrqHardware", "SrqInitAttr"]
 
@@ -41,11 +49,14 @@ class SrqAttr:
 
 @dataclass
 class SrqInitAttr:
-    """``struct ib_srq_init_attr`` (basic SRQs: ``srq_type`` ``IB_SRQT_BASIC``)."""
+    """``struct ib_srq_init_attr``: ``IB_SRQT_BASIC``, or ``IB_SRQT_XRC``
+    with its XRC domain and CQ (``ext.xrc.xrcd``, ``ext.cq``)."""
 
     attr: SrqAttr = field(default_factory=SrqAttr)
     srq_type: IbSrqType = IbSrqType.BASIC
     event_handler: EventHandler | None = None
+    xrcd: XrcDomain | None = None
+    cq: CompletionQueue | None = None
 
 
 class SrqHardware(Protocol):
@@ -70,7 +81,15 @@ class SharedReceiveQueue:
         """Validate as ``ib_create_srq`` / rxe ``rxe_srq_chk_init`` do."""
         attrs = pd.device.attrs
         a = init_attr.attr
-        if init_attr.srq_type != IbSrqType.BASIC:
+        xrcd = cq = None
+        if init_attr.srq_type == IbSrqType.XRC:
+            xrcd, cq = init_attr.xrcd, init_attr.cq
+            if xrcd is None or cq is None:
+                raise VerbsError(errno.EINVAL, "an XRC SRQ needs an XRC domain and a CQ")
+            xrcd.alive()
+            if xrcd.device is not pd.device or cq.device is not pd.device or cq.destroyed:
+                raise VerbsError(errno.EINVAL, "XRC domain or CQ of another device, or destroyed")
+        elif init_attr.srq_type != IbSrqType.BASIC:
             raise VerbsError(errno.EOPNOTSUPP, f"{init_attr.srq_type.name} SRQs are not supported")
         if not 1 <= a.max_wr <= attrs.max_srq_wr:
             raise VerbsError(errno.EINVAL, f"max_wr {a.max_wr} outside 1..{attrs.max_srq_wr}")
@@ -86,7 +105,14 @@ class SharedReceiveQueue:
         self.usecnt = 0
         """QPs attached (``ib_srq.usecnt``): destroy is refused while > 0."""
         self.destroyed = False
+        self.xrcd = xrcd
+        """The XRC domain of an XRC SRQ (``ib_srq.ext.xrc.xrcd``), else None."""
+        self.cq = cq
+        """The CQ of an XRC SRQ's completions (``ib_srq.ext.cq``), else None."""
         pd.usecnt += 1
+        if xrcd is not None and cq is not None:
+            xrcd.attach(None)
+            cq.usecnt += 1
 
     def __repr__(self) -> str:
         return f"SharedReceiveQueue({self.srq_num:#x} on {self.device.name})"
@@ -155,6 +181,9 @@ class SharedReceiveQueue:
             self.destroyed = True
             self.device._forget_srq(self)
             self.pd.usecnt -= 1
+            if self.xrcd is not None and self.cq is not None:
+                self.cq.usecnt -= 1
+                self.xrcd.detach()
 
     def _alive(self) -> None:
         if self.destroyed:

@@ -452,7 +452,7 @@ def ib_reg_user_mr(pd: ProtectionDomain, umem: IbUmem, iova: int, access: IbAcce
     ``ibv_reg_mr_iova``). Raises :class:`VerbsError` (``EINVAL`` for bad
     access flags or a umem of another device, ``ENOMEM`` past ``max_mr``)."""
     device = pd.device
-    ib_check_mr_access(access)
+    ib_check_mr_access(access, device.attrs.device_cap_flags)
     if umem.device is not device or umem.released:
         raise VerbsError(errno.EINVAL, "umem of another device, or released")
     if access & (IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE) and not umem.writable:
@@ -486,7 +486,7 @@ def ib_rereg_user_mr(
     releases the old umem after a new one is in place."""
     device = mr.device
     if access is not None:
-        ib_check_mr_access(access)
+        ib_check_mr_access(access, device.attrs.device_cap_flags)
     with device.lock:
         if mr.deregistered:
             raise VerbsError(errno.EINVAL, f"MR {mr.lkey:#x} is deregistered")

@@ -59,6 +59,9 @@ class SendWR:
     send_flags: IbSendFlags = _NO_FLAGS
     imm_data: int = 0
     invalidate_rkey: int = 0
+    xrc_remote_srqn: int = field(default=0, kw_only=True)
+    """On an XRC INI QP: the XRC SRQ of the target the request is for,
+    carried in the XRCETH (rdma-core ``ibv_send_wr.qp_type.xrc.remote_srqn``)."""
 
     @property
     def length(self) -> int:
@@ -84,6 +87,34 @@ class AtomicWR(SendWR):
     compare_add: int = 0
     swap: int = 0
     rkey: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class FlushWR(SendWR):
+    """IB_WR_FLUSH (rxe's ``wr.flush``: ``remote_addr``, ``length``,
+    ``rkey``, ``type``, ``level``; rdma-core ``ibv_wr_flush``): make
+    ``flush_len`` bytes at ``remote_addr`` (``level`` ``IB_FLUSH_RANGE``)
+    or the whole MR ``rkey`` names (``IB_FLUSH_MR``) placed with
+    ``placement_type`` (``IB_FLUSH_GLOBAL`` and/or ``IB_FLUSH_PERSISTENT``).
+    RC only; no local data (``sg_list`` stays empty)."""
+
+    remote_addr: int = 0
+    rkey: int = 0
+    flush_len: int = 0
+    placement_type: int = 1
+    level: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AtomicWriteWR(SendWR):
+    """IB_WR_ATOMIC_WRITE (rxe's ``dma.atomic_wr``; rdma-core
+    ``ibv_wr_atomic_write``): store the 8 bytes ``atomic_wr`` — taken as
+    they are, in wire order — at the 8-byte aligned ``remote_addr`` in one
+    single-copy atomic write. RC only; no local data."""
+
+    remote_addr: int = 0
+    rkey: int = 0
+    atomic_wr: bytes = bytes(8)
 
 
 @dataclass(frozen=True, slots=True)
