@@ -91,7 +91,8 @@ def test_qpex_refuses_unsupported_send_ops(machine: str) -> None:
         pd, cq = PD(ctx), CQ(ctx, 8)
         for qpt, ops in (
             (e.IBV_QPT_UC, e.IBV_QP_EX_WITH_RDMA_READ),
-            (e.IBV_QPT_RC, e.IBV_QP_EX_WITH_ATOMIC_WRITE),
+            (e.IBV_QPT_RC, e.IBV_QP_EX_WITH_TSO),
+            (e.IBV_QPT_UC, e.IBV_QP_EX_WITH_ATOMIC_WRITE),
             (e.IBV_QPT_UD, e.IBV_QP_EX_WITH_RDMA_WRITE),
         ):
             init = QPInitAttrEx(

@@ -117,27 +117,54 @@ def test_a_missing_suite_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "not an rdma-core test suite" in capsys.readouterr().err
 
 
-def test_rdma_tool_reports_devices(tmp_path: Path) -> None:
-    """The ``rdma`` the runner writes answers ``link show -j`` and refuses
-    what it does not know, without touching the system's own tool."""
+def test_rdma_and_ip_tools_report_devices_and_netdevs(tmp_path: Path) -> None:
+    """The ``rdma`` and ``ip`` the runner writes answer what rdma-core's
+    ``base.py`` asks — ``rdma link show -j`` with each port's netdev, then
+    ``ip -j addr show NETDEV`` — and refuse what they do not know, without
+    touching the system's own tools."""
     from softrdma.cli import pyverbs as cli
 
-    tool = tmp_path / "rdma"
-    tool.write_text(cli._RDMA_TOOL.format(python=sys.executable))
-    tool.chmod(0o755)
-    env = pyverbs_env() | {"SOFTRDMA_PYVERBS_DEVICES": "rxe0"}
-    out = subprocess.run(
-        [str(tool), "link", "show", "-j"], env=env, capture_output=True, text=True, timeout=60
-    )
-    assert json.loads(out.stdout) == [
-        {"ifindex": 1, "ifname": "rxe0", "port": 1, "state": "ACTIVE", "physical_state": "LINK_UP"}
+    cli.write_tools(tmp_path)
+    env = pyverbs_env() | {"SOFTRDMA_PYVERBS_DEVICES": "rxe0,hca1:iommu"}
+
+    def run(*argv: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(tmp_path / argv[0]), *argv[1:]],
+            env=env | extra,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    links = json.loads(run("rdma", "link", "show", "-j").stdout)
+    assert links == [
+        {
+            "ifindex": 1 + i,
+            "ifname": name,
+            "port": 1,
+            "state": "ACTIVE",
+            "physical_state": "LINK_UP",
+            "netdev": f"srnet{i}",
+            "netdev_index": 100 + i,
+        }
+        for i, name in enumerate(("rxe0", "hca1"))
     ]
-    text = subprocess.run(
-        [str(tool), "link"], env=env, capture_output=True, text=True, timeout=60
-    ).stdout
-    assert text == "link rxe0/1 state ACTIVE physical_state LINK_UP\n"
-    bad = subprocess.run([str(tool), "route"], env=env, capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 255
+    text = run("rdma", "link").stdout
+    assert text.splitlines()[0] == "link rxe0/1 state ACTIVE physical_state LINK_UP netdev srnet0"
+    assert run("rdma", "route").returncode == 255
+    # in-process devices: the netdev exists, with no address other processes reach
+    [dev] = json.loads(run("ip", "-j", "addr", "show", "srnet1").stdout)
+    assert (dev["ifname"], dev["address"], dev["addr_info"]) == ("srnet1", "02:00:7f:00:00:02", [])
+    # on the real network: the device's UDP address, as base.py reads it
+    udp = run("ip", "-j", "addr", "show", "srnet1", SOFTRDMA_PYVERBS_NETWORK="udp:127.0.0.5")
+    [dev] = json.loads(udp.stdout)
+    assert dev["addr_info"][0]["local"] == "127.0.0.6" and dev["address"] == "02:00:7f:00:00:06"
+    assert len(json.loads(run("ip", "-j", "addr").stdout)) == 2
+    assert "srnet0:" in run("ip", "addr", "show", "dev", "srnet0").stdout
+    # no other interface, no other command: never the system's ip
+    lo = run("ip", "-j", "addr", "show", "lo")
+    assert lo.returncode == 1 and 'Device "lo" does not exist.' in lo.stderr
+    assert run("ip", "route").returncode == 255
 
 
 @pytest.mark.skipif(

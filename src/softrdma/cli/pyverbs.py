@@ -8,9 +8,11 @@ devices (installing softrdma alone never makes ``pyverbs`` importable).
 ``pyverbs-tests [SUITE_DIR] [unittest args]`` runs an rdma-core ``tests``
 directory unmodified: it copies the suite to a temporary directory
 (gunzipping Debian's compressed files), runs its ``run_tests.py`` with
-softrdma's pyverbs first on ``PYTHONPATH`` and a compatible ``rdma``
-command (``rdma link show -j`` / ``rdma dev show -j`` reporting softrdma's
-devices) first on ``PATH`` — for the run only — and prints unittest's
+softrdma's pyverbs first on ``PYTHONPATH`` and compatible ``rdma`` and
+``ip`` commands first on ``PATH`` — for the run only; they describe
+softrdma's devices (``rdma link show -j`` with each port's ``netdev``,
+``ip -j addr show NETDEV`` with its MAC and, on the real network, its
+address) and never call the system's tools — and prints unittest's
 output followed by the counts of passed, skipped, failed and erroring
 tests. Without ``SUITE_DIR`` it uses the suite Debian ships in
 ``python3-pyverbs`` (``/usr/share/doc/rdma-core/tests``), installing that
@@ -43,27 +45,36 @@ __all__ = [
     "prepare_suite",
     "pyverbs_path",
     "run",
+    "write_tools",
 ]
 
 #: Where Debian's ``python3-pyverbs`` installs rdma-core's test suite.
 DEBIAN_SUITE = Path("/usr/share/doc/rdma-core/tests")
 #: The environment variable the devices are configured with.
 ENV_DEVICES = "SOFTRDMA_PYVERBS_DEVICES"
+#: The netdev of the N-th device is ``NETDEV_PREFIX`` + N (``rdma link``'s
+#: ``netdev``, answered by the runner's ``ip``).
+NETDEV_PREFIX = "srnet"
+#: ``netdev_index`` of the first device's netdev.
+NETDEV_IFINDEX = 100
 
 _RDMA_TOOL = '''#!{python}
 """A minimal ``rdma`` (iproute2) reporting softrdma's pyverbs devices."""
 import json
+import os
 import sys
 
 from pyverbs import _softrdma as sim
 
 as_json = any(a in ("-j", "-json", "--json") for a in sys.argv[1:])
 args = [a for a in sys.argv[1:] if a not in ("-j", "-json", "--json", "-p", "-pretty")]
-specs = sim.parse_devices(__import__("os").environ.get(sim.ENV_DEVICES, sim.DEFAULT_DEVICES))
+specs = sim.parse_devices(os.environ.get(sim.ENV_DEVICES, sim.DEFAULT_DEVICES))
 if args[:2] in (["link", "show"], ["link"], ["l", "show"], ["link", "list"]):
+    # each device's port sits on its own netdev, answered by the runner's ip
     out = [
         {{"ifindex": i + 1, "ifname": s.name, "port": 1, "state": "ACTIVE",
-          "physical_state": "LINK_UP"}}
+          "physical_state": "LINK_UP", "netdev": f"{netdev}{{i}}",
+          "netdev_index": {ifindex_base} + i}}
         for i, s in enumerate(specs)
     ]
 elif args[:2] in (["dev", "show"], ["dev"], ["dev", "list"]):
@@ -78,11 +89,69 @@ if as_json:
     print(json.dumps(out))
 elif args[0].startswith("l"):
     for o in out:
-        print(f"link {{o['ifname']}}/1 state ACTIVE physical_state LINK_UP")
+        print(f"link {{o['ifname']}}/1 state ACTIVE physical_state LINK_UP netdev {{o['netdev']}}")
 else:
     for o in out:
         print(f"{{o['ifindex']}}: {{o['ifname']}}: node_type ca fw 0.1.0")
 '''
+
+_IP_TOOL = '''#!{python}
+"""A minimal ``ip`` (iproute2) answering ``ip [-j] addr show [DEV]`` for the
+netdevs of softrdma's pyverbs devices; it knows no other interface."""
+import json
+import os
+import sys
+
+from pyverbs import _softrdma as sim
+from softrdma.fabric.link import mac_for_ip
+
+as_json = any(a in ("-j", "-json", "--json") for a in sys.argv[1:])
+args = [a for a in sys.argv[1:] if not a.startswith("-")]
+specs = sim.parse_devices(os.environ.get(sim.ENV_DEVICES, sim.DEFAULT_DEVICES))
+udp = sim.parse_network(os.environ.get(sim.ENV_NETWORK, ""))
+if args[:1] not in (["addr"], ["address"], ["a"]) or args[1:2] not in ([], ["show"], ["list"]):
+    print(f"ip (softrdma): {{' '.join(sys.argv[1:])}} is not supported", file=sys.stderr)
+    sys.exit(255)
+links = []
+for i, s in enumerate(specs):
+    ip = sim.device_address(udp, i)
+    name = f"{netdev}{{i}}"
+    # only an address on the real network reaches other processes; the
+    # in-process fabric is the process's own, so it lists none
+    addrs = [] if udp is None else [
+        {{"family": "inet", "local": str(ip), "prefixlen": 8, "scope": "host", "label": name}}
+    ]
+    links.append({{"ifindex": {ifindex_base} + i, "ifname": name, "flags": ["UP", "LOWER_UP"],
+                  "mtu": 1500, "operstate": "UP", "link_type": "ether",
+                  "address": mac_for_ip(ip).hex(":"), "broadcast": "ff:ff:ff:ff:ff:ff",
+                  "addr_info": addrs}})
+want = args[3:4] if args[2:3] == ["dev"] else args[2:3]
+if want:
+    links = [link for link in links if link["ifname"] == want[0]]
+    if not links:
+        print(f'Device "{{want[0]}}" does not exist.', file=sys.stderr)
+        sys.exit(1)
+if as_json:
+    print(json.dumps(links))
+else:
+    for link in links:
+        print(f"{{link['ifindex']}}: {{link['ifname']}}: <UP,LOWER_UP> mtu 1500 state UP")
+        print(f"    link/ether {{link['address']}} brd ff:ff:ff:ff:ff:ff")
+        for a in link["addr_info"]:
+            print(f"    inet {{a['local']}}/{{a['prefixlen']}} scope host {{a['label']}}")
+'''
+
+
+def write_tools(bindir: Path) -> None:
+    """Write the run's ``rdma`` and ``ip`` into ``bindir`` (put first on
+    ``PATH``): they describe softrdma's devices and their netdevs only,
+    never calling the system's own tools."""
+    for name, text in (("rdma", _RDMA_TOOL), ("ip", _IP_TOOL)):
+        tool = bindir / name
+        tool.write_text(
+            text.format(python=sys.executable, netdev=NETDEV_PREFIX, ifindex_base=NETDEV_IFINDEX)
+        )
+        tool.chmod(0o755)
 
 
 def pyverbs_path() -> Path:
@@ -256,9 +325,7 @@ def run_tests(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             return 2
         bindir = Path(tmp) / "bin"
         bindir.mkdir()
-        tool = bindir / "rdma"
-        tool.write_text(_RDMA_TOOL.format(python=sys.executable))
-        tool.chmod(0o755)
+        write_tools(bindir)
         env = dict(os.environ)
         src = str(Path(softrdma.__file__).resolve().parent.parent)
         env["PYTHONPATH"] = os.pathsep.join(

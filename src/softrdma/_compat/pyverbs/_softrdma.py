@@ -71,6 +71,7 @@ __all__ = [
     "DeviceSpec",
     "EventSink",
     "SimProcess",
+    "device_address",
     "parse_devices",
     "parse_network",
     "process",
@@ -154,7 +155,7 @@ class SimProcess:
         self.platform = Platform(self.host, iommu=needs_iommu, dma_debug=True)
         self.devices: dict[str, RoceDevice] = {}
         for i, spec in enumerate(specs):
-            ip = (udp_addr or IPv4Address("127.0.0.1")) + i
+            ip = device_address(udp_addr, i)
             dev: RoceDevice
             if spec.kind == "cpu":
                 dev = SoftRoce(self.platform, self.fabric, ip, name=spec.name)
@@ -203,6 +204,12 @@ def process() -> SimProcess:
         specs = parse_devices(os.environ.get(ENV_DEVICES, DEFAULT_DEVICES))
         _PROCESS = SimProcess(specs, parse_network(os.environ.get(ENV_NETWORK, "")))
     return _PROCESS
+
+
+def device_address(udp_addr: IPv4Address | None, index: int) -> IPv4Address:
+    """The IPv4 address of the ``index``-th device: ``udp_addr + index`` on
+    the real network, ``127.0.0.1 + index`` on the in-process fabric."""
+    return (udp_addr or IPv4Address("127.0.0.1")) + index
 
 
 def parse_network(text: str) -> IPv4Address | None:

@@ -30,8 +30,13 @@ from softrdma.dma.types import DmaBackend
 from softrdma.drivers.roce import RoceDevice
 from softrdma.errors import SoftRdmaError
 from softrdma.memory.layout import PAGE_SHIFT
-from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IbEvent
+from softrdma.verbs.device import IB_DEVICE_MEM_MGT_EXTENSIONS, IB_DEVICE_XRC, IbEvent
 from softrdma.verbs.dm import DM_MAX_SIZE, IbDm, ib_alloc_dm
+from softrdma.verbs.enums import (
+    IB_DEVICE_ATOMIC_WRITE,
+    IB_DEVICE_FLUSH_GLOBAL,
+    IB_DEVICE_FLUSH_PERSISTENT,
+)
 from softrdma.verbs.umem import ib_device_cc_dma_bounce
 
 __all__ = [
@@ -181,6 +186,8 @@ def _odp_caps(dev: RoceDevice) -> ODPCaps:
     return ODPCaps(
         general_caps=int(e.IBV_ODP_SUPPORT | e.IBV_ODP_SUPPORT_IMPLICIT),
         rc_odp_caps=int(ops | rdma | e.IBV_ODP_SUPPORT_SRQ_RECV),
+        # XRC runs the RC engines; its receives are XRC SRQ receives
+        xrc_odp_caps=int(ops | rdma | e.IBV_ODP_SUPPORT_SRQ_RECV),
         uc_odp_caps=int(ops | e.IBV_ODP_SUPPORT_WRITE),
         ud_odp_caps=int(ops),
     )
@@ -412,6 +419,8 @@ class Context(PyverbsCM):
         caps = e.IBV_DEVICE_SYS_IMAGE_GUID | e.IBV_DEVICE_RC_RNR_NAK_GEN
         if a.device_cap_flags & IB_DEVICE_MEM_MGT_EXTENSIONS:
             caps |= e.IBV_DEVICE_MEM_MGT_EXTENSIONS
+        if a.device_cap_flags & IB_DEVICE_XRC:
+            caps |= e.IBV_DEVICE_XRC
         return DeviceAttr(
             fw_version="0.1.0",
             node_guid=dev.node_guid,
@@ -460,9 +469,15 @@ class Context(PyverbsCM):
         dev = self._alive()
         # a device in a CoCo guest says it needs shared-heap memory
         cc = _IBV_DEVICE_CC_DMA_BOUNCE if ib_device_cc_dma_bounce(dev) else 0
+        orig = self.query_device()
+        # IB_UVERBS_DEVICE_FLUSH_GLOBAL / _PERSISTENT / _ATOMIC_WRITE (bits
+        # 38..40, which only the 64-bit flags can hold) as the driver reports
+        a19 = dev.query_device().device_cap_flags & (
+            IB_DEVICE_FLUSH_GLOBAL | IB_DEVICE_FLUSH_PERSISTENT | IB_DEVICE_ATOMIC_WRITE
+        )
         return DeviceAttrEx(
-            orig_attr=self.query_device(),
-            device_cap_flags_ex=cc,
+            orig_attr=orig,
+            device_cap_flags_ex=orig.device_cap_flags | cc | a19,
             odp_caps=_odp_caps(dev),
             completion_timestamp_mask=_clock.COMPLETION_TIMESTAMP_MASK,
             hca_core_clock=_clock.HCA_CORE_CLOCK_KHZ,

@@ -13,6 +13,8 @@ from pyverbs.libibverbs_enums import (
     _IBV_ALLOCATOR_USE_DEFAULT,
     _IBV_DEVICE_PCI_WRITE_END_PADDING,
     _IBV_DEVICE_RAW_SCATTER_FCS,
+    IBV_ACCESS_FLUSH_GLOBAL,
+    IBV_ACCESS_FLUSH_PERSISTENT,
     IBV_LINK_LAYER_ETHERNET,
     IBV_LINK_LAYER_INFINIBAND,
     IBV_LINK_LAYER_UNSPECIFIED,
@@ -25,6 +27,7 @@ from pyverbs.libibverbs_enums import (
     ibv_create_cq_attr_flags,
     ibv_create_cq_wc_flags,
     ibv_device_cap_flags,
+    ibv_dmah_init_attr_mask,
     ibv_event_type,
     ibv_flow_attr_type,
     ibv_flow_flags,
@@ -33,6 +36,7 @@ from pyverbs.libibverbs_enums import (
     ibv_gid_type,
     ibv_gid_type_sysfs,
     ibv_mig_state,
+    ibv_mr_init_attr_mask,
     ibv_mtu,
     ibv_mw_type,
     ibv_node_type,
@@ -41,6 +45,7 @@ from pyverbs.libibverbs_enums import (
     ibv_ops_flags,
     ibv_ops_wr_opcode,
     ibv_parent_domain_init_attr_mask,
+    ibv_placement_type,
     ibv_port_cap_flags,
     ibv_port_cap_flags2,
     ibv_port_state,
@@ -56,12 +61,14 @@ from pyverbs.libibverbs_enums import (
     ibv_rereg_mr_flags,
     ibv_rx_hash_fields,
     ibv_rx_hash_function_flags,
+    ibv_selectivity_level,
     ibv_send_flags,
     ibv_srq_attr_mask,
     ibv_srq_init_attr_mask,
     ibv_srq_type,
     ibv_tm_cap_flags,
     ibv_tmh_op,
+    ibv_tph_mem_type,
     ibv_transport_type,
     ibv_values_mask,
     ibv_wc_flags,
@@ -77,6 +84,8 @@ from pyverbs.libibverbs_enums import (
 )
 
 __all__ = [
+    "IBV_ACCESS_FLUSH_GLOBAL",
+    "IBV_ACCESS_FLUSH_PERSISTENT",
     "IBV_ACCESS_HUGETLB",
     "IBV_ACCESS_LOCAL_WRITE",
     "IBV_ACCESS_MW_BIND",
@@ -119,6 +128,9 @@ __all__ = [
     "IBV_DEVICE_UD_AV_PORT_ENFORCE",
     "IBV_DEVICE_UD_IP_CSUM",
     "IBV_DEVICE_XRC",
+    "IBV_DMAH_INIT_ATTR_MASK_CPU_ID",
+    "IBV_DMAH_INIT_ATTR_MASK_PH",
+    "IBV_DMAH_INIT_ATTR_MASK_TPH_MEM_TYPE",
     "IBV_EVENT_CLIENT_REREGISTER",
     "IBV_EVENT_COMM_EST",
     "IBV_EVENT_CQ_ERR",
@@ -160,6 +172,10 @@ __all__ = [
     "IBV_FLOW_SPEC_TCP",
     "IBV_FLOW_SPEC_UDP",
     "IBV_FLOW_SPEC_VXLAN_TUNNEL",
+    "IBV_FLUSH_GLOBAL",
+    "IBV_FLUSH_MR",
+    "IBV_FLUSH_PERSISTENT",
+    "IBV_FLUSH_RANGE",
     "IBV_FORK_DISABLED",
     "IBV_FORK_ENABLED",
     "IBV_FORK_UNNEEDED",
@@ -271,6 +287,7 @@ __all__ = [
     "IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD",
     "IBV_QP_EX_WITH_ATOMIC_WRITE",
     "IBV_QP_EX_WITH_BIND_MW",
+    "IBV_QP_EX_WITH_FLUSH",
     "IBV_QP_EX_WITH_LOCAL_INV",
     "IBV_QP_EX_WITH_RDMA_READ",
     "IBV_QP_EX_WITH_RDMA_WRITE",
@@ -306,6 +323,11 @@ __all__ = [
     "IBV_RAW_PACKET_CAP_IP_CSUM",
     "IBV_RAW_PACKET_CAP_SCATTER_FCS",
     "IBV_READ_COUNTERS_ATTR_PREFER_CACHED",
+    "IBV_REG_MR_MASK_ADDR",
+    "IBV_REG_MR_MASK_DMAH",
+    "IBV_REG_MR_MASK_FD",
+    "IBV_REG_MR_MASK_FD_OFFSET",
+    "IBV_REG_MR_MASK_IOVA",
     "IBV_REREG_MR_CHANGE_ACCESS",
     "IBV_REREG_MR_CHANGE_PD",
     "IBV_REREG_MR_CHANGE_TRANSLATION",
@@ -343,6 +365,8 @@ __all__ = [
     "IBV_TMH_NO_TAG",
     "IBV_TMH_RNDV",
     "IBV_TM_CAP_RC",
+    "IBV_TPH_MEM_TYPE_PM",
+    "IBV_TPH_MEM_TYPE_VM",
     "IBV_TRANSPORT_IB",
     "IBV_TRANSPORT_IWARP",
     "IBV_TRANSPORT_UNKNOWN",
@@ -369,6 +393,7 @@ __all__ = [
     "IBV_WC_EX_WITH_TM_INFO",
     "IBV_WC_FATAL_ERR",
     "IBV_WC_FETCH_ADD",
+    "IBV_WC_FLUSH",
     "IBV_WC_GENERAL_ERR",
     "IBV_WC_GRH",
     "IBV_WC_INV_EECN_ERR",
@@ -428,6 +453,7 @@ __all__ = [
     "IBV_WR_ATOMIC_FETCH_AND_ADD",
     "IBV_WR_ATOMIC_WRITE",
     "IBV_WR_BIND_MW",
+    "IBV_WR_FLUSH",
     "IBV_WR_LOCAL_INV",
     "IBV_WR_RDMA_READ",
     "IBV_WR_RDMA_WRITE",
@@ -456,6 +482,7 @@ __all__ = [
     "ibv_create_cq_attr_flags",
     "ibv_create_cq_wc_flags",
     "ibv_device_cap_flags",
+    "ibv_dmah_init_attr_mask",
     "ibv_event_type",
     "ibv_flow_attr_type",
     "ibv_flow_flags",
@@ -464,6 +491,7 @@ __all__ = [
     "ibv_gid_type",
     "ibv_gid_type_sysfs",
     "ibv_mig_state",
+    "ibv_mr_init_attr_mask",
     "ibv_mtu",
     "ibv_mw_type",
     "ibv_node_type",
@@ -472,6 +500,7 @@ __all__ = [
     "ibv_ops_flags",
     "ibv_ops_wr_opcode",
     "ibv_parent_domain_init_attr_mask",
+    "ibv_placement_type",
     "ibv_port_cap_flags",
     "ibv_port_cap_flags2",
     "ibv_port_state",
@@ -487,12 +516,14 @@ __all__ = [
     "ibv_rereg_mr_flags",
     "ibv_rx_hash_fields",
     "ibv_rx_hash_function_flags",
+    "ibv_selectivity_level",
     "ibv_send_flags",
     "ibv_srq_attr_mask",
     "ibv_srq_init_attr_mask",
     "ibv_srq_type",
     "ibv_tm_cap_flags",
     "ibv_tmh_op",
+    "ibv_tph_mem_type",
     "ibv_transport_type",
     "ibv_values_mask",
     "ibv_wc_flags",
@@ -590,6 +621,10 @@ IBV_FLOW_SPEC_MPLS = ibv_flow_spec_type.IBV_FLOW_SPEC_MPLS
 IBV_FLOW_SPEC_TCP = ibv_flow_spec_type.IBV_FLOW_SPEC_TCP
 IBV_FLOW_SPEC_UDP = ibv_flow_spec_type.IBV_FLOW_SPEC_UDP
 IBV_FLOW_SPEC_VXLAN_TUNNEL = ibv_flow_spec_type.IBV_FLOW_SPEC_VXLAN_TUNNEL
+IBV_FLUSH_GLOBAL = ibv_placement_type.IBV_FLUSH_GLOBAL
+IBV_FLUSH_MR = ibv_selectivity_level.IBV_FLUSH_MR
+IBV_FLUSH_PERSISTENT = ibv_placement_type.IBV_FLUSH_PERSISTENT
+IBV_FLUSH_RANGE = ibv_selectivity_level.IBV_FLUSH_RANGE
 IBV_FORK_DISABLED = ibv_fork_status.IBV_FORK_DISABLED
 IBV_FORK_ENABLED = ibv_fork_status.IBV_FORK_ENABLED
 IBV_FORK_UNNEEDED = ibv_fork_status.IBV_FORK_UNNEEDED
@@ -712,6 +747,7 @@ IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM = ibv_qp_create_send_ops_flags.IBV_QP_EX_WITH
 IBV_QP_EX_WITH_SEND = ibv_qp_create_send_ops_flags.IBV_QP_EX_WITH_SEND
 IBV_QP_EX_WITH_SEND_WITH_IMM = ibv_qp_create_send_ops_flags.IBV_QP_EX_WITH_SEND_WITH_IMM
 IBV_QP_EX_WITH_SEND_WITH_INV = ibv_qp_create_send_ops_flags.IBV_QP_EX_WITH_SEND_WITH_INV
+IBV_QP_EX_WITH_FLUSH = ibv_qp_create_send_ops_flags.IBV_QP_EX_WITH_FLUSH
 IBV_QP_EX_WITH_TSO = ibv_qp_create_send_ops_flags.IBV_QP_EX_WITH_TSO
 IBV_QP_INIT_ATTR_CREATE_FLAGS = ibv_qp_init_attr_mask.IBV_QP_INIT_ATTR_CREATE_FLAGS
 IBV_QP_INIT_ATTR_IND_TABLE = ibv_qp_init_attr_mask.IBV_QP_INIT_ATTR_IND_TABLE
@@ -842,6 +878,7 @@ IBV_WC_TM_RECV = ibv_wc_opcode.IBV_WC_TM_RECV
 IBV_WC_TM_RNDV_INCOMPLETE = ibv_wc_status.IBV_WC_TM_RNDV_INCOMPLETE
 IBV_WC_TM_SYNC = ibv_wc_opcode.IBV_WC_TM_SYNC
 IBV_WC_TM_SYNC_REQ = ibv_wc_flags.IBV_WC_TM_SYNC_REQ
+IBV_WC_FLUSH = ibv_wc_opcode.IBV_WC_FLUSH
 IBV_WC_TSO = ibv_wc_opcode.IBV_WC_TSO
 IBV_WC_WITH_IMM = ibv_wc_flags.IBV_WC_WITH_IMM
 IBV_WC_WITH_INV = ibv_wc_flags.IBV_WC_WITH_INV
@@ -873,7 +910,18 @@ IBV_WR_SEND_WITH_INV = ibv_wr_opcode.IBV_WR_SEND_WITH_INV
 IBV_WR_TAG_ADD = ibv_ops_wr_opcode.IBV_WR_TAG_ADD
 IBV_WR_TAG_DEL = ibv_ops_wr_opcode.IBV_WR_TAG_DEL
 IBV_WR_TAG_SYNC = ibv_ops_wr_opcode.IBV_WR_TAG_SYNC
+IBV_WR_FLUSH = ibv_wr_opcode.IBV_WR_FLUSH
 IBV_WR_TSO = ibv_wr_opcode.IBV_WR_TSO
 IBV_XRCD_INIT_ATTR_FD = ibv_xrcd_init_attr_mask.IBV_XRCD_INIT_ATTR_FD
 IBV_XRCD_INIT_ATTR_OFLAGS = ibv_xrcd_init_attr_mask.IBV_XRCD_INIT_ATTR_OFLAGS
 IBV_XRCD_INIT_ATTR_RESERVED = ibv_xrcd_init_attr_mask.IBV_XRCD_INIT_ATTR_RESERVED
+IBV_DMAH_INIT_ATTR_MASK_CPU_ID = ibv_dmah_init_attr_mask.IBV_DMAH_INIT_ATTR_MASK_CPU_ID
+IBV_DMAH_INIT_ATTR_MASK_PH = ibv_dmah_init_attr_mask.IBV_DMAH_INIT_ATTR_MASK_PH
+IBV_DMAH_INIT_ATTR_MASK_TPH_MEM_TYPE = ibv_dmah_init_attr_mask.IBV_DMAH_INIT_ATTR_MASK_TPH_MEM_TYPE
+IBV_REG_MR_MASK_IOVA = ibv_mr_init_attr_mask.IBV_REG_MR_MASK_IOVA
+IBV_REG_MR_MASK_ADDR = ibv_mr_init_attr_mask.IBV_REG_MR_MASK_ADDR
+IBV_REG_MR_MASK_FD = ibv_mr_init_attr_mask.IBV_REG_MR_MASK_FD
+IBV_REG_MR_MASK_FD_OFFSET = ibv_mr_init_attr_mask.IBV_REG_MR_MASK_FD_OFFSET
+IBV_REG_MR_MASK_DMAH = ibv_mr_init_attr_mask.IBV_REG_MR_MASK_DMAH
+IBV_TPH_MEM_TYPE_VM = ibv_tph_mem_type.IBV_TPH_MEM_TYPE_VM
+IBV_TPH_MEM_TYPE_PM = ibv_tph_mem_type.IBV_TPH_MEM_TYPE_PM

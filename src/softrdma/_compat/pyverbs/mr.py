@@ -15,7 +15,10 @@ needs around them.
 (:func:`~softrdma.verbs.umem.ib_umem_odp_get`), with ``implicit=True`` one
 over the whole address space. ``DMMR`` registers device memory
 (:class:`pyverbs.device.DM`); ``MW`` is a memory window of type 1 or 2.
-dma-buf MRs are not supported: ``DmaBufMR`` raises ``EOPNOTSUPP``.
+``Buf`` / ``BufMR`` are ``ibv_alloc_buf`` / ``ibv_reg_buf_mr``; ``MREx``
+is ``ibv_reg_mr_ex`` (ordinary memory with an optional iova, or a ``Buf``
+range). dma-buf MRs of an exporter's fd are not supported: ``DmaBufMR``
+raises ``EOPNOTSUPP``, and so does ``DMAHandle`` (``ibv_alloc_dmah``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 
 import pyverbs.enums as e
 from pyverbs import _softrdma as sim
+from pyverbs._unsupported import unsupported_class
 from pyverbs.base import PyverbsCM, PyverbsObject
 from pyverbs.cc_heap import CcSharedBuffer
 from pyverbs.device import DM
@@ -54,7 +58,10 @@ __all__ = [
     "MW",
     "Buf",
     "BufMR",
+    "DMAHandle",
     "DmaBufMR",
+    "DmaHandleInitAttr",
+    "MREx",
     "MWBind",
     "MWBindInfo",
     "ibv_access_to_ib",
@@ -69,6 +76,8 @@ _CORE_ACCESS = (
     | e.IBV_ACCESS_REMOTE_ATOMIC
     | e.IBV_ACCESS_MW_BIND
     | e.IBV_ACCESS_ZERO_BASED
+    | e.IBV_ACCESS_FLUSH_GLOBAL
+    | e.IBV_ACCESS_FLUSH_PERSISTENT
 )
 #: ``IBV_ACCESS_OPTIONAL_RANGE``: hints a device may ignore (relaxed
 #: ordering among them), and ``IBV_ACCESS_HUGETLB``, a hint about the memory.
@@ -152,6 +161,53 @@ class MR(PyverbsCM):
             raise sim.rdma_error(what, ex) from None
         creator.add_ref(self)
 
+    def _reg_buf(
+        self, pd: PD, buf: Buf, address: int, length: int, access: int, iova: int | None, what: str
+    ) -> None:
+        """Register ``length`` bytes of ``buf`` at user address ``address``
+        (libibverbs' ``ibv_reg_buf_mr`` / ``IBV_REG_MR_MASK_BUF`` path):
+        ``pd`` must have allocated ``buf`` and the range must lie inside it
+        (``EINVAL``). ``iova`` (``IBV_REG_MR_MASK_IOVA``) is refused for a
+        dma-buf backed buffer, whose iova libibverbs derives itself."""
+        ibpd = pd.alive(what)
+        if buf.closed:
+            raise PyverbsRDMAError(f"{what}: the buffer is freed", errno.EINVAL)
+        if pd is not buf.pd:
+            raise PyverbsRDMAError(f"{what}: the buffer is of another PD", errno.EINVAL)
+        offset = address - buf.addr
+        if length <= 0 or offset < 0 or offset + length > buf.length:
+            raise PyverbsRDMAError(
+                f"{what}: {length} bytes at offset {offset} of a {buf.length}-byte buffer",
+                errno.EINVAL,
+            )
+        if iova is not None and buf.shared is not None:
+            raise PyverbsRDMAError(f"{what}: an iova for a dma-buf backed buffer", errno.EINVAL)
+        ib_access = ibv_access_to_ib(access, what)
+        self.pd = pd
+        self._mm = buf._mm
+        self._owns_buf = False
+        self._buf = address
+        self._length = length
+        self._access = access
+        self._implicit = False
+        self._shared = buf.shared is not None
+        try:
+            if buf.shared is not None:
+                self.umem = buf.shared.import_range(address, length, ib_access)
+            else:
+                self.umem = ib_umem_get(ibpd.device, self._mm, address, length, ib_access)
+            try:
+                self.mr = ib_reg_user_mr(
+                    ibpd, self.umem, address if iova is None else iova, ib_access
+                )
+            except SoftRdmaError:
+                ib_umem_release(self.umem)
+                raise
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        pd.add_ref(self)
+        buf.add_ref(self)
+
     def __repr__(self) -> str:
         return f"MR(buf={self._buf:#x}, length={self._length}, lkey={self.lkey:#x})"
 
@@ -214,8 +270,11 @@ class MR(PyverbsCM):
     ) -> None:
         """``ibv_rereg_mr``: ``IBV_REREG_MR_CHANGE_TRANSLATION`` (``addr``,
         ``length``), ``IBV_REREG_MR_CHANGE_PD``, ``IBV_REREG_MR_CHANGE_ACCESS``;
-        the keys stay."""
+        the keys stay. A new translation of a dma-buf import (a shared-heap
+        buffer's MR) is refused (``EOPNOTSUPP``), as the kernel refuses it."""
         what = "Failed to rereg MR"
+        if self._shared and flags & e.IBV_REREG_MR_CHANGE_TRANSLATION:
+            raise PyverbsRDMAError(f"{what}: new translation of a dma-buf MR", errno.EOPNOTSUPP)
         supported = (
             e.IBV_REREG_MR_CHANGE_TRANSLATION
             | e.IBV_REREG_MR_CHANGE_PD
@@ -264,6 +323,8 @@ class MR(PyverbsCM):
         if ib_access is not None:
             self._access = access
 
+    #: Whether the MR is a dma-buf import of a shared-heap buffer.
+    _shared = False
     #: Set on an MR made by ``ibv_import_mr``: the MR it shares.
     _origin: MR | None = None
     imported = False
@@ -289,6 +350,7 @@ class MR(PyverbsCM):
         self._length = origin._length
         self._access = origin._access
         self._implicit = origin._implicit
+        self._shared = origin._shared
         self.umem = origin.umem
         self.mr = origin.mr
         creator.add_ref(self)
@@ -490,51 +552,138 @@ class BufMR(MR):
 
     def __init__(self, pd: PD, buf: Buf, length: int, access: int, offset: int = 0) -> None:
         PyverbsCM.__init__(self)
-        what = "Failed to register a buffer MR"
         if not isinstance(pd, PD) or not isinstance(buf, Buf):
             raise PyverbsUserError("BufMR(pd, buf, length, access, offset=0)")
-        ibpd = pd.alive(what)
-        if buf.closed:
-            raise PyverbsRDMAError(f"{what}: the buffer is freed", errno.EINVAL)
-        if pd is not buf.pd:
-            raise PyverbsRDMAError(f"{what}: the buffer is of another PD", errno.EINVAL)
-        length, offset = int(length), int(offset)
-        if length <= 0 or offset < 0 or offset + length > buf.length:
-            raise PyverbsRDMAError(
-                f"{what}: {length} bytes at offset {offset} of a {buf.length}-byte buffer",
-                errno.EINVAL,
+        self._reg_buf(
+            pd,
+            buf,
+            buf.addr + int(offset),
+            int(length),
+            access,
+            None,
+            "Failed to register a buffer MR",
+        )
+
+
+class DmaHandleInitAttr(PyverbsObject):
+    """``struct ibv_dmah_init_attr``: the CPU whose cache a DMA handle steers
+    writes to (``cpu_id``), the PCIe TPH processing hint (``ph``) and the
+    memory type (``tph_mem_type``); ``comp_mask`` says which are set."""
+
+    def __init__(
+        self, cpu_id: int = 0, ph: int = 0, tph_mem_type: int = 0, comp_mask: int = 0
+    ) -> None:
+        super().__init__()
+        self.cpu_id = cpu_id
+        self.ph = ph
+        self.tph_mem_type = tph_mem_type
+        self.comp_mask = comp_mask
+
+
+#: ``ibv_alloc_dmah``: softrdma devices have no PCIe TPH steering tags, so
+#: allocation refuses with ``EOPNOTSUPP`` as the kernel does for a device
+#: without ``alloc_dmah``.
+DMAHandle = unsupported_class(
+    "DMAHandle", "DMA handles (ibv_alloc_dmah, PCIe TPH steering)", __name__
+)
+
+
+class MREx(MR):
+    """``ibv_reg_mr_ex``: ``MREx(pd, length, access, address=None,
+    iova=None, buf=None, dmah=None)``, the registration of
+    ``struct ibv_mr_init_attr`` by its ``comp_mask``:
+
+    - ``buf`` (``IBV_REG_MR_MASK_BUF`` with ``IBV_REG_MR_MASK_ADDR``): a
+      :class:`Buf` of ``pd``; ``address`` (inside it) is where the MR
+      starts, ``length`` must stay inside it (``EINVAL`` otherwise, and
+      without ``address``). Shared-heap buffers are registered by dma-buf
+      import, as ``ibv_reg_buf_mr`` does.
+    - ``address`` alone (``IBV_REG_MR_MASK_ADDR``): memory the caller owns,
+      as ``ibv_reg_mr`` registers it; without it the MR allocates
+      ``length`` bytes, as pyverbs' ``MR`` does.
+    - ``iova`` (``IBV_REG_MR_MASK_IOVA``): the MR's first iova
+      (``ibv_reg_mr_iova2``); ``EINVAL`` with a dma-buf backed ``buf``.
+    - ``dmah`` (``IBV_REG_MR_MASK_DMAH``): a :data:`DMAHandle`, which no
+      softrdma device can allocate.
+    """
+
+    def __init__(
+        self,
+        pd: PD,
+        length: int = 0,
+        access: int = 0,
+        address: int | None = None,
+        iova: int | None = None,
+        buf: Buf | None = None,
+        dmah: object = None,
+        **kwargs: Any,
+    ) -> None:
+        what = "Failed to register an MR (ibv_reg_mr_ex)"
+        PyverbsCM.__init__(self)
+        if not isinstance(pd, PD):
+            raise PyverbsUserError("MREx needs a PD")
+        if kwargs.get("fd") is not None or kwargs.get("fd_offset") is not None:
+            # IBV_REG_MR_MASK_FD: no dma-buf exporter hands out fds here
+            if buf is not None:
+                raise PyverbsRDMAError(f"{what}: a dma-buf fd with a buffer", errno.EINVAL)
+            raise PyverbsRDMAError(f"{what}: dma-buf fd registration", errno.EOPNOTSUPP)
+        unknown = set(kwargs) - {"fd", "fd_offset"}
+        if unknown:
+            raise PyverbsUserError(f"MREx: unknown arguments {sorted(unknown)}")
+        if dmah is not None:
+            raise PyverbsUserError("MREx: dmah must be a DMAHandle")
+        self.dmah = None
+        length = int(length)
+        if buf is not None:
+            if not isinstance(buf, Buf):
+                raise PyverbsUserError("MREx: buf must be a Buf")
+            if address is None:
+                raise PyverbsRDMAError(
+                    f"{what}: IBV_REG_MR_MASK_BUF needs IBV_REG_MR_MASK_ADDR", errno.EINVAL
+                )
+            self._reg_buf(
+                pd, buf, int(address), length, access, None if iova is None else int(iova), what
             )
+            return
+        self._reg_plain(pd, length, access, address, iova, what)
+
+    def _reg_plain(
+        self, pd: PD, length: int, access: int, address: int | None, iova: int | None, what: str
+    ) -> None:
+        """``ibv_reg_mr_ex`` of ordinary memory (``IBV_REG_MR_MASK_ADDR`` /
+        ``_IOVA``): pinned and DMA-mapped by ``ib_umem_get`` (an ODP umem
+        with ``IBV_ACCESS_ON_DEMAND``)."""
+        ibpd = pd.alive(what)
+        odp = bool(access & e.IBV_ACCESS_ON_DEMAND)
         ib_access = ibv_access_to_ib(access, what)
-        address = buf.addr + offset
+        if length <= 0:
+            raise PyverbsRDMAError(f"{what} of length {length}", errno.EINVAL)
+        proc = sim.process()
         self.pd = pd
-        self._mm = buf._mm
-        self._owns_buf = False
-        self._buf = address
+        self._mm = proc.mm
+        self._owns_buf = address is None
+        self._implicit = False
+        self._shared = False
+        if address is None:
+            try:
+                address = proc.mm.mmap(length)
+            except VmError as ex:
+                raise PyverbsRDMAError(f"{what}: no memory", ex.errno) from None
+        self._buf = int(address)
         self._length = length
         self._access = access
-        self._shared = buf.shared is not None
+        if iova is None:
+            iova = 0 if ib_access & IbAccess.ZERO_BASED else self._buf
         try:
-            if buf.shared is not None:
-                self.umem = buf.shared.import_range(address, length, ib_access)
-            else:
-                self.umem = ib_umem_get(ibpd.device, self._mm, address, length, ib_access)
+            get_umem = ib_umem_odp_get if odp else ib_umem_get
+            self.umem = get_umem(ibpd.device, proc.mm, self._buf, length, ib_access)
             try:
-                self.mr = ib_reg_user_mr(ibpd, self.umem, address, ib_access)
+                self.mr = ib_reg_user_mr(ibpd, self.umem, int(iova), ib_access)
             except SoftRdmaError:
                 ib_umem_release(self.umem)
                 raise
         except SoftRdmaError as ex:
+            if self._owns_buf:
+                proc.mm.munmap(self._buf, length)
             raise sim.rdma_error(what, ex) from None
         pd.add_ref(self)
-        buf.add_ref(self)
-
-    def rereg(
-        self, flags: int, pd: PD | None = None, addr: int = 0, length: int = 0, access: int = 0
-    ) -> None:
-        """``ibv_rereg_mr``; a new translation of a dma-buf import is
-        refused (``EOPNOTSUPP``), as the kernel refuses it."""
-        if self._shared and flags & e.IBV_REREG_MR_CHANGE_TRANSLATION:
-            raise PyverbsRDMAError(
-                "Failed to rereg MR: new translation of a dma-buf MR", errno.EOPNOTSUPP
-            )
-        super().rereg(flags, pd, addr, length, access)

@@ -9,13 +9,17 @@ UC QP to INIT and a UD QP to RTS, and ``to_init`` / ``to_rtr`` /
 ``to_rts`` use the attribute masks pyverbs uses, so the kernel's
 transition table (``ib_modify_qp_is_ok``) judges exactly what
 rdma-core's would. :class:`QPEx` adds the extended post-send API
-(``ibv_wr_*``). XRC and raw packet QPs are not supported: creating them
-raises ``EOPNOTSUPP``.
+(``ibv_wr_*``). XRC QPs: ``IBV_QPT_XRC_SEND`` (INI) on a PD, sending with
+the remote SRQ number of ``SendWR.set_qp_type_xrc`` / ``wr_set_xrc_srqn``,
+and ``IBV_QPT_XRC_RECV`` (TGT) on a Context with an XRCD
+(``IBV_QP_INIT_ATTR_XRCD``), no PD, no CQ. Raw packet QPs are not
+supported: creating them raises ``EOPNOTSUPP``.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import errno
 import itertools
 import socket
@@ -51,6 +55,8 @@ _QP_TYPES: dict[int, IbQpType] = {
     e.IBV_QPT_RC: IbQpType.RC,
     e.IBV_QPT_UD: IbQpType.UD,
     e.IBV_QPT_UC: IbQpType.UC,
+    e.IBV_QPT_XRC_SEND: IbQpType.XRC_INI,
+    e.IBV_QPT_XRC_RECV: IbQpType.XRC_TGT,
 }
 
 #: pyverbs' ``_get_comp_mask``: the attributes each helper passes.
@@ -80,6 +86,9 @@ _MASKS: dict[int, dict[str, int]] = {
         "RTS": e.IBV_QP_SQ_PSN,
     },
 }
+
+# pyverbs gives XRC QPs the attributes of RC ones.
+_MASKS[e.IBV_QPT_XRC_SEND] = _MASKS[e.IBV_QPT_XRC_RECV] = _MASKS[e.IBV_QPT_RC]
 
 #: ``ibv_wr_opcode`` -> the softrdma opcode and WR class.
 _SEND_OPCODES: dict[int, IbWrOpcode] = {
@@ -323,6 +332,11 @@ class QP(PyverbsCM):
     ``QP(context, QPInitAttrEx, qp_attr=None)``; with ``qp_attr`` an RC QP
     ends in INIT and a UD QP in RTS."""
 
+    pd: PD | None
+    """None for an XRC RECV (TGT) QP, which has no PD."""
+    scq: CQ | None
+    rcq: CQ | None
+
     def __init__(
         self, creator: PD | Context, init_attr: QPInitAttr, qp_attr: QPAttr | None = None
     ) -> None:
@@ -337,10 +351,13 @@ class QP(PyverbsCM):
                 e.IBV_QPT_UD
             ):
                 flags &= ~e.IBV_QP_CREATE_BLOCK_SELF_MCAST_LB
-            if flags or init_attr.ind_table is not None or init_attr.xrcd:
-                raise PyverbsRDMAError(f"{what}: create flags / RSS / XRC", errno.EOPNOTSUPP)
+            if flags or init_attr.ind_table is not None:
+                raise PyverbsRDMAError(f"{what}: create flags / RSS", errno.EOPNOTSUPP)
             if init_attr.comp_mask & e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS:
                 _check_send_ops(init_attr.qp_type, init_attr.send_ops_flags, what)
+            if init_attr.qp_type == e.IBV_QPT_XRC_RECV:
+                self._init_xrc_tgt(creator, init_attr, qp_attr, what)
+                return
             if not init_attr.comp_mask & e.IBV_QP_INIT_ATTR_PD or init_attr.pd is None:
                 raise PyverbsRDMAError(f"{what}: no PD", errno.EINVAL)
             pd = init_attr.pd
@@ -358,6 +375,8 @@ class QP(PyverbsCM):
                 raise PyverbsUserError("srq must be a pyverbs.srq.SRQ")
             ibsrq = srq._alive(what)
         scq, rcq = init_attr.send_cq, init_attr.recv_cq
+        if init_attr.qp_type == e.IBV_QPT_XRC_SEND and rcq is None:
+            rcq = scq  # an XRC INI QP receives nothing: its recv CQ is moot
         if scq is None or rcq is None or scq.closed or rcq.closed:
             raise PyverbsRDMAError(f"{what}: send and receive CQs are needed", errno.EINVAL)
         ibpd = pd.alive(what)
@@ -387,6 +406,32 @@ class QP(PyverbsCM):
                 self.to_rts(qp_attr)
             else:
                 self.to_init(qp_attr)
+
+    def _init_xrc_tgt(
+        self, ctx: Context, init_attr: QPInitAttrEx, qp_attr: QPAttr | None, what: str
+    ) -> None:
+        """``ibv_create_qp_ex`` of an ``IBV_QPT_XRC_RECV`` QP: on the XRCD
+        of ``init_attr``, no PD, no CQs, no queues."""
+        from pyverbs.xrcd import XRCD
+
+        xrcd = init_attr.xrcd
+        if not init_attr.comp_mask & e.IBV_QP_INIT_ATTR_XRCD or not isinstance(xrcd, XRCD):
+            raise PyverbsRDMAError(f"{what}: an XRC RECV QP needs an XRCD", errno.EINVAL)
+        ibxrcd = xrcd.alive(what)
+        if ibxrcd.device is not ctx._alive():
+            raise PyverbsRDMAError(f"{what}: XRCD of another device", errno.EINVAL)
+        try:
+            self.qp = ibxrcd.create_tgt_qp()
+        except SoftRdmaError as ex:
+            raise sim.rdma_error(what, ex) from None
+        sim.process().owners[self.qp] = ctx
+        self.pd = None
+        self.init_attr = init_attr
+        self.scq = self.rcq = None
+        self._ibv_qp_type = init_attr.qp_type
+        xrcd.add_ref(self)
+        if qp_attr is not None:
+            self.to_init(qp_attr)
 
     def __str__(self) -> str:
         return f"QP {self.qp_num:#x}, type {self.qp_type}, state {self.qp_state}"
@@ -422,9 +467,8 @@ class QP(PyverbsCM):
         except SoftRdmaError as ex:
             raise sim.rdma_error(what, ex) from None
         if mask & e.IBV_QP_STATE and qp_attr.qp_state == e.IBV_QPS_RESET:
-            self.scq.clean_qp(qp.qp_num)
-            if self.rcq is not self.scq:
-                self.rcq.clean_qp(qp.qp_num)
+            for cq in {id(c): c for c in (self.scq, self.rcq) if c is not None}.values():
+                cq.clean_qp(qp.qp_num)
 
     def _mask(self, dst: str) -> int:
         return _MASKS[self._ibv_qp_type][dst] | e.IBV_QP_STATE
@@ -474,6 +518,12 @@ class QP(PyverbsCM):
         """``ibv_post_send`` of a WR chain; the WRs before a bad one are
         posted, as in C."""
         what = "Failed to post send"
+        if not isinstance(wr, SendWR):
+            # Cython's typed argument: a TypeError, as pyverbs raises
+            raise TypeError(
+                f"Argument 'wr' has incorrect type (expected pyverbs.wr.SendWR, "
+                f"got {type(wr).__name__})"
+            )
         qp = self._alive(what)
         chain: list[SendWR] = []
         node: SendWR | None = wr
@@ -518,6 +568,20 @@ class QP(PyverbsCM):
             kbufs.append(kva)
             host.cpu_write(kva, data)
             sgl = (ibwr.Sge(kva, len(data), 0),)
+        ib = self._to_ib_wr(w, opcode, sgl, flags, what)
+        if self._ibv_qp_type == e.IBV_QPT_XRC_SEND:
+            # the XRCETH's SRQ number (send_wr.qp_type.xrc.remote_srqn)
+            return dataclasses.replace(ib, xrc_remote_srqn=w.remote_srqn & 0xFFFFFFFF)
+        return ib
+
+    def _to_ib_wr(
+        self,
+        w: SendWR,
+        opcode: IbWrOpcode,
+        sgl: tuple[ibwr.Sge, ...],
+        flags: IbSendFlags,
+        what: str,
+    ) -> ibwr.SendWR:
         imm = socket.ntohl(w.imm_data & 0xFFFFFFFF)
         inv = w.imm_data & 0xFFFFFFFF
         if self._ibv_qp_type == e.IBV_QPT_UD:
@@ -619,12 +683,15 @@ class QPEx(QP):
         self.wr_id = 0
         self.wr_flags = 0
         self._batch: list[SendWR] | None = None
+        # FLUSH / ATOMIC WRITE arguments of the open batch's WRs, by id()
+        self._a19: dict[int, bytes | tuple[int, int, int]] = {}
 
     def wr_start(self) -> None:
         """``ibv_wr_start``: begin a batch of work requests."""
         if self._batch is not None:
             raise PyverbsUserError("wr_start while a batch is open: wr_complete or wr_abort it")
         self._batch = []
+        self._a19.clear()
 
     def _new(self, op_flag: int, opcode: int) -> SendWR:
         if self._batch is None:
@@ -689,14 +756,72 @@ class QPEx(QP):
         wr.rkey = rkey & 0xFFFFFFFF
         wr.bind = (mw, wr.rkey, bind_info)
 
-    def wr_atomic_write(self, rkey: int, remote_addr: int, data: bytes) -> None:
-        raise PyverbsRDMAError("Failed to post atomic write", errno.EOPNOTSUPP)
+    def wr_atomic_write(self, rkey: int, remote_addr: int, atomic_wire_buf: bytes) -> None:
+        """``ibv_wr_atomic_write``: store the 8 bytes of ``atomic_wire_buf``,
+        as they are, at the 8-byte aligned ``remote_addr`` in one atomic write
+        (RC ATOMIC WRITE; rxe's ``wr_atomic_write`` copies them into the WQE
+        now). A misaligned target completes with ``IBV_WC_REM_INV_REQ_ERR``."""
+        if not isinstance(atomic_wire_buf, bytes | bytearray | memoryview):
+            raise PyverbsUserError("wr_atomic_write takes the 8 bytes to write")
+        data = bytes(atomic_wire_buf)
+        if len(data) != 8:
+            raise PyverbsUserError(f"wr_atomic_write writes 8 bytes, got {len(data)}")
+        wr = self._new(e.IBV_QP_EX_WITH_ATOMIC_WRITE, e.IBV_WR_ATOMIC_WRITE)
+        wr.set_wr_rdma(rkey, remote_addr)
+        self._a19[id(wr)] = data
+
+    def wr_flush(self, rkey: int, remote_addr: int, length: int, ptype: int, level: int) -> None:
+        """``ibv_wr_flush``: make ``length`` bytes at ``remote_addr``
+        (``level`` ``IBV_FLUSH_RANGE``) or the whole MR of ``rkey``
+        (``IBV_FLUSH_MR``) placed with ``ptype`` (``IBV_FLUSH_GLOBAL`` and /
+        or ``IBV_FLUSH_PERSISTENT``) before it completes (RC FLUSH). The
+        target MR and QP need the matching ``IBV_ACCESS_FLUSH_*`` flag, else
+        it completes with ``IBV_WC_REM_ACCESS_ERR`` /
+        ``IBV_WC_REM_INV_REQ_ERR``."""
+        wr = self._new(e.IBV_QP_EX_WITH_FLUSH, e.IBV_WR_FLUSH)
+        wr.set_wr_rdma(rkey, remote_addr)
+        self._a19[id(wr)] = (length, ptype, level)
+
+    def _to_ib_send(self, w: SendWR, kbufs: list[int]) -> ibwr.SendWR:
+        """The FLUSH / ATOMIC WRITE work requests only ``QPEx`` builds
+        (``ibv_send_wr`` has no fields for them); the rest as :class:`QP`."""
+        a19 = self._a19.get(id(w)) if w.opcode in (e.IBV_WR_FLUSH, e.IBV_WR_ATOMIC_WRITE) else None
+        if a19 is None:
+            return super()._to_ib_send(w, kbufs)
+        what = "Failed to post send"
+        if w.send_flags & ~_SEND_FLAGS:
+            raise PyverbsRDMAError(f"{what}: send flags {w.send_flags:#x}", errno.EINVAL)
+        # no local data: an inline flag has nothing to copy
+        flags = IbSendFlags(w.send_flags & _SEND_FLAGS & ~e.IBV_SEND_INLINE)
+        if isinstance(a19, bytes):
+            return ibwr.AtomicWriteWR(
+                w.wr_id,
+                IbWrOpcode.ATOMIC_WRITE,
+                (),
+                flags,
+                remote_addr=w.remote_addr,
+                rkey=w.rkey,
+                atomic_wr=a19,
+            )
+        length, ptype, level = a19
+        return ibwr.FlushWR(
+            w.wr_id,
+            IbWrOpcode.FLUSH,
+            (),
+            flags,
+            remote_addr=w.remote_addr,
+            rkey=w.rkey,
+            flush_len=length,
+            placement_type=ptype,
+            level=level,
+        )
 
     def wr_send_tso(self, hdr: bytes, hdr_sz: int, mss: int) -> None:
         raise PyverbsRDMAError("Failed to post TSO send", errno.EOPNOTSUPP)
 
     def wr_set_xrc_srqn(self, remote_srqn: int) -> None:
-        raise PyverbsRDMAError("Failed to set XRC SRQ number", errno.EOPNOTSUPP)
+        """``ibv_wr_set_xrc_srqn``: the current WR's remote XRC SRQ."""
+        self._cur().set_qp_type_xrc(remote_srqn)
 
     def wr_set_sge(self, sge: SGE) -> None:
         """``ibv_wr_set_sge``: the current WR's one SGE."""
@@ -738,10 +863,12 @@ class QPEx(QP):
         finally:
             for wr in batch:
                 wr.next_wr = None
+            self._a19.clear()
 
     def wr_abort(self) -> None:
         """``ibv_wr_abort``: drop the batch."""
         self._batch = None
+        self._a19.clear()
 
 
 _SEND_OPS: dict[int, int] = {
@@ -754,7 +881,9 @@ _SEND_OPS: dict[int, int] = {
     | e.IBV_QP_EX_WITH_ATOMIC_FETCH_AND_ADD
     | e.IBV_QP_EX_WITH_LOCAL_INV
     | e.IBV_QP_EX_WITH_BIND_MW
-    | e.IBV_QP_EX_WITH_SEND_WITH_INV,
+    | e.IBV_QP_EX_WITH_SEND_WITH_INV
+    | e.IBV_QP_EX_WITH_FLUSH
+    | e.IBV_QP_EX_WITH_ATOMIC_WRITE,
     e.IBV_QPT_UC: e.IBV_QP_EX_WITH_RDMA_WRITE
     | e.IBV_QP_EX_WITH_RDMA_WRITE_WITH_IMM
     | e.IBV_QP_EX_WITH_SEND
@@ -764,6 +893,10 @@ _SEND_OPS: dict[int, int] = {
     | e.IBV_QP_EX_WITH_SEND_WITH_INV,
     e.IBV_QPT_UD: e.IBV_QP_EX_WITH_SEND | e.IBV_QP_EX_WITH_SEND_WITH_IMM,
 }
+# XRC has no FLUSH / ATOMIC WRITE opcodes (IBTA annex A19 defines them for RC).
+_SEND_OPS[e.IBV_QPT_XRC_SEND] = _SEND_OPS[e.IBV_QPT_RC] & ~(
+    e.IBV_QP_EX_WITH_FLUSH | e.IBV_QP_EX_WITH_ATOMIC_WRITE
+)
 
 
 def _check_send_ops(qp_type: int, flags: int, what: str) -> None:

@@ -2,8 +2,10 @@
 ``ibv_create_srq_ex`` for basic SRQs, ``ibv_post_srq_recv``,
 ``ibv_modify_srq``, ``ibv_query_srq``, ``ibv_get_srq_num``,
 ``ibv_destroy_srq``) on softrdma's
-:class:`~softrdma.verbs.srq.SharedReceiveQueue`. XRC SRQs and tag
-matching (``OpsWr``) are not supported: ``EOPNOTSUPP``."""
+:class:`~softrdma.verbs.srq.SharedReceiveQueue`, basic or XRC
+(``IBV_SRQT_XRC`` with its XRCD and CQ: the XRC TGT QPs of the domain
+take from it the WQEs the XRC requests name it for). Tag matching
+(``OpsWr``, ``IBV_SRQT_TM``) is not supported: ``EOPNOTSUPP``."""
 
 from __future__ import annotations
 
@@ -19,9 +21,10 @@ from pyverbs.device import Context
 from pyverbs.pd import PD
 from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
 from pyverbs.wr import RecvWR
+from pyverbs.xrcd import XRCD
 from softrdma.errors import SoftRdmaError
 from softrdma.verbs import srq as ibsrq
-from softrdma.verbs.enums import IbSrqAttrMask
+from softrdma.verbs.enums import IbSrqAttrMask, IbSrqType
 
 __all__ = ["SRQ", "OpsWr", "SrqAttr", "SrqInitAttr", "SrqInitAttrEx"]
 
@@ -69,7 +72,7 @@ class SrqInitAttrEx(SrqInitAttr):
         self.srq_type = e.IBV_SRQT_BASIC
         self.pd: PD | None = None
         self.cq: CQ | None = None
-        self.xrcd: object = None
+        self.xrcd: XRCD | None = None
 
 
 class SRQ(PyverbsCM):
@@ -79,6 +82,8 @@ class SRQ(PyverbsCM):
     def __init__(self, creator: PD | Context, attr: SrqInitAttr) -> None:
         super().__init__()
         what = "Failed to create SRQ"
+        xrcd: XRCD | None = None
+        cq: CQ | None = None
         if isinstance(creator, PD):
             pd = creator
         elif isinstance(creator, Context):
@@ -86,7 +91,14 @@ class SRQ(PyverbsCM):
                 raise PyverbsUserError("An SRQ created on a Context needs a SrqInitAttrEx")
             mask = attr.comp_mask
             srq_type = attr.srq_type if mask & e.IBV_SRQ_INIT_ATTR_TYPE else e.IBV_SRQT_BASIC
-            if srq_type != e.IBV_SRQT_BASIC or mask & (
+            if srq_type == e.IBV_SRQT_XRC:
+                # ibv_create_srq_ex: an XRC SRQ needs its XRCD and CQ
+                if not mask & e.IBV_SRQ_INIT_ATTR_XRCD or not isinstance(attr.xrcd, XRCD):
+                    raise PyverbsRDMAError(f"{what}: an XRC SRQ needs an XRCD", errno.EINVAL)
+                if not mask & e.IBV_SRQ_INIT_ATTR_CQ or not isinstance(attr.cq, CQ):
+                    raise PyverbsRDMAError(f"{what}: an XRC SRQ needs a CQ", errno.EINVAL)
+                xrcd, cq = attr.xrcd, attr.cq
+            elif srq_type != e.IBV_SRQT_BASIC or mask & (
                 e.IBV_SRQ_INIT_ATTR_XRCD | e.IBV_SRQ_INIT_ATTR_TM
             ):
                 raise PyverbsRDMAError(f"{what}: SRQ type {srq_type}", errno.EOPNOTSUPP)
@@ -100,13 +112,24 @@ class SRQ(PyverbsCM):
         ibpd = pd.alive(what)
         a = attr.attr
         init = ibsrq.SrqInitAttr(ibsrq.SrqAttr(a.max_wr, a.max_sge, a.srq_limit))
+        if xrcd is not None and cq is not None:
+            init.srq_type = IbSrqType.XRC
+            init.xrcd = xrcd.alive(what)
+            if cq.closed:
+                raise PyverbsRDMAError(f"{what}: the CQ is closed", errno.EINVAL)
+            init.cq = cq.cq
         try:
             self.srq: ibsrq.SharedReceiveQueue = ibpd.device.create_srq(ibpd, init)
         except SoftRdmaError as ex:
             raise sim.rdma_error(what, ex) from None
         sim.process().owners[self.srq] = pd.ctx  # its limit event goes there
         self.pd = pd
+        self.xrcd = xrcd
+        self.cq = cq
         pd.add_ref(self)
+        if xrcd is not None and cq is not None:
+            xrcd.add_ref(self)  # closed before its XRCD and its CQ
+            cq.add_ref(self)
 
     def __str__(self) -> str:
         return f"SRQ {self.srq.srq_num:#x}"
@@ -123,7 +146,8 @@ class SRQ(PyverbsCM):
             raise sim.rdma_error("Failed to destroy SRQ", ex) from None
 
     def get_srq_num(self) -> int:
-        """``ibv_get_srq_num`` (XRC SRQs only in C; the number of any here)."""
+        """``ibv_get_srq_num``: the number XRC requests name the SRQ by
+        (their XRCETH); any SRQ has one here."""
         return self._alive("Failed to retrieve SRQ number").srq_num
 
     def post_recv(self, wr: RecvWR, bad_wr: RecvWR | None = None) -> None:
