@@ -24,10 +24,17 @@ def test_device_and_port_queries(machine: str) -> None:
         assert attr.phys_port_cnt == 1 and attr.max_qp > 0 and attr.atomic_caps == e.IBV_ATOMIC_HCA
         port = ctx.query_port(1)
         assert port.state == e.IBV_PORT_ACTIVE and port.link_layer == e.IBV_LINK_LAYER_ETHERNET
-        assert port.active_mtu == e.IBV_MTU_1024 and port.gid_tbl_len == 1
+        assert port.active_mtu == e.IBV_MTU_1024 and port.gid_tbl_len == 1024  # rxe's table
         assert ctx.query_gid(1, 0).gid == "0000:0000:0000:0000:0000:ffff:7f00:0001"
         assert ctx.query_gid_type(1, 0) == e.IBV_GID_TYPE_SYSFS_ROCE_V2
-        for call in (lambda: ctx.query_port(2), lambda: ctx.query_gid(1, 1)):
+        # the rest of the table is empty: zero GIDs for the old API, ENODATA for _ex
+        assert ctx.query_gid(1, 1023).gid == "0000:0000:0000:0000:0000:0000:0000:0000"
+        assert ctx.query_gid_type(1, 5) == e.IBV_GID_TYPE_SYSFS_IB_ROCE_V1
+        with pytest.raises(PyverbsRDMAError) as ex:
+            ctx.query_gid_ex(1, 1)
+        assert ex.value.error_code == errno.ENODATA
+        assert [g.gid_index for g in ctx.query_gid_table(1024)] == [0]
+        for call in (lambda: ctx.query_port(2), lambda: ctx.query_gid(1, 1024)):
             with pytest.raises(PyverbsRDMAError) as ex:
                 call()
             assert ex.value.error_code == errno.EINVAL

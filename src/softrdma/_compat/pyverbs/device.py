@@ -62,6 +62,8 @@ __all__ = [
 ]
 
 #: ``ibv_port_attr.max_msg_sz`` of rxe (``RXE_PORT_MAX_MSG_SZ``).
+#: The GID table's length, rxe's ``RXE_PORT_GID_TBL_LEN``.
+GID_TBL_LEN = 1024
 MAX_MSG_SZ = 0x80000000
 #: The port's P_Key table: the default full-membership key.
 DEFAULT_PKEY = 0xFFFF
@@ -499,7 +501,7 @@ class Context(PyverbsCM):
             state=e.IBV_PORT_ACTIVE,
             max_mtu=int(p.max_mtu),
             active_mtu=int(p.active_mtu),
-            gid_tbl_len=1,
+            gid_tbl_len=GID_TBL_LEN,
             port_cap_flags=e.IBV_PORT_CM_SUP | e.IBV_PORT_IP_BASED_GIDS,
             max_msg_sz=MAX_MSG_SZ,
             bad_pkey_cntr=0,
@@ -521,18 +523,37 @@ class Context(PyverbsCM):
         )
 
     def _gid_raw(self, port_num: int, index: int) -> bytes:
+        """The GID at ``index``: entry 0 holds the device's RoCEv2 GID of its
+        IPv4 address; every other index of the table is empty (``ENODATA``,
+        as ``ibv_query_gid_ex`` reports an unused entry)."""
         dev = self._check_port(port_num, "query gid")
-        if index != 0:
+        if not 0 <= index < GID_TBL_LEN:
             raise PyverbsRDMAError(f"Failed to query gid {index} of port {port_num}", errno.EINVAL)
-        return dev.query_gid(1, 1)  # the device's RoCEv2 GID of its IPv4 address
+        if index:
+            raise PyverbsRDMAError(
+                f"Failed to query gid {index} of port {port_num}: the entry is empty",
+                errno.ENODATA,
+            )
+        return dev.query_gid(1, 1)
 
     def query_gid(self, port_num: int, index: int) -> GID:
-        """``ibv_query_gid``."""
-        return GID.from_raw(self._gid_raw(port_num, index))
+        """``ibv_query_gid``: an empty entry reads as the zero GID."""
+        try:
+            return GID.from_raw(self._gid_raw(port_num, index))
+        except PyverbsRDMAError as ex:
+            if ex.error_code != errno.ENODATA:
+                raise
+            return GID.from_raw(bytes(16))
 
     def query_gid_type(self, port_num: int, index: int) -> int:
-        """``ibv_query_gid_type``: every GID of the table is RoCEv2."""
-        self._gid_raw(port_num, index)
+        """``ibv_query_gid_type``: the one GID is RoCEv2; an empty entry
+        reads as IB / RoCE v1, as libibverbs keeps for the old API."""
+        try:
+            self._gid_raw(port_num, index)
+        except PyverbsRDMAError as ex:
+            if ex.error_code != errno.ENODATA:
+                raise
+            return e.IBV_GID_TYPE_SYSFS_IB_ROCE_V1
         return e.IBV_GID_TYPE_SYSFS_ROCE_V2
 
     def query_gid_ex(self, port_num: int, gid_index: int, flags: int = 0) -> GIDEntry:
