@@ -4,6 +4,7 @@ the SRQ per work request; the refcounts and refusals of the verbs."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 
@@ -151,6 +152,28 @@ def test_shared_by_inode() -> None:
     assert (x.deallocated, x.opens) == (True, 0)
     y = ib_alloc_xrcd_user(dev, ("dev", 1), os.O_CREAT)
     assert y is not x
+
+
+def test_max_xrcds_counts_live_domains() -> None:
+    fabric = Fabric(seed=1)
+    dev = make_device("cpu", fabric, "10.0.0.1")
+    assert dev.attrs.max_xrcds > 0
+    limit = 4
+    dev.attrs = dataclasses.replace(dev.attrs, max_xrcds=limit)
+    domains = [ib_alloc_xrcd_user(dev) for _ in range(limit)]
+    with pytest.raises(VerbsError) as ex:
+        ib_alloc_xrcd_user(dev)
+    assert ex.value.errno == errno.ENOMEM
+    ib_dealloc_xrcd_user(domains.pop())
+    domains.append(ib_alloc_xrcd_user(dev, ("dev", 7)))  # a freed slot is free again
+    with pytest.raises(VerbsError):
+        ib_alloc_xrcd_user(dev, ("dev", 8))
+    for x in domains:
+        ib_dealloc_xrcd_user(x)
+    with pytest.raises(VerbsError) as ex:  # the file's domain went with its last close
+        ib_alloc_xrcd_user(dev, ("dev", 7), 0)
+    assert ex.value.errno == errno.EINVAL
+    assert len([ib_alloc_xrcd_user(dev) for _ in range(limit)]) == limit
 
 
 def test_srq_limit_event_names_the_xrc_srq() -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import abc
 import errno
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import TYPE_CHECKING
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from softrdma.verbs.qp import QpAttr, QpHardware, QpInitAttr, QueuePair
     from softrdma.verbs.srq import SharedReceiveQueue, SrqAttr, SrqHardware, SrqInitAttr
     from softrdma.verbs.wr import RecvWR, SendWR
+    from softrdma.verbs.xrcd import XrcDomain
 
 #: ``IB_DEVICE_MEM_MGT_EXTENSIONS``: REG_MR, LOCAL_INV, SEND_WITH_INV.
 IB_DEVICE_MEM_MGT_EXTENSIONS = 1 << 21
@@ -152,6 +153,9 @@ class _Tables:
     cqs: list[CompletionQueue] = field(default_factory=list)
     qps: dict[int, QueuePair] = field(default_factory=dict)
     srqs: dict[int, SharedReceiveQueue] = field(default_factory=dict)
+    xrcds: list[XrcDomain] = field(default_factory=list)
+    xrcds_by_inode: dict[Hashable, XrcDomain] = field(default_factory=dict)
+    """The domains opened with a file, by inode (uverbs ``xrcd_table``)."""
 
 
 class IbDevice(abc.ABC):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import os
-import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
@@ -37,13 +36,6 @@ if TYPE_CHECKING:
     from softrdma.verbs.qp import QpCap, QpInitAttr, QueuePair
 
 __all__ = ["XrcDomain", "ib_alloc_xrcd_user", "ib_dealloc_xrcd_user", "ib_open_qp"]
-
-_TABLES: weakref.WeakKeyDictionary[IbDevice, dict[Hashable, XrcDomain]] = (
-    weakref.WeakKeyDictionary()
-)
-"""Per device: the domains opened with a file, by inode (uverbs ``xrcd_table``)."""
-_ALL: weakref.WeakKeyDictionary[IbDevice, weakref.WeakSet[XrcDomain]] = weakref.WeakKeyDictionary()
-"""Per device: its live domains, counted against ``max_xrcds``."""
 
 
 class XrcDomain:
@@ -130,7 +122,7 @@ def ib_alloc_xrcd_user(
     if not device.attrs.device_cap_flags & IB_DEVICE_XRC:
         raise VerbsError(errno.EOPNOTSUPP, f"{device.name} has no XRC domains")
     with device.lock:
-        table = _TABLES.setdefault(device, {})
+        table = device._tables.xrcds_by_inode
         if inode is not None:
             xrcd = table.get(inode)
             if xrcd is not None:
@@ -140,13 +132,12 @@ def ib_alloc_xrcd_user(
                 return xrcd
             if not oflags & os.O_CREAT:
                 raise VerbsError(errno.EINVAL, "no XRC domain for this file (no O_CREAT)")
-        live = sum(1 for x in _ALL.get(device, ()) if not x.deallocated)
-        if live >= device.attrs.max_xrcds:
+        if len(device._tables.xrcds) >= device.attrs.max_xrcds:
             raise VerbsError(errno.ENOMEM, "max_xrcds reached")
         xrcd = XrcDomain(device, inode)
         if inode is not None:
             table[inode] = xrcd
-        _ALL.setdefault(device, weakref.WeakSet()).add(xrcd)
+        device._tables.xrcds.append(xrcd)
         return xrcd
 
 
@@ -163,8 +154,9 @@ def ib_dealloc_xrcd_user(xrcd: XrcDomain) -> None:
         if xrcd.opens:
             return
         xrcd.deallocated = True
+        dev._tables.xrcds.remove(xrcd)
         if xrcd.inode is not None:
-            _TABLES.get(dev, {}).pop(xrcd.inode, None)
+            dev._tables.xrcds_by_inode.pop(xrcd.inode, None)
         xrcd._release_internal()
 
 
