@@ -22,6 +22,17 @@ ALL_ACCESS = (
 UD_QKEY = 0x11111111
 
 
+def poll_cq(cq: CQ, n: int = 1) -> list[WC]:
+    """``n`` completions of ``cq``, within a bounded number of polls."""
+    got: list[WC] = []
+    for _ in range(50):
+        _, wcs = cq.poll(n - len(got))
+        got += wcs
+        if len(got) >= n:
+            return got
+    raise AssertionError(f"{len(got)} of {n} completions")
+
+
 @dataclass
 class Player:
     ctx: Context
@@ -31,14 +42,8 @@ class Player:
     qp: QP
 
     def poll(self, n: int = 1) -> list[WC]:
-        """``n`` completions, within a bounded number of polls."""
-        got: list[WC] = []
-        for _ in range(50):
-            _, wcs = self.cq.poll(n - len(got))
-            got += wcs
-            if len(got) >= n:
-                return got
-        raise AssertionError(f"{len(got)} of {n} completions")
+        """``n`` completions of the player's CQ (:func:`poll_cq`)."""
+        return poll_cq(self.cq, n)
 
     def ah(self) -> AH:
         gr = GlobalRoute(dgid=self.ctx.query_gid(1, 0), sgid_index=0)
@@ -61,19 +66,24 @@ def player(
     return Player(ctx, pd, cq, mr, QP(pd, init, attr))
 
 
+def rc_to_rts(qp: QP, ctx: Context, dest_qpn: int, access: int = ALL_ACCESS) -> None:
+    """An RC (or XRC) QP to RTS, aimed at QP ``dest_qpn`` of this host."""
+    attr = QPAttr(port_num=1)
+    attr.qp_access_flags = access
+    attr.path_mtu = e.IBV_MTU_1024
+    attr.max_dest_rd_atomic = 4
+    attr.max_rd_atomic = 4
+    attr.min_rnr_timer = 12
+    attr.timeout = 14
+    attr.retry_cnt = 7
+    attr.rnr_retry = 7
+    attr.dest_qp_num = dest_qpn
+    gr = GlobalRoute(dgid=ctx.query_gid(1, 0), sgid_index=0)
+    attr.ah_attr = AHAttr(port_num=1, is_global=1, gr=gr)
+    qp.to_rts(attr)
+
+
 def connect(a: Player, b: Player) -> None:
     """RC: both QPs to RTS, each aimed at the other."""
     for x, y in ((a, b), (b, a)):
-        attr = QPAttr(port_num=1)
-        attr.qp_access_flags = ALL_ACCESS
-        attr.path_mtu = e.IBV_MTU_1024
-        attr.max_dest_rd_atomic = 4
-        attr.max_rd_atomic = 4
-        attr.min_rnr_timer = 12
-        attr.timeout = 14
-        attr.retry_cnt = 7
-        attr.rnr_retry = 7
-        attr.dest_qp_num = y.qp.qp_num
-        gr = GlobalRoute(dgid=x.ctx.query_gid(1, 0), sgid_index=0)
-        attr.ah_attr = AHAttr(port_num=1, is_global=1, gr=gr)
-        x.qp.to_rts(attr)
+        rc_to_rts(x.qp, x.ctx, y.qp.qp_num)

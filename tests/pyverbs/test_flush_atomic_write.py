@@ -19,7 +19,6 @@ def _players(machine: str, mr_access: int) -> tuple[object, object]:
     and an MR with ``mr_access``; the QPs allow both flush placement types
     (as the upstream suite's ``create_qp_ex``)."""
     import pyverbs.enums as e
-    from pyverbs.addr import AHAttr, GlobalRoute
     from pyverbs.mr import MR
     from pyverbs.qp import QPAttr, QPCap, QPEx, QPInitAttrEx
 
@@ -46,18 +45,7 @@ def _players(machine: str, mr_access: int) -> tuple[object, object]:
         out.append(h.Player(p.ctx, p.pd, p.cq, MR(p.pd, 4096, mr_access), QPEx(p.ctx, init, attr)))
     a, b = out
     for x, y in ((a, b), (b, a)):
-        attr = QPAttr(port_num=1)
-        attr.qp_access_flags = qp_access
-        attr.path_mtu = e.IBV_MTU_1024
-        attr.max_dest_rd_atomic = 4
-        attr.max_rd_atomic = 4
-        attr.timeout = 14
-        attr.retry_cnt = 7
-        attr.rnr_retry = 7
-        attr.dest_qp_num = y.qp.qp_num
-        gr = GlobalRoute(dgid=x.ctx.query_gid(1, 0), sgid_index=0)
-        attr.ah_attr = AHAttr(port_num=1, is_global=1, gr=gr)
-        x.qp.to_rts(attr)
+        h.rc_to_rts(x.qp, x.ctx, y.qp.qp_num, qp_access)
     return a, b
 
 

@@ -29,36 +29,6 @@ def xrc_file() -> Iterator[int]:
             os.close(fd)
 
 
-def _rts(qp: Any, ctx: Any, dest_qpn: int, access: int) -> None:
-    import pyverbs.enums as e
-    from pyverbs.addr import AHAttr, GlobalRoute
-    from pyverbs.qp import QPAttr
-
-    attr = QPAttr(port_num=1)
-    attr.qp_access_flags = access
-    attr.path_mtu = e.IBV_MTU_1024
-    attr.max_dest_rd_atomic = 4
-    attr.max_rd_atomic = 4
-    attr.min_rnr_timer = 12
-    attr.timeout = 14
-    attr.retry_cnt = 7
-    attr.rnr_retry = 7
-    attr.dest_qp_num = dest_qpn
-    gr = GlobalRoute(dgid=ctx.query_gid(1, 0), sgid_index=0)
-    attr.ah_attr = AHAttr(port_num=1, is_global=1, gr=gr)
-    qp.to_rts(attr)
-
-
-def _poll(cq: Any, n: int = 1) -> list[Any]:
-    got: list[Any] = []
-    for _ in range(50):
-        _, wcs = cq.poll(n - len(got))
-        got += wcs
-        if len(got) >= n:
-            return got
-    raise AssertionError(f"{len(got)} of {n} completions")
-
-
 class Target:
     """The receiving context: an XRCD of ``fd``, two XRC SRQs with a CQ
     each, one XRC RECV QP per sender, one MR in the SRQs' PD."""
@@ -149,16 +119,18 @@ class Initiator:
 
 
 def _connect(t: Target, inis: list[Initiator]) -> None:
-    from tests.pyverbs.helpers import ALL_ACCESS
+    from tests.pyverbs.helpers import ALL_ACCESS, rc_to_rts
 
     for tgt, ini in zip(t.tgts, inis, strict=True):
-        _rts(tgt, t.ctx, ini.qp.qp_num, ALL_ACCESS)
-        _rts(ini.qp, ini.ctx, tgt.qp_num, 0)
+        rc_to_rts(tgt, t.ctx, ini.qp.qp_num, ALL_ACCESS)
+        rc_to_rts(ini.qp, ini.ctx, tgt.qp_num, 0)
 
 
 @pytest.mark.parametrize("machine", DEVICES, indirect=True)
 def test_initiators_of_two_contexts_share_the_target_srqs(machine: str, xrc_file: int) -> None:
     import pyverbs.enums as e
+
+    from tests.pyverbs.helpers import poll_cq
 
     t = Target(machine, xrc_file, 2)
     inis = [Initiator(machine), Initiator(machine)]
@@ -172,9 +144,9 @@ def test_initiators_of_two_contexts_share_the_target_srqs(machine: str, xrc_file
         ini_i, srq_i = n % 2, (n // 2) % 2
         data = bytes([0x30 + n]) * (1500 if n % 3 == 0 else 40)  # 2 packets or 1
         inis[ini_i].send(n, data, srqns[srq_i])
-        (wc,) = _poll(inis[ini_i].cq)
+        (wc,) = poll_cq(inis[ini_i].cq)
         assert (wc.status, wc.wr_id, wc.opcode) == (e.IBV_WC_SUCCESS, n, e.IBV_WC_SEND)
-        (rwc,) = _poll(t.cqs[srq_i])  # the SRQ's own CQ
+        (rwc,) = poll_cq(t.cqs[srq_i])  # the SRQ's own CQ
         assert rwc.status == e.IBV_WC_SUCCESS and rwc.opcode == e.IBV_WC_RECV
         assert rwc.qp_num == t.tgts[ini_i].qp_num and rwc.byte_len == len(data)
         slot = sum(1 for s, _, _ in sent if s == srq_i)
@@ -191,13 +163,15 @@ def test_initiators_of_two_contexts_share_the_target_srqs(machine: str, xrc_file
 def test_rdma_and_atomics_reach_the_srq_pd(machine: str, xrc_file: int) -> None:
     import pyverbs.enums as e
 
+    from tests.pyverbs.helpers import poll_cq
+
     t = Target(machine, xrc_file, 1)
     (ini,) = inis = [Initiator(machine)]
     _connect(t, inis)
     srqn = t.srqs[1].get_srq_num()
     data = bytes(range(256)) * 12  # 3 KiB: 3 packets
     ini.send(1, data, srqn, opcode=e.IBV_WR_RDMA_WRITE, rdma=(t.mr.rkey, t.mr.buf))
-    (wc,) = _poll(ini.cq)
+    (wc,) = poll_cq(ini.cq)
     assert wc.status == e.IBV_WC_SUCCESS
     assert t.mr.read(len(data), 0) == data
 
@@ -208,7 +182,7 @@ def test_rdma_and_atomics_reach_the_srq_pd(machine: str, xrc_file: int) -> None:
     wr.set_wr_rdma(t.mr.rkey, t.mr.buf + 100)
     wr.set_qp_type_xrc(srqn)
     ini.qp.post_send(wr)
-    (wc,) = _poll(ini.cq)
+    (wc,) = poll_cq(ini.cq)
     assert (wc.status, wc.opcode) == (e.IBV_WC_SUCCESS, e.IBV_WC_RDMA_READ)
     assert ini.mr.read(2900, 8192) == data[100:3000]
 
@@ -218,7 +192,7 @@ def test_rdma_and_atomics_reach_the_srq_pd(machine: str, xrc_file: int) -> None:
     wr.set_wr_atomic(t.mr.rkey, t.mr.buf + 4096, 1)
     wr.set_qp_type_xrc(srqn)
     ini.qp.post_send(wr)
-    (wc,) = _poll(ini.cq)
+    (wc,) = poll_cq(ini.cq)
     assert wc.status == e.IBV_WC_SUCCESS
     assert int.from_bytes(ini.mr.read(8, 0), "little") == 41
     assert int.from_bytes(t.mr.read(8, 4096), "little") == 42
@@ -232,6 +206,8 @@ def test_srq_of_another_domain_fails_both_sides(machine: str, xrc_file: int) -> 
     import pyverbs.enums as e
     from pyverbs.srq import SRQ, SrqInitAttrEx
     from pyverbs.xrcd import XRCD, XRCDInitAttr
+
+    from tests.pyverbs.helpers import poll_cq
 
     t = Target(machine, xrc_file, 1)
     (ini,) = inis = [Initiator(machine)]
@@ -248,7 +224,7 @@ def test_srq_of_another_domain_fails_both_sides(machine: str, xrc_file: int) -> 
     foreign = SRQ(t.ctx, a)
     t.post_slots(0, 0, 1)
     ini.send(1, b"not yours", foreign.get_srq_num())
-    (wc,) = _poll(ini.cq)
+    (wc,) = poll_cq(ini.cq)
     assert wc.status == e.IBV_WC_REM_ACCESS_ERR
     ev = t.ctx.get_async_event()
     assert ev.event_type == e.IBV_EVENT_QP_ACCESS_ERR
