@@ -459,15 +459,7 @@ def _send_read(qp: RcQp, wqe: SendWqe, now: float) -> None:
         ack_req=True,
         reth=Reth(wqe.iova, wqe.rkey, resid),
     )
-    qp.out.packets.append(OutPacket(pkt))
-    req.noack_pkts = 0
-    wqe.started = True
-    wqe.first_psn = psn
-    wqe.last_psn = psn_add(psn, npkts - 1)
-    req.psn = psn_add(psn, npkts)
-    wqe.state = WQE_PENDING
-    req.wqe_index += 1
-    _arm(qp, now)
+    _send_request(qp, wqe, pkt, now, npkts)
 
 
 def _send_atomic(qp: RcQp, wqe: SendWqe, now: float) -> None:
@@ -486,19 +478,21 @@ def _send_atomic(qp: RcQp, wqe: SendWqe, now: float) -> None:
     pkt = Packet.build(
         opcode, dest_qp=qp.attr.dest_qp_num, psn=psn, pkey=qp.pkey, ack_req=True, atmeth=atmeth
     )
-    _send_single(qp, wqe, pkt, now)
+    _send_request(qp, wqe, pkt, now)
 
 
-def _send_single(qp: RcQp, wqe: SendWqe, pkt: Packet, now: float) -> None:
-    """Send the one packet of a single-PSN request (an atomic, a FLUSH or an
-    ATOMIC WRITE) and move on to the next WQE."""
+def _send_request(qp: RcQp, wqe: SendWqe, pkt: Packet, now: float, npkts: int = 1) -> None:
+    """Send the one request packet of a READ, an atomic, a FLUSH or an ATOMIC
+    WRITE, reserving ``npkts`` PSNs for its responses, and move on to the
+    next WQE."""
     req = qp.req
     psn = pkt.bth.psn
     qp.out.packets.append(OutPacket(pkt))
     req.noack_pkts = 0
     wqe.started = True
-    wqe.first_psn = wqe.last_psn = psn
-    req.psn = psn_add(psn)
+    wqe.first_psn = psn
+    wqe.last_psn = psn_add(psn, npkts - 1)
+    req.psn = psn_add(psn, npkts)
     wqe.state = WQE_PENDING
     req.wqe_index += 1
     _arm(qp, now)
@@ -536,4 +530,4 @@ def _send_flush_or_atomic_write(qp: RcQp, wqe: SendWqe, now: float) -> None:
             payload=bytes(wr.atomic_wr),
             reth=Reth(wqe.iova, wqe.rkey, 8),
         )
-    _send_single(qp, wqe, pkt, now)
+    _send_request(qp, wqe, pkt, now)
