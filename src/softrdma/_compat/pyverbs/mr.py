@@ -119,8 +119,26 @@ class MR(PyverbsCM):
         what = "Failed to register a MR"
         if not isinstance(creator, PD):
             raise PyverbsUserError("MR needs a PD (RDMA CM registration is not supported)")
-        self.pd = creator
-        pd = creator.alive(what)
+        self._reg_user(creator, length, access, address, None, implicit, what)
+
+    def _reg_user(
+        self,
+        pd: PD,
+        length: int,
+        access: int,
+        address: int | None,
+        iova: int | None,
+        implicit: bool,
+        what: str,
+    ) -> None:
+        """``ibv_reg_mr`` / ``ibv_reg_mr_iova2`` of ordinary memory at
+        ``address`` (or ``length`` bytes the MR allocates), pinned and
+        DMA-mapped by ``ib_umem_get`` (an ODP umem with
+        ``IBV_ACCESS_ON_DEMAND``; an implicit one over the whole address
+        space with ``implicit``). ``iova`` defaults to the address (0 when
+        zero-based or implicit)."""
+        self.pd = pd
+        ibpd = pd.alive(what)
         # IBV_ACCESS_ON_DEMAND: an ODP umem, faulted in by the device
         odp = bool(access & e.IBV_ACCESS_ON_DEMAND)
         ib_access = ibv_access_to_ib(access, what)
@@ -134,24 +152,26 @@ class MR(PyverbsCM):
                 address = proc.mm.mmap(length)
             except VmError as ex:
                 raise PyverbsRDMAError(f"{what}: no memory", ex.errno) from None
+        address = int(address)
         self._buf = address
         self._length = length
         self._access = access
         self._implicit = implicit
-        iova = 0 if ib_access & IbAccess.ZERO_BASED or implicit else address
+        if iova is None:
+            iova = 0 if ib_access & IbAccess.ZERO_BASED or implicit else address
         try:
             if implicit and odp:
                 # ibv_reg_mr(pd, NULL, SIZE_MAX): the keys cover the whole
                 # address space (the buffer is only what read / write use)
-                self.umem: IbUmem = ib_umem_odp_alloc_implicit(pd.device, proc.mm, ib_access)
+                self.umem: IbUmem = ib_umem_odp_alloc_implicit(ibpd.device, proc.mm, ib_access)
             elif implicit:
                 # without ON_DEMAND the core tries to pin it all, and fails
-                self.umem = ib_umem_get(pd.device, proc.mm, 0, IMPLICIT_ODP_LENGTH, ib_access)
+                self.umem = ib_umem_get(ibpd.device, proc.mm, 0, IMPLICIT_ODP_LENGTH, ib_access)
             else:
                 get_umem = ib_umem_odp_get if odp else ib_umem_get
-                self.umem = get_umem(pd.device, proc.mm, address, length, ib_access)
+                self.umem = get_umem(ibpd.device, proc.mm, address, length, ib_access)
             try:
-                self.mr: MemoryRegion = ib_reg_user_mr(pd, self.umem, iova, ib_access)
+                self.mr: MemoryRegion = ib_reg_user_mr(ibpd, self.umem, int(iova), ib_access)
             except SoftRdmaError:
                 ib_umem_release(self.umem)
                 raise
@@ -159,7 +179,7 @@ class MR(PyverbsCM):
             if self._owns_buf:
                 proc.mm.munmap(address, length)
             raise sim.rdma_error(what, ex) from None
-        creator.add_ref(self)
+        pd.add_ref(self)
 
     def _reg_buf(
         self, pd: PD, buf: Buf, address: int, length: int, access: int, iova: int | None, what: str
@@ -645,45 +665,6 @@ class MREx(MR):
                 pd, buf, int(address), length, access, None if iova is None else int(iova), what
             )
             return
-        self._reg_plain(pd, length, access, address, iova, what)
-
-    def _reg_plain(
-        self, pd: PD, length: int, access: int, address: int | None, iova: int | None, what: str
-    ) -> None:
-        """``ibv_reg_mr_ex`` of ordinary memory (``IBV_REG_MR_MASK_ADDR`` /
-        ``_IOVA``): pinned and DMA-mapped by ``ib_umem_get`` (an ODP umem
-        with ``IBV_ACCESS_ON_DEMAND``)."""
-        ibpd = pd.alive(what)
-        odp = bool(access & e.IBV_ACCESS_ON_DEMAND)
-        ib_access = ibv_access_to_ib(access, what)
-        if length <= 0:
-            raise PyverbsRDMAError(f"{what} of length {length}", errno.EINVAL)
-        proc = sim.process()
-        self.pd = pd
-        self._mm = proc.mm
-        self._owns_buf = address is None
-        self._implicit = False
-        self._shared = False
-        if address is None:
-            try:
-                address = proc.mm.mmap(length)
-            except VmError as ex:
-                raise PyverbsRDMAError(f"{what}: no memory", ex.errno) from None
-        self._buf = int(address)
-        self._length = length
-        self._access = access
-        if iova is None:
-            iova = 0 if ib_access & IbAccess.ZERO_BASED else self._buf
-        try:
-            get_umem = ib_umem_odp_get if odp else ib_umem_get
-            self.umem = get_umem(ibpd.device, proc.mm, self._buf, length, ib_access)
-            try:
-                self.mr = ib_reg_user_mr(ibpd, self.umem, int(iova), ib_access)
-            except SoftRdmaError:
-                ib_umem_release(self.umem)
-                raise
-        except SoftRdmaError as ex:
-            if self._owns_buf:
-                proc.mm.munmap(self._buf, length)
-            raise sim.rdma_error(what, ex) from None
-        pd.add_ref(self)
+        self._reg_user(
+            pd, length, access, address, None if iova is None else int(iova), False, what
+        )
