@@ -11,7 +11,7 @@ from pyverbs.cq import CQ, WC
 from pyverbs.device import Context
 from pyverbs.mr import MR
 from pyverbs.pd import PD
-from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr, QPInitAttrEx
 
 ALL_ACCESS = (
     e.IBV_ACCESS_LOCAL_WRITE
@@ -64,6 +64,20 @@ def player(
         attr.qp_access_flags = ALL_ACCESS
     init = QPInitAttr(qp_type=qp_type, scq=cq, rcq=cq, cap=QPCap(max_send_wr=16, max_recv_wr=16))
     return Player(ctx, pd, cq, mr, QP(pd, init, attr))
+
+
+def qpex_init_attr(p: Player, send_ops_flags: int, qp_type: int = e.IBV_QPT_RC) -> QPInitAttrEx:
+    """The ``QPInitAttrEx`` of a ``QPEx`` on ``p``'s PD and CQ with
+    ``send_ops_flags``, 8 WRs each way."""
+    return QPInitAttrEx(
+        qp_type=qp_type,
+        scq=p.cq,
+        rcq=p.cq,
+        cap=QPCap(8, 8),
+        pd=p.pd,
+        comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
+        send_ops_flags=send_ops_flags,
+    )
 
 
 def rc_to_rts(qp: QP, ctx: Context, dest_qpn: int, access: int = ALL_ACCESS) -> None:

@@ -18,7 +18,7 @@ DEVICES = [pytest.param(f"dev0:{k}", id=k) for k in KINDS]
 @pytest.mark.parametrize("machine", DEVICES[:2], indirect=True)
 def test_qpex_batch_posts_every_operation(machine: str) -> None:
     import pyverbs.enums as e
-    from pyverbs.qp import QPAttr, QPCap, QPEx, QPInitAttrEx
+    from pyverbs.qp import QPAttr, QPEx
     from pyverbs.wr import SGE, RecvWR
 
     from tests.pyverbs import helpers as h
@@ -32,15 +32,7 @@ def test_qpex_batch_posts_every_operation(machine: str) -> None:
     )
     a, b = h.player(machine), h.player(machine)
     a.qp.close()
-    init = QPInitAttrEx(
-        qp_type=e.IBV_QPT_RC,
-        scq=a.cq,
-        rcq=a.cq,
-        cap=QPCap(8, 8),
-        pd=a.pd,
-        comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
-        send_ops_flags=ops,
-    )
+    init = h.qpex_init_attr(a, ops)
     qp = QPEx(a.ctx, init, QPAttr())
     a = h.Player(a.ctx, a.pd, a.cq, a.mr, qp)
     h.connect(a, b)

@@ -20,7 +20,7 @@ def _players(machine: str, mr_access: int) -> tuple[object, object]:
     (as the upstream suite's ``create_qp_ex``)."""
     import pyverbs.enums as e
     from pyverbs.mr import MR
-    from pyverbs.qp import QPAttr, QPCap, QPEx, QPInitAttrEx
+    from pyverbs.qp import QPAttr, QPEx
 
     from tests.pyverbs import helpers as h
 
@@ -31,15 +31,7 @@ def _players(machine: str, mr_access: int) -> tuple[object, object]:
         p = h.player(machine)
         p.qp.close()
         p.mr.close()
-        init = QPInitAttrEx(
-            qp_type=e.IBV_QPT_RC,
-            scq=p.cq,
-            rcq=p.cq,
-            cap=QPCap(8, 8),
-            pd=p.pd,
-            comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
-            send_ops_flags=ops,
-        )
+        init = h.qpex_init_attr(p, ops)
         attr = QPAttr(port_num=1)
         attr.qp_access_flags = qp_access
         out.append(h.Player(p.ctx, p.pd, p.cq, MR(p.pd, 4096, mr_access), QPEx(p.ctx, init, attr)))
@@ -117,7 +109,7 @@ def test_atomic_write(machine: str) -> None:
 def test_bad_calls(machine: str) -> None:
     import pyverbs.enums as e
     from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
-    from pyverbs.qp import QPCap, QPEx, QPInitAttrEx
+    from pyverbs.qp import QPEx
 
     from tests.pyverbs import helpers as h
 
@@ -137,15 +129,7 @@ def test_bad_calls(machine: str) -> None:
     assert ei.value.error_code == errno.EINVAL
     # no such send op on the QP
     p = h.player(machine)
-    init = QPInitAttrEx(
-        qp_type=e.IBV_QPT_RC,
-        scq=p.cq,
-        rcq=p.cq,
-        cap=QPCap(8, 8),
-        pd=p.pd,
-        comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
-        send_ops_flags=e.IBV_QP_EX_WITH_RDMA_WRITE,
-    )
+    init = h.qpex_init_attr(p, e.IBV_QP_EX_WITH_RDMA_WRITE)
     q2 = QPEx(p.ctx, init)
     q2.wr_start()
     with pytest.raises(PyverbsUserError, match="send op"):

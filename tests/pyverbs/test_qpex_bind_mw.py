@@ -14,22 +14,13 @@ DEVICES = [pytest.param(f"dev0:{k}", id=k) for k in KINDS]
 
 def _qpex_player(machine: str, qp_type: int, ops: int) -> object:
     """A player whose QP is a QPEx with send ops ``ops``."""
-    import pyverbs.enums as e
-    from pyverbs.qp import QPAttr, QPCap, QPEx, QPInitAttrEx
+    from pyverbs.qp import QPAttr, QPEx
 
     from tests.pyverbs import helpers as h
 
     p = h.player(machine, qp_type=qp_type)
     p.qp.close()
-    init = QPInitAttrEx(
-        qp_type=qp_type,
-        scq=p.cq,
-        rcq=p.cq,
-        cap=QPCap(8, 8),
-        pd=p.pd,
-        comp_mask=e.IBV_QP_INIT_ATTR_PD | e.IBV_QP_INIT_ATTR_SEND_OPS_FLAGS,
-        send_ops_flags=ops,
-    )
+    init = h.qpex_init_attr(p, ops, qp_type)
     attr = QPAttr(port_num=1)
     attr.qp_access_flags = h.ALL_ACCESS
     return h.Player(p.ctx, p.pd, p.cq, p.mr, QPEx(p.ctx, init, attr))
