@@ -139,12 +139,7 @@ class MmStruct:
             raise VmError(errno.EINVAL, f"mmap of {length} bytes")
         size = (length + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
         if addr is None:
-            start = self._next
-            while not self._free_range(start, start + size):
-                vma = self.find_vma(start)
-                start = vma.end if vma is not None else start + PAGE_SIZE
-                if start + size > TASK_SIZE:
-                    raise VmError(errno.ENOMEM, "no room in the user address space")
+            start = self._get_unmapped_area(size)
         else:
             if addr % PAGE_SIZE or addr < MMAP_MIN_ADDR or addr + size > TASK_SIZE:
                 raise VmError(errno.EINVAL, f"mmap at {addr:#x}: not a page-aligned user address")
@@ -169,6 +164,17 @@ class MmStruct:
             self._next = vma.end
         return start
 
+    def _get_unmapped_area(self, size: int) -> int:
+        """``get_unmapped_area``: the first free ``size`` bytes from the
+        mmap base on. Raises :class:`VmError` (``ENOMEM``) when none is left."""
+        start = self._next
+        while not self._free_range(start, start + size):
+            vma = self.find_vma(start)
+            start = vma.end if vma is not None else start + PAGE_SIZE
+            if start + size > TASK_SIZE:
+                raise VmError(errno.ENOMEM, "no room in the user address space")
+        return start
+
     def mmap_pages(self, pages: list[Page]) -> int:
         """``remap_pfn_range`` in a driver's ``mmap``: a new ``VM_PFNMAP``
         mapping of ``pages`` (owned by the caller, who frees them after the
@@ -176,12 +182,7 @@ class MmStruct:
         if not pages:
             raise VmError(errno.EINVAL, "mmap of no pages")
         size = len(pages) << PAGE_SHIFT
-        start = self._next
-        while not self._free_range(start, start + size):
-            vma = self.find_vma(start)
-            start = vma.end if vma is not None else start + PAGE_SIZE
-            if start + size > TASK_SIZE:
-                raise VmError(errno.ENOMEM, "no room in the user address space")
+        start = self._get_unmapped_area(size)
         self._insert(VmArea(start, start + size, list(pages), pfnmap=True))
         self.total_vm += len(pages)
         self._next = start + size
