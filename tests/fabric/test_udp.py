@@ -364,3 +364,44 @@ def test_completion_channel_sleeps_until_an_event(udp_pair: UdpPair) -> None:
     assert channel.unacked == 0
     (wc,) = b.cq.poll(1)
     assert wc.wr_id == 7 and wc.status == IbWcStatus.SUCCESS
+
+
+class _Sink:
+    def receive_roce(self, frame: object) -> None:
+        pass
+
+    def receive_error(self, reason: str) -> None:
+        pass
+
+
+def test_a_taken_source_port_falls_back_with_a_valid_icrc() -> None:
+    """When the QP's UDP source port is taken (by another program, or a
+    process sharing the address), the datagram leaves from the receive
+    socket's port, and its ICRC covers that port, not the one asked for."""
+    from softrdma.transport.roce_udp import decode_roce_udp
+
+    ip, peer_ip = loopback_addresses(2)
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+        UdpNetwork(raw=False) as net,
+    ):
+        taken.bind((ip, 0))
+        sport = taken.getsockname()[1]
+        peer.bind((peer_ip, 4791))
+        peer.settimeout(5)
+        link = net.open_link(ip, _Sink())
+        pkt = Packet.build(0x04, dest_qp=0x12, psn=7, payload=b"fallback")  # RC SEND ONLY
+        link.transmit(pkt, socket.inet_aton(peer_ip), sport)
+        data, (_, real_sport) = peer.recvfrom(4096)
+        assert real_sport != sport and link.counters["tx_sport_fallback"] == 1
+        frame = decode_roce_udp(
+            data,
+            socket.inet_aton(ip),
+            socket.inet_aton(peer_ip),
+            real_sport,
+            4791,
+            ip_id=0,
+            df=True,
+        )
+        assert bytes(frame.packet.payload) == b"fallback"

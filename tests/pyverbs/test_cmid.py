@@ -199,3 +199,13 @@ def test_udp_network_setting_and_fork(pyverbs_on_path: None) -> None:
         timeout=TIMEOUT,
     )
     assert out.stdout == "0 True\n", out.stderr
+
+
+def test_an_external_qp_is_refused(pyverbs_on_path: None) -> None:
+    from pyverbs.cmid import ConnParam
+    from pyverbs.pyverbs_error import PyverbsRDMAError
+
+    with pytest.raises(PyverbsRDMAError) as ex:
+        ConnParam(qp_num=0x12).to_rdma()
+    assert ex.value.error_code == errno.EOPNOTSUPP
+    assert ConnParam().to_rdma().private_data == b""

@@ -386,6 +386,7 @@ class _LossyLink:
     mac = property(lambda self: self.inner.mac)
     mtu = property(lambda self: self.inner.mtu)
     description = property(lambda self: self.inner.description)
+    device_share = property(lambda self: self.inner.device_share)
 
     def transmit(self, packet: Packet, daddr: bytes, sport: int) -> float | None:
         if self.net.lose():

@@ -58,11 +58,13 @@ from softrdma.cm.messages import (
 from softrdma.errors import SoftRdmaError
 from softrdma.mad.agent import MadAgent, MadRecvWc, MadSendBuf, MadSendWc, ib_mad_port
 from softrdma.mad.header import MadHdr, MadMethod, MalformedMad, MgmtClass
+from softrdma.transport.headers import BytesLike
 from softrdma.verbs.ah import AhAttr
 from softrdma.verbs.device import IbDevice, ib_register_client
 from softrdma.verbs.enums import IbWcStatus
+from softrdma.verbs.share import COMM_ID_SLOT_SHIFT
 
-__all__ = ["CmHandler", "CmIdError", "CmPort", "IbCmId", "ib_cm_port"]
+__all__ = ["CmHandler", "CmIdError", "CmPort", "IbCmId", "cm_route_key", "ib_cm_port"]
 
 CmHandler = Callable[["IbCmId", CmEvent], None]
 
@@ -163,6 +165,8 @@ class IbCmId:
             self.destroyed = True
             if self.listening_on is not None:
                 port._listen.pop(self.listening_on, None)
+                if port.device.share is not None:
+                    port.device.share.release_service(self.listening_on)
                 self.listening_on = None
             self.conn.destroy()
             port._run(self)
@@ -225,6 +229,9 @@ class CmPort:
                 raise CmIdError(f"listen on {cm_id!r}")
             if service_id in self._listen:
                 raise CmIdError(f"service ID {service_id:#018x} is listened on already")
+            share = self.device.share
+            if share is not None and not share.claim_service(service_id):
+                raise CmIdError(f"service ID {service_id:#018x} is listened on by another process")
             cm_id.listening_on = service_id
             cm_id.backlog = backlog
             self._listen[service_id] = cm_id
@@ -252,8 +259,14 @@ class CmPort:
         ah_attr: AhAttr | None = None,
         listen_id: IbCmId | None = None,
     ) -> IbCmId:
+        share = self.device.share
         while True:
-            local_id = self._rng.getrandbits(32)
+            if share is None:
+                local_id = self._rng.getrandbits(32)
+            else:  # a shared device routes by the slot in the top byte
+                local_id = share.slot << COMM_ID_SLOT_SHIFT | self._rng.getrandbits(
+                    COMM_ID_SLOT_SHIFT
+                )
             if local_id and local_id not in self._local:
                 break
         if tid is None:
@@ -460,6 +473,23 @@ class CmPort:
             mgmt_class=MgmtClass.CM, class_version=CM_CLASS_VERSION, method=MadMethod.SEND,
             tid=hdr.tid,
         ), msg))  # fmt: skip
+
+
+def cm_route_key(mad: BytesLike) -> tuple[str, int] | None:
+    """What ``cm_recv_handler`` looks a CM MAD up by: ``("service", ID)``
+    for a REQ (its listener), ``("comm_id", ID)`` for a message of a
+    connection (its ``remote_comm_id``), None for anything else (not a CM
+    MAD, malformed, SIDR, LAP, APR). A shared device's wire address routes
+    MADs to the process that holds the listener or connection with it."""
+    try:
+        _, msg = decode_cm_mad(mad)
+    except MalformedMad:
+        return None
+    if isinstance(msg, CmReq):
+        return ("service", msg.service_id)
+    if isinstance(msg, CmRep | CmRtu | CmRej | CmMra | CmDreq | CmDrep):
+        return ("comm_id", msg.remote_comm_id)
+    return None
 
 
 def _check_req(req: CmReq) -> CmRejReason | None:

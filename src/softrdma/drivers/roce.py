@@ -101,6 +101,7 @@ class RoceDevice(IbDevice):
             netdev_mtu=link.mtu,
             local_dma_lkey=local_dma_lkey,
             scheduler=link.scheduler,
+            share=link.device_share,
         )
         self.link = link
         self._engines: dict[int, Engine] = {}

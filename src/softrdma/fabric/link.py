@@ -30,6 +30,7 @@ from typing import Protocol
 from softrdma.time.base import Scheduler
 from softrdma.transport.packet import Packet
 from softrdma.transport.roce import RoceFrame
+from softrdma.verbs.share import DeviceShare
 
 __all__ = ["Link", "LinkBase", "LinkReceiver", "Network", "mac_for_ip"]
 
@@ -88,6 +89,13 @@ class Link(Protocol):
         ``devinfo``)."""
         ...
 
+    @property
+    def device_share(self) -> DeviceShare | None:
+        """How the device on this link shares its address with other
+        processes' copies of it (:mod:`softrdma.verbs.share`); None when
+        the address is this process's alone."""
+        ...
+
     def transmit(self, packet: Packet, daddr: bytes, sport: int) -> float | None:
         """Send ``packet`` to the packed IPv4 address ``daddr`` (UDP port
         4791 or the network's configured port) from UDP source port
@@ -137,6 +145,11 @@ class LinkBase:
     def mtu(self) -> int:
         """The netdev MTU."""
         return self._mtu
+
+    @property
+    def device_share(self) -> DeviceShare | None:
+        """None: the address is this process's alone."""
+        return None
 
 
 class Network(Protocol):

@@ -12,9 +12,11 @@ with ``IP_PMTUDISC_DO``: Linux then sends DF with IPv4 identification 0
 destination; with the default ``IP_PMTUDISC_WANT`` the ID is random), so
 the ICRC is computed over exactly the header the kernel builds.
 ``SO_NO_CHECK`` leaves the UDP checksum 0, as rxe sends it. A source port that
-cannot be bound (taken by another program) falls back to the receive
-socket's port, counted as ``tx_sport_fallback``: the port is flow entropy
-only, and receivers do not check it.
+cannot be bound (taken by another program, or by another process sharing
+the address) falls back to the receive socket's port, counted as
+``tx_sport_fallback``: the port is flow entropy only, and receivers do not
+check it — but the ICRC covers it, so it is computed over the port the
+datagram really leaves from.
 
 Receiving: a UDP socket shows the addresses and ports (``recvmsg`` with
 ``IP_PKTINFO``) and the length, but not the IPv4 identification, which
@@ -51,6 +53,7 @@ from softrdma.errors import SoftRdmaError
 from softrdma.fabric.link import LinkBase, LinkReceiver, mac_for_ip
 from softrdma.fabric.netif import interface_for
 from softrdma.fabric.pcap import PathOrFile, PcapWriter
+from softrdma.fabric.udp_share import GsiRoute, ShareError, UdpShare
 from softrdma.time.realtime import RealTimeLoop
 from softrdma.transport.errors import RejectedPacket
 from softrdma.transport.packet import Packet
@@ -142,7 +145,13 @@ class UdpNetwork:
     chooses how the ICRC is checked on receive: True = raw socket (needs
     ``CAP_NET_RAW``), False = solve for the IPv4 identification, None =
     raw when permitted. ``scheduler`` defaults to a new
-    :class:`~softrdma.time.RealTimeLoop`, closed with the network."""
+    :class:`~softrdma.time.RealTimeLoop`, closed with the network.
+
+    With ``share=True`` an address another softrdma process has bound is
+    shared with it instead of refused (:mod:`softrdma.fabric.udp_share`):
+    each process's device is a copy of one device, and ``gsi_route``
+    (:func:`softrdma.cm.cm_port.cm_route_key`) says which process a CM MAD
+    is for."""
 
     def __init__(
         self,
@@ -150,11 +159,15 @@ class UdpNetwork:
         port: int = ROCE_V2_UDP_DPORT,
         raw: bool | None = None,
         scheduler: RealTimeLoop | None = None,
+        share: bool = False,
+        gsi_route: GsiRoute | None = None,
     ) -> None:
         if not 0 < port < 65536:
             raise LinkError(errno.EINVAL, f"UDP port {port} out of range")
         self.port = port
         self.raw = have_cap_net_raw() if raw is None else raw
+        self.share = share
+        self.gsi_route = gsi_route
         self._own_scheduler = scheduler is None
         self._scheduler = RealTimeLoop() if scheduler is None else scheduler
         self._links: list[UdpLink] = []
@@ -179,6 +192,15 @@ class UdpNetwork:
             link.close()
         if self._own_scheduler:
             self._scheduler.close()
+
+    def close_after_fork(self) -> None:
+        """In a forked child: close the child's copies of the links'
+        sockets, leaving the parent's open. The loop thread did not survive
+        ``fork``, so nothing reads them here; held open they would keep the
+        parent's addresses bound after it exits."""
+        for link in self._links:
+            link.close_after_fork()
+        self._links.clear()
 
     def _forget(self, link: UdpLink) -> None:
         if link in self._links:
@@ -214,12 +236,35 @@ class UdpLink(LinkBase):
         """Socket-level events: ``tx_sport_fallback``, ``tx_dropped``,
         ``rx_foreign`` (raw mode: datagrams for another address)."""
         self._ifname = itf.name if itf is not None else "?"
-        self._rx = self._bind(socket.SOCK_DGRAM, self._port)
-        self._tx: dict[int, socket.socket] = {}
+        self._tx: dict[int, tuple[socket.socket, int]] = {}
+        """QP source port -> the socket it leaves from and that socket's port
+        (another one when the QP's is taken: the ICRC covers the real one)."""
         self._daddrs: dict[bytes, tuple[str, int]] = {}
         self._pcap: PcapWriter | None = None
         self._closed = False
         self._raw: socket.socket | None = None
+        self._watched: socket.socket | None = None  # the socket read for the wire
+        self.share: UdpShare | None = None
+        try:
+            self._rx = self._bind(socket.SOCK_DGRAM, self._port)
+        except LinkError as e:
+            if not (network.share and e.errno == errno.EADDRINUSE):
+                raise
+            try:  # another softrdma process has the address: become its member
+                self.share = UdpShare.join(ip, self._port, self._deliver)
+            except ShareError:
+                raise e from None
+            # sends still leave from this address; nothing is read here
+            self._rx = self._bind(socket.SOCK_DGRAM, 0)
+            self._sched.add_reader(self.share.sock, self.share.on_readable)
+            return
+        if network.share:
+            try:
+                self.share = UdpShare.own(ip, self._port, network.gsi_route)
+            except ShareError:
+                self._rx.close()
+                raise
+            self._sched.add_reader(self.share.sock, self.share.on_readable)
         if network.raw:
             raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
             _attach_filter(raw, _udp_port_filter(self._port))
@@ -231,9 +276,11 @@ class UdpLink(LinkBase):
             # port unreachable; its copies are never read.
             self._rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
             self._sched.add_reader(raw, self._on_raw_readable)
+            self._watched = raw
         else:
             self._rx.setsockopt(socket.IPPROTO_IP, _IP_PKTINFO, 1)
             self._sched.add_reader(self._rx, self._on_udp_readable)
+            self._watched = self._rx
 
     def _bind(self, kind: int, port: int) -> socket.socket:
         s = socket.socket(socket.AF_INET, kind)
@@ -271,7 +318,14 @@ class UdpLink(LinkBase):
             if self._raw is not None
             else "ICRC checked by solving for the IPv4 ID (UDP socket)"
         )
+        if self.share is not None and self.share.slot:
+            how = f"shared with the process that bound the port (slot {self.share.slot})"
         return f"UDP {self._ip}:{self._port} on {self._ifname}, MTU {self._mtu}, {how}"
+
+    @property
+    def device_share(self) -> UdpShare | None:
+        """This link's end of its shared address (``share=True``), else None."""
+        return self.share
 
     def transmit(self, packet: Packet, daddr: bytes, sport: int) -> None:
         """Send from the QP's source port to ``daddr``; the kernel adds IPv4
@@ -279,11 +333,11 @@ class UdpLink(LinkBase):
         socket buffer has the datagram when ``sendto`` returns."""
         if self._closed:
             return  # a timer that fired as the device went away
+        sock, sport = self._tx.get(sport) or self._tx_socket(sport)
         payload = encode_roce_udp(packet, self._saddr, daddr, sport, self._port, ip_id=0, df=True)
         dest = self._daddrs.get(daddr)
         if dest is None:
             dest = self._daddrs[daddr] = (socket.inet_ntoa(daddr), self._port)
-        sock = self._tx.get(sport) or self._tx_socket(sport)
         try:
             sock.sendto(payload, dest)
         except OSError as e:  # a full buffer, no route: the transport retransmits
@@ -292,17 +346,17 @@ class UdpLink(LinkBase):
                 log.warning("softrdma: %s: send to %s failed: %s", self._ip, dest[0], e)
             return
         if self._pcap is not None:
-            self._record(self._saddr, daddr, sock.getsockname()[1], self._port, 0, True, payload)
+            self._record(self._saddr, daddr, sport, self._port, 0, True, payload)
 
-    def _tx_socket(self, sport: int) -> socket.socket:
+    def _tx_socket(self, sport: int) -> tuple[socket.socket, int]:
         try:
             sock = self._bind(socket.SOCK_DGRAM, sport)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)  # never read
         except LinkError:
             self.counters["tx_sport_fallback"] += 1
             sock = self._rx
-        self._tx[sport] = sock
-        return sock
+        tx = self._tx[sport] = (sock, sock.getsockname()[1])
+        return tx
 
     # -- receive ------------------------------------------------------------------------
 
@@ -371,8 +425,17 @@ class UdpLink(LinkBase):
             if frame is not None:
                 ip_id, df = frame.ip_id, frame.df
             self._record(saddr, daddr, sport, dport, ip_id or 0, bool(df), payload)
-        if frame is not None:
-            self._receiver.receive_roce(frame)
+        if frame is None:
+            return
+        share = self.share
+        if share is not None and share.members:
+            slot = share.route(frame.packet)
+            if slot:
+                share.pass_on(
+                    slot, payload, saddr, daddr, sport, dport, frame.ip_id or 0, bool(frame.df)
+                )
+                return
+        self._receiver.receive_roce(frame)
 
     # -- capture ----------------------------------------------------------------------
 
@@ -420,10 +483,13 @@ class UdpLink(LinkBase):
             return
         self._closed = True
         sched = self._sched
-        watched = self._raw if self._raw is not None else self._rx
-        sched.remove_reader(watched)
+        if self._watched is not None:
+            sched.remove_reader(self._watched)
+        if self.share is not None:
+            sched.remove_reader(self.share.sock)
+            self.share.close()
         with sched.lock:
-            for s in {id(s): s for s in self._tx.values()}.values():
+            for s in {id(s): s for s, _ in self._tx.values()}.values():
                 if s is not self._rx:
                     s.close()
             self._tx.clear()
@@ -434,6 +500,18 @@ class UdpLink(LinkBase):
                 self._pcap.close()
                 self._pcap = None
         self._network._forget(self)
+
+    def close_after_fork(self) -> None:
+        """See :meth:`UdpNetwork.close_after_fork`."""
+        self._closed = True
+        for s in (
+            *(s for s, _ in self._tx.values()),
+            self._rx,
+            self._raw,
+            self.share and self.share.sock,
+        ):
+            if s is not None:
+                s.close()
 
     def __repr__(self) -> str:
         return f"<UdpLink {self._ip}:{self._port} icrc={self.icrc_mode}>"

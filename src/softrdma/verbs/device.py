@@ -33,6 +33,7 @@ from softrdma.verbs.enums import (
 )
 from softrdma.verbs.errors import VerbsError
 from softrdma.verbs.mr import MemoryRegion, MrState, MrTable, ib_check_mr_access
+from softrdma.verbs.share import QPN_SLOT_SHIFT, DeviceShare
 
 if TYPE_CHECKING:
     from softrdma.verbs.cq import CompletionQueue
@@ -181,8 +182,12 @@ class IbDevice(abc.ABC):
         netdev_mtu: int = 1500,
         local_dma_lkey: int = 0,
         scheduler: Scheduler,
+        share: DeviceShare | None = None,
     ) -> None:
         self.scheduler = scheduler
+        self.share = share
+        """How this copy of a device shares it with other processes' copies
+        (:mod:`softrdma.verbs.share`); None when this process has it alone."""
         self.lock = scheduler.lock
         self.name = name
         self.dma_device = dma_device
@@ -198,7 +203,9 @@ class IbDevice(abc.ABC):
         self.mr_table = MrTable(first_index=(local_dma_lkey >> 8) + 1)
         self._tables = _Tables()
         self._event_handlers: list[EventHandler] = []
-        self._next_qpn = 0x11  # QP0/QP1 are special; rxe starts at 17
+        # QP0/QP1 are special; rxe starts at 17. A shared device's copy
+        # numbers within its slot, so the shared address routes by QPN.
+        self._next_qpn = 0x11 | (0 if share is None else share.slot << QPN_SLOT_SHIFT)
         self._next_srqn = 0x40  # rxe's RXE_MIN_SRQ_INDEX
         self.unregistered = False
         self._clients: list[Callable[[], None]] = []
@@ -299,6 +306,10 @@ class IbDevice(abc.ABC):
                 raise VerbsError(errno.EBUSY, "the port already has its GSI QP (QP1)")
         else:
             qpn = self._next_qpn
+            if self.share is not None and qpn >> QPN_SLOT_SHIFT != self.share.slot:
+                raise VerbsError(
+                    errno.ENOMEM, "this process's QP numbers of the shared device are used up"
+                )
             self._next_qpn += 1
         with self.lock:
             qp = QueuePair(pd, init_attr, qpn)

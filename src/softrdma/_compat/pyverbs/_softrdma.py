@@ -28,9 +28,13 @@ a softrdma host, with RDMA devices on an in-process RoCEv2 network.
   network instead (RoCEv2 over UDP on loopback or a local address, the
   first device at ``ADDR``, 127.0.0.1 by default, the next at ``ADDR+1``),
   on real time with a progress thread: processes reach each other, e.g.
-  through the RDMA CM (:mod:`pyverbs.cmid`). That machine is the
-  process's own: a forked child builds its own on first use, with its own
-  progress thread (threads do not survive ``fork``).
+  through the RDMA CM (:mod:`pyverbs.cmid`). A forked child builds its
+  own machine on first use, with its own progress thread (threads do not
+  survive ``fork``), and closes its copies of the parent's sockets. Several
+  processes may use one address, as processes share a host's device: the
+  first carries it and the others join it
+  (:mod:`softrdma.fabric.udp_share`) — rdma-core's CM tests fork a passive
+  and an active process that connect from the parent's device to itself.
 
 Contexts of one device share the device — its QP numbers, its keys — as
 two ``ibv_open_device`` calls in one process share the hardware.
@@ -49,6 +53,7 @@ from ipaddress import IPv4Address
 from typing import Protocol
 
 from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
+from softrdma.cm.cm_port import cm_route_key
 from softrdma.dma.platform import Platform
 from softrdma.dma.types import DmaBackend
 from softrdma.drivers.hca import HwHca
@@ -72,6 +77,7 @@ __all__ = [
     "EventSink",
     "SimProcess",
     "device_address",
+    "flush_sends",
     "parse_devices",
     "parse_network",
     "process",
@@ -149,7 +155,12 @@ class SimProcess:
         self.mm = MmStruct(self.host, name=f"pid {self.pid}")
         self.udp_addr = udp_addr
         """The first device's address on the real network; None in-process."""
-        self.fabric: Fabric | UdpNetwork = Fabric() if udp_addr is None else UdpNetwork()
+        # On the real network a device is one device for every process
+        # using its address, as the kernel's is: the first process to open
+        # it carries it, later ones share it (softrdma.fabric.udp_share).
+        self.fabric: Fabric | UdpNetwork = (
+            Fabric() if udp_addr is None else UdpNetwork(share=True, gsi_route=cm_route_key)
+        )
         self.specs = specs
         needs_iommu = any(s.kind == "iommu" for s in specs)
         self.platform = Platform(self.host, iommu=needs_iommu, dma_debug=True)
@@ -233,7 +244,12 @@ def parse_network(text: str) -> IPv4Address | None:
 EXIT_FLUSH = 0.5
 
 
-def _flush_at_exit() -> None:
+def flush_sends() -> None:
+    """On the real network: wait (up to :data:`EXIT_FLUSH` seconds) until
+    the progress thread has sent what is queued, as the kernel has a MAD
+    once the call that posted it returns. For a last message the process
+    may not outlive — ``rdma_reject``, ``rdma_disconnect`` — since a
+    ``multiprocessing`` child ends in ``os._exit``, without ``atexit``."""
     proc = _PROCESS
     if proc is None or proc.pid != os.getpid() or not isinstance(proc.fabric, UdpNetwork):
         return
@@ -250,6 +266,13 @@ def _flush_at_exit() -> None:
             return
         if not done.wait(max(0.0, deadline - time.monotonic())):
             break
+
+
+def _flush_at_exit() -> None:
+    proc = _PROCESS
+    if proc is None or proc.pid != os.getpid() or not isinstance(proc.fabric, UdpNetwork):
+        return
+    flush_sends()
     proc.fabric.close()
 
 
@@ -258,9 +281,11 @@ atexit.register(_flush_at_exit)
 
 def _after_fork_in_child() -> None:
     # a machine on the real network has a progress thread, which the child
-    # lacks: it builds its own on first use (the in-process one is copied)
+    # lacks: it builds its own on first use, sharing the devices' addresses
+    # with the parent (the in-process one is copied)
     global _PROCESS
-    if _PROCESS is not None and _PROCESS.udp_addr is not None:
+    if _PROCESS is not None and isinstance(_PROCESS.fabric, UdpNetwork):
+        _PROCESS.fabric.close_after_fork()
         _PROCESS = None
 
 

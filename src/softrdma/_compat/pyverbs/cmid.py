@@ -12,8 +12,9 @@ listen_id=listener)`` is the connection of a ``CONNECT_REQUEST``. Only
 external QPs refuse with ``EOPNOTSUPP``.
 
 Between processes, the devices must be on the real network
-(``SOFTRDMA_PYVERBS_NETWORK=udp:ADDR``, one address a process, see
+(``SOFTRDMA_PYVERBS_NETWORK=udp:ADDR``, an address each or one shared, see
 :mod:`pyverbs._softrdma`); in-process devices reach each other as well.
+``ConnParam(qp_num=...)`` (an external QP) refuses with ``EOPNOTSUPP``.
 Where C would block forever, a wait ends with ``ETIMEDOUT`` after
 :data:`CM_EVENT_TIMEOUT` seconds.
 """
@@ -257,6 +258,8 @@ class ConnParam(PyverbsObject):
         self._data = data.encode() if isinstance(data, str) else bytes(data)
 
     def to_rdma(self) -> RdmaConnParam:
+        if self.qpn:  # the QP of the connection is not the CM's own
+            raise PyverbsRDMAError(f"external QP {self.qpn:#x} in ConnParam", errno.EOPNOTSUPP)
         return RdmaConnParam(
             private_data=self._data,
             responder_resources=self.resources,
@@ -500,6 +503,7 @@ class CMID(PyverbsCM):
             self._check("Failed to reject").reject(data)
         except RdmaCmError as ex:
             raise _cm_error("Failed to reject", ex) from None
+        sim.flush_sends()
 
     def disconnect(self) -> None:
         """``rdma_disconnect``: the QP goes to ERR; a synchronous ID waits
@@ -509,6 +513,7 @@ class CMID(PyverbsCM):
             cm_id.disconnect()
         except RdmaCmError as ex:
             raise _cm_error("Failed to disconnect", ex) from None
+        sim.flush_sends()
         if self.sync:
             self._wait(RdmaCmEventType.DISCONNECTED)
 
