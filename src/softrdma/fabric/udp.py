@@ -244,27 +244,27 @@ class UdpLink(LinkBase):
         self._closed = False
         self._raw: socket.socket | None = None
         self._watched: socket.socket | None = None  # the socket read for the wire
-        self.share: UdpShare | None = None
+        self._share: UdpShare | None = None
         try:
             self._rx = self._bind(socket.SOCK_DGRAM, self._port)
         except LinkError as e:
             if not (network.share and e.errno == errno.EADDRINUSE):
                 raise
             try:  # another softrdma process has the address: become its member
-                self.share = UdpShare.join(ip, self._port, self._deliver)
+                self._share = UdpShare.join(ip, self._port, self._deliver)
             except ShareError:
                 raise e from None
             # sends still leave from this address; nothing is read here
             self._rx = self._bind(socket.SOCK_DGRAM, 0)
-            self._sched.add_reader(self.share.sock, self.share.on_readable)
+            self._sched.add_reader(self._share.sock, self._share.on_readable)
             return
         if network.share:
             try:
-                self.share = UdpShare.own(ip, self._port, network.gsi_route)
+                self._share = UdpShare.own(ip, self._port, network.gsi_route)
             except ShareError:
                 self._rx.close()
                 raise
-            self._sched.add_reader(self.share.sock, self.share.on_readable)
+            self._sched.add_reader(self._share.sock, self._share.on_readable)
         if network.raw:
             raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_UDP)
             _attach_filter(raw, _udp_port_filter(self._port))
@@ -318,14 +318,15 @@ class UdpLink(LinkBase):
             if self._raw is not None
             else "ICRC checked by solving for the IPv4 ID (UDP socket)"
         )
-        if self.share is not None and self.share.slot:
-            how = f"shared with the process that bound the port (slot {self.share.slot})"
+        if self._share is not None and self._share.slot:
+            how = f"shared with the process that bound the port (slot {self._share.slot})"
         return f"UDP {self._ip}:{self._port} on {self._ifname}, MTU {self._mtu}, {how}"
 
     @property
     def device_share(self) -> UdpShare | None:
-        """This link's end of its shared address (``share=True``), else None."""
-        return self.share
+        """This link's end of its shared address (``share=True``), else None
+        (the device's :class:`~softrdma.verbs.share.DeviceShare`)."""
+        return self._share
 
     def transmit(self, packet: Packet, daddr: bytes, sport: int) -> None:
         """Send from the QP's source port to ``daddr``; the kernel adds IPv4
@@ -427,7 +428,7 @@ class UdpLink(LinkBase):
             self._record(saddr, daddr, sport, dport, ip_id or 0, bool(df), payload)
         if frame is None:
             return
-        share = self.share
+        share = self._share
         if share is not None and share.members:
             slot = share.route(frame.packet)
             if slot:
@@ -485,9 +486,9 @@ class UdpLink(LinkBase):
         sched = self._sched
         if self._watched is not None:
             sched.remove_reader(self._watched)
-        if self.share is not None:
-            sched.remove_reader(self.share.sock)
-            self.share.close()
+        if self._share is not None:
+            sched.remove_reader(self._share.sock)
+            self._share.close()
         with sched.lock:
             for s in {id(s): s for s, _ in self._tx.values()}.values():
                 if s is not self._rx:
@@ -508,7 +509,7 @@ class UdpLink(LinkBase):
             *(s for s, _ in self._tx.values()),
             self._rx,
             self._raw,
-            self.share and self.share.sock,
+            self._share and self._share.sock,
         ):
             if s is not None:
                 s.close()
