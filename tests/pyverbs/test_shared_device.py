@@ -119,3 +119,42 @@ def test_a_second_process_joins_instead_of_failing(pyverbs_on_path: None) -> Non
     again = subprocess.run(cmd, env=env, input="\n", capture_output=True, text=True,
                            timeout=TIMEOUT)  # fmt: skip
     assert again.stdout == "0 0x11\n", again.stderr
+
+
+def test_a_port_another_process_listens_on_is_in_use(pyverbs_on_path: None) -> None:
+    """``rdma_listen`` on a shared device's address and port that another
+    process listens on fails with ``EADDRINUSE`` (the CM's service ID is
+    device-wide), and works again once that process is gone."""
+    (ip,) = loopback_addresses(1)
+    script = (
+        "import errno, sys\n"
+        "import pyverbs.cm_enums as ce\n"
+        "from pyverbs.cmid import CMID, AddrInfo\n"
+        "from pyverbs.pyverbs_error import PyverbsRDMAError\n"
+        "from pyverbs.qp import QPInitAttr\n"
+        "cid = CMID(creator=AddrInfo(src=sys.argv[1], src_service='7480',"
+        " flags=ce.RAI_PASSIVE), qp_init_attr=QPInitAttr())\n"
+        "try:\n"
+        "    cid.listen()\n"
+        "except PyverbsRDMAError as ex:\n"
+        "    print('refused', ex.error_code == errno.EADDRINUSE, flush=True)\n"
+        "else:\n"
+        "    print('listening', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    env = pyverbs_env() | {"SOFTRDMA_PYVERBS_NETWORK": f"udp:{ip}"}
+    cmd = [sys.executable, "-c", script, ip]
+    first = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdin is not None
+        assert first.stdout.readline() == "listening\n"
+        second = subprocess.run(cmd, env=env, input="\n", capture_output=True, text=True,
+                                timeout=TIMEOUT)  # fmt: skip
+        assert second.stdout == "refused True\n", second.stderr
+        first.stdin.write("\n")
+        first.stdin.flush()
+        first.wait(TIMEOUT)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, ip_address
 
-from softrdma.cm.cm_port import IbCmId, ib_cm_port
+from softrdma.cm.cm_port import CmIdError, IbCmId, ib_cm_port
 from softrdma.cm.cma_hdr import (
     CMA_HDR_SIZE,
     CmaHdr,
@@ -548,8 +548,14 @@ class RdmaCmId:
             with dev.lock:
                 port = ib_cm_port(dev, self.port_num)
                 cm_id = port.create_id(self._cm_handler, self)
-                port.listen(cm_id, service_id, backlog)
                 self._cm_ids.append(cm_id)
+                try:
+                    port.listen(cm_id, service_id, backlog)
+                except CmIdError as e:  # another process listens on it (shared device)
+                    for made in self._cm_ids:
+                        made.destroy()
+                    self._cm_ids.clear()
+                    raise RdmaCmError(errno.EADDRINUSE, str(e)) from None
         self.state = RdmaCmState.LISTEN
 
     def _new_request(self, cm_id: IbCmId, req: CmReq) -> None:
