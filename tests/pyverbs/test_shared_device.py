@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tests.fabric.netaddr import loopback_addresses
 from tests.pyverbs.conftest import pyverbs_env
@@ -68,6 +70,28 @@ print([p.exitcode for p in procs], owner.share.slot, owner.share.counters["joine
 """
 
 
+@contextmanager
+def _first_process(cmd: list[str], env: dict[str, str]) -> Iterator[str]:
+    """Run ``cmd`` (which prints a line, then waits for one on stdin) for
+    the block; yield the line it printed, then let it end."""
+    first = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout is not None and first.stdin is not None
+        yield first.stdout.readline()
+        first.stdin.write("\n")
+        first.stdin.flush()
+        first.wait(TIMEOUT)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+
+
+def _second_process(cmd: list[str], env: dict[str, str]) -> str:
+    out = subprocess.run(cmd, env=env, input="\n", capture_output=True, text=True, timeout=TIMEOUT)
+    return out.stdout or out.stderr
+
+
 def test_forked_processes_share_the_parents_device(pyverbs_on_path: None) -> None:
     """rdma-core's two-process CM pattern: one address, three processes,
     one device — the REQ reaches the process that listens, the data the
@@ -102,23 +126,10 @@ def test_a_second_process_joins_instead_of_failing(pyverbs_on_path: None) -> Non
     )
     env = pyverbs_env() | {"SOFTRDMA_PYVERBS_NETWORK": f"udp:{ip}"}
     cmd = [sys.executable, "-c", script]
-    first = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout is not None and first.stdin is not None
-        assert first.stdout.readline() == "0 0x11\n"
-        second = subprocess.run(cmd, env=env, input="\n", capture_output=True, text=True,
-                                timeout=TIMEOUT)  # fmt: skip
-        assert second.stdout == "1 0x10011\n", second.stderr
-        first.stdin.write("\n")
-        first.stdin.flush()
-        first.wait(TIMEOUT)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    again = subprocess.run(cmd, env=env, input="\n", capture_output=True, text=True,
-                           timeout=TIMEOUT)  # fmt: skip
-    assert again.stdout == "0 0x11\n", again.stderr
+    with _first_process(cmd, env) as line:
+        assert line == "0 0x11\n"
+        assert _second_process(cmd, env) == "1 0x10011\n"
+    assert _second_process(cmd, env) == "0 0x11\n"
 
 
 def test_a_port_another_process_listens_on_is_in_use(pyverbs_on_path: None) -> None:
@@ -144,17 +155,7 @@ def test_a_port_another_process_listens_on_is_in_use(pyverbs_on_path: None) -> N
     )
     env = pyverbs_env() | {"SOFTRDMA_PYVERBS_NETWORK": f"udp:{ip}"}
     cmd = [sys.executable, "-c", script, ip]
-    first = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert first.stdout is not None and first.stdin is not None
-        assert first.stdout.readline() == "listening\n"
-        second = subprocess.run(cmd, env=env, input="\n", capture_output=True, text=True,
-                                timeout=TIMEOUT)  # fmt: skip
-        assert second.stdout == "refused True\n", second.stderr
-        first.stdin.write("\n")
-        first.stdin.flush()
-        first.wait(TIMEOUT)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
+    with _first_process(cmd, env) as line:
+        assert line == "listening\n"
+        assert _second_process(cmd, env) == "refused True\n"
+    assert _second_process(cmd, env) == "listening\n"
