@@ -259,14 +259,13 @@ class CmPort:
         ah_attr: AhAttr | None = None,
         listen_id: IbCmId | None = None,
     ) -> IbCmId:
+        # a shared device's IDs carry its slot in the top byte (for routing)
         share = self.device.share
+        prefix, bits = (
+            (0, 32) if share is None else (share.slot << COMM_ID_SLOT_SHIFT, COMM_ID_SLOT_SHIFT)
+        )
         while True:
-            if share is None:
-                local_id = self._rng.getrandbits(32)
-            else:  # a shared device routes by the slot in the top byte
-                local_id = share.slot << COMM_ID_SLOT_SHIFT | self._rng.getrandbits(
-                    COMM_ID_SLOT_SHIFT
-                )
+            local_id = prefix | self._rng.getrandbits(bits)
             if local_id and local_id not in self._local:
                 break
         if tid is None:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import os
 import socket
 import struct
 import threading
@@ -133,7 +132,7 @@ class UdpShare:
         sock = _dgram()
         sock.bind("")  # an abstract name of the kernel's choosing
         try:
-            reply = _rpc(sock, _name(ip, port), _JOIN + os.getpid().to_bytes(4, "big"))
+            reply = _rpc(sock, _name(ip, port), _JOIN)
         except ShareError:
             sock.close()
             raise

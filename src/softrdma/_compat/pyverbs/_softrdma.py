@@ -244,16 +244,25 @@ def parse_network(text: str) -> IPv4Address | None:
 EXIT_FLUSH = 0.5
 
 
+def _own_udp_network() -> UdpNetwork | None:
+    """This process's real network, if its machine is on one (a forked
+    child's copy of its parent's machine is not its own)."""
+    proc = _PROCESS
+    if proc is None or proc.pid != os.getpid() or not isinstance(proc.fabric, UdpNetwork):
+        return None
+    return proc.fabric
+
+
 def flush_sends() -> None:
     """On the real network: wait (up to :data:`EXIT_FLUSH` seconds) until
     the progress thread has sent what is queued, as the kernel has a MAD
     once the call that posted it returns. For a last message the process
     may not outlive — ``rdma_reject``, ``rdma_disconnect`` — since a
     ``multiprocessing`` child ends in ``os._exit``, without ``atexit``."""
-    proc = _PROCESS
-    if proc is None or proc.pid != os.getpid() or not isinstance(proc.fabric, UdpNetwork):
+    network = _own_udp_network()
+    if network is None:
         return
-    loop = proc.fabric.scheduler
+    loop = network.scheduler
     done = threading.Event()
     deadline = time.monotonic() + EXIT_FLUSH
     # rounds of "everything queued before this has run": a packet may take
@@ -269,11 +278,10 @@ def flush_sends() -> None:
 
 
 def _flush_at_exit() -> None:
-    proc = _PROCESS
-    if proc is None or proc.pid != os.getpid() or not isinstance(proc.fabric, UdpNetwork):
-        return
-    flush_sends()
-    proc.fabric.close()
+    network = _own_udp_network()
+    if network is not None:
+        flush_sends()
+        network.close()
 
 
 atexit.register(_flush_at_exit)
