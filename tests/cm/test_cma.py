@@ -15,6 +15,7 @@ from softrdma.cm.cma import (
     RdmaCmEvent,
     RdmaCmEventType,
     RdmaCmId,
+    RdmaCmState,
     RdmaConnParam,
     RdmaEventChannel,
 )
@@ -345,3 +346,84 @@ def test_api_misuse_raises_typed_errors() -> None:
     client.qp(cid)
     with pytest.raises(RdmaCmError, match="private data"):
         cid.connect(RdmaConnParam(private_data=bytes(57)))
+
+
+def test_ack_timeout_and_type_of_service_reach_the_req_and_both_qps() -> None:
+    """``rdma_set_ack_timeout`` and ``rdma_set_service_type`` before the
+    route: the REQ carries the ToS as traffic class and a packet life time
+    of one less than the timeout (cma.c), the active QP gets the timeout
+    itself at RTS, the passive one the REQ's; both AVs the traffic class."""
+    _, client, server = pair()
+    listen(server)
+    cid = RdmaCmId(client.ch)
+    cid.set_ack_timeout(21)
+    cid.set_service_type(0x60)
+    cid.resolve_addr(server.dev.ip, PORT)
+    client.event(E.ADDR_RESOLVED)
+    cid.resolve_route()
+    client.event(E.ROUTE_RESOLVED)
+    assert (cid.traffic_class, cid.packet_life_time) == (0x60, 20)
+    client.qp(cid)
+    cid.connect()
+    req_ev = server.event(E.CONNECT_REQUEST)
+    server.qp(req_ev.id)
+    req_ev.id.accept()
+    client.event(E.ESTABLISHED)
+    server.event(E.ESTABLISHED)
+    assert cid.cm_id is not None and cid.cm_id.conn.req is not None
+    req = cid.cm_id.conn.req
+    assert req.primary_traffic_class == 0x60
+    assert req.primary_local_ack_timeout == 21  # cm_ack_timeout(15, 20)
+    assert cid.qp is not None and req_ev.id.qp is not None
+    c_attr, s_attr = cid.qp.query()[0], req_ev.id.qp.query()[0]
+    assert (c_attr.timeout, s_attr.timeout) == (21, req.primary_local_ack_timeout)
+    assert c_attr.ah_attr is not None and s_attr.ah_attr is not None
+    assert c_attr.ah_attr.traffic_class == s_attr.ah_attr.traffic_class == 0x60
+    # without options: RoCE's packet life time 18, the CM's timeout, ToS 0
+    plain, _ = connect(client, server)
+    assert plain.cm_id is not None and plain.cm_id.conn.req is not None
+    assert plain.cm_id.conn.req.primary_local_ack_timeout == 19
+    assert plain.qp is not None and plain.qp.query()[0].timeout == 19
+    assert plain.traffic_class == 0
+    with pytest.raises(RdmaCmError, match="EINVAL"):
+        cid.set_ack_timeout(32)
+    with pytest.raises(RdmaCmError, match="EINVAL"):
+        cid.set_service_type(256)
+
+
+def test_reuseaddr_shares_a_port_until_one_listens() -> None:
+    """``rdma_set_reuseaddr``: IDs that all set it bind one address and
+    port; one that did not is refused (``EADDRINUSE``; ``EADDRNOTAVAIL``
+    against the wildcard, as ``cma_check_port``); a listener checks again
+    without it and clears it, so nobody binds its port after."""
+    _, _, server = pair()
+    ip = server.dev.ip
+    a, b, c = (RdmaCmId(server.ch) for _ in range(3))
+    a.set_reuseaddr(True)
+    b.set_reuseaddr(True)
+    a.bind_addr(ip, PORT)
+    b.bind_addr(ip, PORT)
+    with pytest.raises(RdmaCmError, match="EADDRINUSE"):
+        c.bind_addr(ip, PORT)
+    with pytest.raises(RdmaCmError, match="EADDRNOTAVAIL"):
+        RdmaCmId(server.ch).bind_addr("0.0.0.0", PORT)
+    with pytest.raises(RdmaCmError, match="EADDRINUSE"):
+        a.listen()  # b shares the port
+    assert a.state is RdmaCmState.ADDR_BOUND
+    with pytest.raises(RdmaCmError, match="EINVAL"):
+        b.set_reuseaddr(False)  # off only before binding
+    b.destroy()
+    a.listen()
+    assert not a.reuseaddr
+    with pytest.raises(RdmaCmError, match="EINVAL"):
+        a.set_reuseaddr(True)  # never on a listener
+    d = RdmaCmId(server.ch)
+    d.set_reuseaddr(True)
+    with pytest.raises(RdmaCmError, match="EADDRINUSE"):
+        d.bind_addr(ip, PORT)
+    d.set_afonly(True)  # IPv4 only here: stored, changes no bind
+    a.destroy()
+    d.bind_addr(ip, PORT)  # the port is free again
+    d.listen()
+    with pytest.raises(RdmaCmError, match="EINVAL"):
+        d.set_afonly(False)  # not once listening

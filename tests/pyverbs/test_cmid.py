@@ -88,6 +88,8 @@ def test_async_connect_accept_traffic_and_reject_in_process(machine: str) -> Non
         event(c_ch, ce.RDMA_CM_EVENT_ROUTE_RESOLVED)
         client.create_qp(init)
         assert client.dev_name == "rxe1"
+        # rdma-core's async traffic test: the QP's ACK timeout from the ID
+        client.set_option(ce.RDMA_OPTION_ID, ce.RDMA_OPTION_ID_ACK_TIMEOUT, 21, 1)
         param = ConnParam()
         param.set_private_data(b"hello")
         client.connect(param)
@@ -110,6 +112,9 @@ def test_async_connect_accept_traffic_and_reject_in_process(machine: str) -> Non
         child.accept(ConnParam())
         event(c_ch, ce.RDMA_CM_EVENT_ESTABLISHED)
         event(s_ch, ce.RDMA_CM_EVENT_ESTABLISHED)
+        attr, qp_init = client.query_qp(e.IBV_QP_TIMEOUT)
+        assert (attr.timeout, attr.qp_state, qp_init.cap.max_send_wr) == (21, e.IBV_QPS_RTS, 4)
+        assert child.query_qp(e.IBV_QP_TIMEOUT)[0].timeout == 19  # the CM's, from the REQ
         smsg = client.reg_msgs(32)
         smsg.write(b"over the CM", 11)
         client.post_send(smsg, length=11)
@@ -136,7 +141,7 @@ def test_cmid_errors(machine: str) -> None:
     import pyverbs.cm_enums as ce
     import pyverbs.enums as e
     from pyverbs.cmid import CMID, AddrInfo, CMEventChannel, ConnParam, UDParam
-    from pyverbs.pyverbs_error import PyverbsRDMAError
+    from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
     from pyverbs.qp import QPInitAttr
 
     with pytest.raises(PyverbsRDMAError) as ex:
@@ -156,6 +161,21 @@ def test_cmid_errors(machine: str) -> None:
     with pytest.raises(PyverbsRDMAError) as ex:
         cid.post_recv(None)  # type: ignore[arg-type]
     assert ex.value.error_code == errno.EINVAL  # no QP
+    with pytest.raises(PyverbsRDMAError) as ex:
+        cid.query_qp(e.IBV_QP_STATE)
+    assert ex.value.error_code == errno.EINVAL  # no QP
+    # rdma_set_option: pyverbs passes the ACK timeout only, as a uint8_t
+    ack = ce.RDMA_OPTION_ID_ACK_TIMEOUT
+    with pytest.raises(PyverbsUserError):
+        cid.set_option(ce.RDMA_OPTION_ID, 0, 0, 1)  # RDMA_OPTION_ID_TOS
+    with pytest.raises(OverflowError):
+        cid.set_option(ce.RDMA_OPTION_ID, ack, 256, 1)
+    for level, optval, optlen, err in ((1, 14, 1, errno.ENOSYS), (0, 14, 4, errno.EINVAL),
+                                       (0, 32, 1, errno.EINVAL)):  # fmt: skip
+        with pytest.raises(PyverbsRDMAError) as ex:
+            cid.set_option(level, ack, optval, optlen)
+        assert ex.value.error_code == err, (level, optval, optlen)
+    cid.set_option(ce.RDMA_OPTION_ID, ack, 14, 1)
     # a synchronous endpoint to a port nobody listens on is refused
     with pytest.raises(PyverbsRDMAError) as ex:
         CMID(

@@ -109,6 +109,35 @@ def test_a_suite_runs_with_rdma_on_path(tmp_path: Path, capsys: pytest.CaptureFi
     assert "pyverbs-tests: 2 run: 1 passed, 1 skipped, 0 failed, 0 errors" in out
 
 
+def test_the_run_is_on_the_real_network_of_its_own_address(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By default a run's devices are on the real network (its RDMA CM
+    tests fork processes that must reach each other), on a loopback
+    address drawn for the run; ``--network inproc`` keeps them in the
+    process, and a network that is neither is refused."""
+    monkeypatch.delenv("SOFTRDMA_PYVERBS_NETWORK", raising=False)
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "run_tests.py").write_text(
+        "import json, os, subprocess, unittest\n"
+        "class T(unittest.TestCase):\n"
+        "    def test_network(self):\n"
+        "        [dev] = json.loads(subprocess.check_output(['ip', '-j', 'addr', 'show', 'srnet0']))\n"
+        "        print('NET', os.environ['SOFTRDMA_PYVERBS_NETWORK'], dev['addr_info'])\n"
+        "unittest.main()\n"
+    )
+    assert main(["pyverbs-tests", str(suite)]) == 0
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("NET")]
+    net, info = line.split(" ", 2)[1:]
+    # 127.X.Y.1, drawn per run; the netdev lists it
+    assert net.startswith("udp:127.") and net.endswith(".1") and f"'{net[4:]}'" in info
+    assert main(["pyverbs-tests", "--network", "inproc", str(suite)]) == 0
+    assert "NET inproc []" in capsys.readouterr().out
+    assert main(["pyverbs-tests", "--network", "tcp:1.2.3.4", str(suite)]) == 2
+    assert "neither inproc nor udp[:ADDR]" in capsys.readouterr().err
+
+
 def test_a_missing_suite_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["pyverbs-tests", str(tmp_path / "nowhere")]) == 2
     assert "no such suite directory" in capsys.readouterr().err

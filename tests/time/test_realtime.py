@@ -79,8 +79,20 @@ def test_wait_wakes_on_notify_and_times_out(loop: RealTimeLoop) -> None:
     assert time.monotonic() - start >= 0.09
 
 
-def test_progress_does_not_run_anything(loop: RealTimeLoop) -> None:
-    loop.progress(lambda: False)  # returns at once: the thread runs on its own
+def test_progress_lets_the_progress_thread_in(loop: RealTimeLoop) -> None:
+    """A poller that holds the lock and finds nothing lets the progress
+    thread run while it waits (a callback needs the lock), instead of
+    spinning until the interpreter switches threads."""
+    box: list[int] = []
+    with loop.lock:
+        loop.call_soon(box.append, 1)
+        for _ in range(10_000):  # at most POLL_YIELD each: about a second
+            loop.progress(lambda: bool(box))
+            if box:
+                break
+        assert box == [1]
+    with loop.lock:
+        loop.progress(lambda: False)  # nothing comes: it returns anyway
 
 
 def test_a_failing_callback_is_logged_and_counted_not_raised(

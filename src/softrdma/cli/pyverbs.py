@@ -17,14 +17,20 @@ output followed by the counts of passed, skipped, failed and erroring
 tests. Without ``SUITE_DIR`` it uses the suite Debian ships in
 ``python3-pyverbs`` (``/usr/share/doc/rdma-core/tests``), installing that
 package first when run as root. ``--devices`` sets the devices of the run
-(``SOFTRDMA_PYVERBS_DEVICES``, e.g. ``hca0:iommu``).
+(``SOFTRDMA_PYVERBS_DEVICES``, e.g. ``hca0:iommu``), ``--network`` their
+network (``SOFTRDMA_PYVERBS_NETWORK``): by default the real one, RoCEv2 over
+UDP on a loopback address of the run's own, so that the suite's RDMA CM
+tests reach the processes they fork (and two runs at once stay apart);
+``inproc`` keeps every device inside its process.
 """
 
 from __future__ import annotations
 
 import argparse
 import gzip
+import ipaddress
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -52,6 +58,8 @@ __all__ = [
 DEBIAN_SUITE = Path("/usr/share/doc/rdma-core/tests")
 #: The environment variable the devices are configured with.
 ENV_DEVICES = "SOFTRDMA_PYVERBS_DEVICES"
+#: The environment variable their network is configured with.
+ENV_NETWORK = "SOFTRDMA_PYVERBS_NETWORK"
 #: The netdev of the N-th device is ``NETDEV_PREFIX`` + N (``rdma link``'s
 #: ``netdev``, answered by the runner's ``ip``).
 NETDEV_PREFIX = "srnet"
@@ -272,7 +280,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         p.description = "Print the directory to put on PYTHONPATH for softrdma's pyverbs."
         return p
     p.description = "Run rdma-core's pyverbs test suite against softrdma's devices."
-    p.usage = "%(prog)s [--devices SPEC] [--timeout SECONDS] [SUITE_DIR] [unittest args ...]"
+    p.usage = (
+        "%(prog)s [--devices SPEC] [--network NET] [--timeout SECONDS] "
+        "[SUITE_DIR] [unittest args ...]"
+    )
     p.epilog = (
         f"SUITE_DIR defaults to {DEBIAN_SUITE} (python3-pyverbs, installed when run as root). "
         "Everything after SUITE_DIR goes to the suite's run_tests.py (test names, -v, -k ...); "
@@ -283,6 +294,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
         metavar="SPEC",
         help="devices of the run, name:kind[,...] with kind cpu, iommu, swiotlb, direct or coco "
         f"(default: ${ENV_DEVICES}, else rxe0:cpu)",
+    )
+    p.add_argument(
+        "--network",
+        metavar="NET",
+        help="the devices' network: udp[:ADDR] (RoCEv2 over UDP, processes reach each other) "
+        f"or inproc (default: ${ENV_NETWORK}, else udp on a loopback address of the run's own)",
     )
     p.add_argument(
         "--timeout",
@@ -307,6 +324,9 @@ def run_tests(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """``pyverbs-tests``: returns the suite's exit status (2 when it could
     not be run)."""
     extra: list[str] = [a for a in args.suite_args or [] if a != "--"]
+    if args.network and not _valid_network(args.network):
+        err.write(f"pyverbs-tests: --network {args.network}: neither inproc nor udp[:ADDR]\n")
+        return 2
     suite = None
     if extra and Path(extra[0]).is_dir():
         suite = Path(extra.pop(0))
@@ -334,6 +354,10 @@ def run_tests(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         env["PATH"] = os.pathsep.join([str(bindir), env.get("PATH", "")])
         if args.devices:
             env[ENV_DEVICES] = args.devices
+        if args.network:
+            env[ENV_NETWORK] = args.network
+        elif not env.get(ENV_NETWORK):
+            env[ENV_NETWORK] = f"udp:{_run_address()}"
         cmd = [sys.executable, str(tests / "run_tests.py"), *extra]
         status, output = _stream(cmd, env, Path(tmp), out, args.timeout)
     counts = parse_counts(output)
@@ -342,6 +366,26 @@ def run_tests(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return status or 2
     out.write(f"pyverbs-tests: {counts}\n")
     return status
+
+
+def _valid_network(text: str) -> bool:
+    """``inproc``, ``udp`` or ``udp:IPV4``, as the pyverbs machine reads
+    ``SOFTRDMA_PYVERBS_NETWORK``."""
+    kind, _, addr = text.partition(":")
+    if text in ("inproc", "udp"):
+        return True
+    try:
+        return kind == "udp" and ipaddress.IPv4Address(addr) is not None
+    except ValueError:
+        return False
+
+
+def _run_address() -> str:
+    """A loopback address for a run's first device (127.X.Y.1; the others
+    follow it): every address of 127.0.0.0/8 is the host's own, and two
+    runs at once are unlikely to draw the same one."""
+    r = random.SystemRandom()
+    return f"127.{r.randrange(1, 255)}.{r.randrange(256)}.1"
 
 
 def _stream(

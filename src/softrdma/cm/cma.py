@@ -4,7 +4,9 @@ Kernel counterparts: ``drivers/infiniband/core/cma.c`` and librdmacm
 (``rdma_create_event_channel``, ``rdma_create_id``, ``rdma_bind_addr``,
 ``rdma_resolve_addr``, ``rdma_resolve_route``, ``rdma_create_qp``,
 ``rdma_connect``, ``rdma_listen``, ``rdma_accept``, ``rdma_reject``,
-``rdma_disconnect``, ``rdma_get_cm_event``, ``rdma_destroy_id``).
+``rdma_disconnect``, ``rdma_get_cm_event``, ``rdma_destroy_id``, and the
+options of ``rdma_set_option``: ``rdma_set_service_type``,
+``rdma_set_reuseaddr``, ``rdma_set_afonly``, ``rdma_set_ack_timeout``).
 
 A consumer uses it as it would use librdmacm::
 
@@ -21,10 +23,11 @@ and on the other side ``listen()``, a ``CONNECT_REQUEST`` event whose
 
 The RoCEv2 model throughout: a device is found by its IPv4 address among
 the host's registered devices; the GID is ``::ffff:<ip>``; the route is the
-port's active MTU, hop limit 64 and the flow label cma.c derives from the
+port's active MTU, hop limit 64, the flow label cma.c derives from the
 two ports (``cma_get_roce_udp_flow_label``), which also picks the QP's UDP
-source port. The service ID is the port space over the port
-(``rdma_get_service_id``); the CM REQ's private data starts with the 36-byte
+source port, the ID's type of service as traffic class (0 unless set) and a
+packet life time of 18, or one less than the ID's ACK timeout when set.
+The service ID is the port space over the port (``rdma_get_service_id``); the CM REQ's private data starts with the 36-byte
 ``cma_hdr`` (addresses and source port), and a consumer has the 56 bytes
 after it. The QP is moved through its states by the CM: INIT at
 ``create_qp``, RTR and RTS at ``accept`` or when the REP arrives, ERR at
@@ -274,6 +277,13 @@ class RdmaCmId:
         self.listen_id: RdmaCmId | None = None
         self.path_mtu = IbMtu.MTU_1024
         self.flow_label = 0
+        self.traffic_class = 0  # the route's (path record's), from the ToS
+        self.packet_life_time = CMA_IBOE_PACKET_LIFETIME
+        # rdma_set_option's state (id_priv->tos / timeout / reuseaddr / afonly)
+        self.tos: int | None = None
+        self.ack_timeout: int | None = None
+        self.reuseaddr = False
+        self.afonly = False
         self._cma = _cma(channel.host)
         self._cm_ids: list[IbCmId] = []  # one per device for a wildcard listener
         self._req: CmReq | None = None  # the REQ of a passive connection
@@ -323,12 +333,21 @@ class RdmaCmId:
                     break
             else:
                 raise RdmaCmError(errno.EADDRNOTAVAIL, "no free port")
-        for other in bound.get((self.ps, port), ()):
-            if _ANY in (other.src_addr, self.src_addr) or other.src_addr == self.src_addr:
-                raise RdmaCmError(errno.EADDRINUSE, f"port {port} is bound by {other!r}")
+        self._check_port(port, self.reuseaddr)
         bound.setdefault((self.ps, port), []).append(self)
         self.src_port = port
         return port
+
+    def _check_port(self, port: int, reuseaddr: bool) -> None:
+        """cma.c ``cma_check_port``: the IDs bound to ``port`` that this
+        one may not share it with; two that both set REUSEADDR may."""
+        for other in self._cma.bound.get((self.ps, port), ()):
+            if other is self or (reuseaddr and other.reuseaddr):
+                continue
+            if _ANY in (other.src_addr, self.src_addr):
+                raise RdmaCmError(errno.EADDRNOTAVAIL, f"port {port} is bound by {other!r}")
+            if other.src_addr == self.src_addr:
+                raise RdmaCmError(errno.EADDRINUSE, f"port {port} is bound by {other!r}")
 
     def _unbind(self) -> None:
         users = self._cma.bound.get((self.ps, self.src_port))
@@ -392,6 +411,13 @@ class RdmaCmId:
         assert self.device is not None
         self.path_mtu = self.device.query_port(self.port_num).active_mtu
         self.flow_label = _roce_flow_label(self.src_port, self.dst_port)
+        self.traffic_class = self.tos or 0
+        # IBTA 12.7.34: ACK timeout = 2 * packet life time + CA ACK delay;
+        # cma.c takes the life time as one less than the timeout set
+        if self.ack_timeout:
+            self.packet_life_time = self.ack_timeout - 1
+        else:
+            self.packet_life_time = CMA_IBOE_PACKET_LIFETIME
         self.state = RdmaCmState.ROUTE_QUERY
         self._later(RdmaCmEventType.ROUTE_RESOLVED, RdmaCmState.ROUTE_RESOLVED, 0)
 
@@ -409,6 +435,45 @@ class RdmaCmId:
     @property
     def dgid(self) -> bytes:
         return bytes(10) + b"\xff\xff" + self.dst_addr.packed
+
+    # -- options (rdma_set_option) --------------------------------------------------
+
+    def set_service_type(self, tos: int) -> None:
+        """``rdma_set_service_type`` (``RDMA_OPTION_ID_TOS``): the type of
+        service of the connection; the route resolved after it carries it
+        as the GRH traffic class (the REQ's and both QPs' address vectors)."""
+        self._check()
+        if not 0 <= tos <= 0xFF:
+            raise RdmaCmError(errno.EINVAL, f"type of service {tos} is not a byte")
+        self.tos = tos
+
+    def set_reuseaddr(self, reuse: bool) -> None:
+        """``rdma_set_reuseaddr`` (``RDMA_OPTION_ID_REUSEADDR``): IDs that
+        all set it may bind one port; a listener's own is cleared. Turning it
+        off is allowed only before binding, on only before listening."""
+        self._check()
+        if not ((reuse and self.state is not RdmaCmState.LISTEN) or self.state is RdmaCmState.IDLE):
+            raise RdmaCmError(errno.EINVAL, f"{self!r}: REUSEADDR cannot change now")
+        self.reuseaddr = bool(reuse)
+
+    def set_afonly(self, afonly: bool) -> None:
+        """``rdma_set_afonly`` (``RDMA_OPTION_ID_AFONLY``): bind the address
+        family only, before the ID is bound further than its address. IDs
+        are IPv4 only here, so it changes no bind."""
+        self._check(RdmaCmState.IDLE, RdmaCmState.ADDR_BOUND)
+        self.afonly = bool(afonly)
+
+    def set_ack_timeout(self, timeout: int) -> None:
+        """``rdma_set_ack_timeout`` (``RDMA_OPTION_ID_ACK_TIMEOUT``): the
+        local ACK timeout (4.096 µs × 2**timeout) the QP gets at RTS instead
+        of the CM's; a route resolved after it takes its packet life time
+        from it."""
+        self._check()
+        if self.qp_type is not IbQpType.RC:
+            raise RdmaCmError(errno.EINVAL, "an ACK timeout needs an RC ID")
+        if not 0 <= timeout <= 31:
+            raise RdmaCmError(errno.EINVAL, f"ACK timeout {timeout} is not 0-31")
+        self.ack_timeout = timeout
 
     # -- the QP ------------------------------------------------------------------
 
@@ -454,7 +519,8 @@ class RdmaCmId:
         qp.modify(
             QpAttr(
                 qp_state=IbQpState.RTR,
-                ah_attr=AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, flow_label=req.primary_flow_label),
+                ah_attr=AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, flow_label=req.primary_flow_label,
+                               traffic_class=req.primary_traffic_class),
                 path_mtu=mtu,
                 dest_qp_num=remote_qpn,
                 rq_psn=self._rq_psn,
@@ -464,6 +530,8 @@ class RdmaCmId:
             m.STATE | m.AV | m.PATH_MTU | m.DEST_QPN | m.RQ_PSN | m.MAX_DEST_RD_ATOMIC
             | m.MIN_RNR_TIMER,
         )  # fmt: skip
+        if self.ack_timeout is not None:  # rdma_init_qp_attr: the ID's overrides the CM's
+            timeout = self.ack_timeout
         qp.modify(
             QpAttr(qp_state=IbQpState.RTS, sq_psn=sq_psn, timeout=timeout, retry_cnt=retry,
                    rnr_retry=rnr_retry, max_rd_atomic=init),
@@ -522,14 +590,17 @@ class RdmaCmId:
                 primary_local_gid=sgid,
                 primary_remote_gid=self.dgid,
                 primary_flow_label=self.flow_label,
+                primary_traffic_class=self.traffic_class,
                 primary_hop_limit=CMA_HOP_LIMIT,
                 primary_local_ack_timeout=_cm_ack_timeout(
-                    device.attrs.local_ca_ack_delay, CMA_IBOE_PACKET_LIFETIME
+                    device.attrs.local_ca_ack_delay, self.packet_life_time
                 ),
                 private_data=hdr.encode() + param.private_data,
             )
             self.state = RdmaCmState.CONNECT
-            cm_id.send_req(req, AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT))
+            cm_id.send_req(
+                req, AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, traffic_class=self.traffic_class)
+            )
 
     # -- passive side ------------------------------------------------------------------
 
@@ -541,6 +612,11 @@ class RdmaCmId:
         if self.state is RdmaCmState.IDLE:
             self.bind_addr()
         self._check(RdmaCmState.ADDR_BOUND)
+        if self.reuseaddr:
+            # a listener shares its port with nobody: check again without
+            # REUSEADDR, and it stays off (cma.c rdma_listen)
+            self._check_port(self.src_port, False)
+            self.reuseaddr = False
         devices = [self.device] if self.device is not None else ib_devices(self.channel.host)
         service_id = rdma_ps_service_id(self.ps, self.src_port)
         for dev in devices:

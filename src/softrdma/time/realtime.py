@@ -35,6 +35,9 @@ log = logging.getLogger("softrdma.time")
 
 _Ts = TypeVarTuple("_Ts")
 _INF = float("inf")
+POLL_YIELD = 1e-4
+"""How long a poller that found nothing waits for the progress thread
+(:meth:`RealTimeLoop.progress`), in seconds."""
 
 
 class RealTimeHandle:
@@ -170,7 +173,14 @@ class RealTimeLoop:
         return handle
 
     def progress(self, until: Callable[[], bool]) -> None:
-        """Nothing to do: the progress thread runs on its own."""
+        """Give the progress thread a moment: wait up to :data:`POLL_YIELD`
+        seconds for ``until()``. A poller that spins on an empty CQ holding
+        the GIL would otherwise keep the progress thread from the packet
+        it is waiting for until the interpreter's switch interval (5 ms)
+        forces a switch; waiting on :attr:`lock` releases both at once."""
+        if not self.in_progress_thread():
+            with self._lock:
+                self._lock.wait_for(until, POLL_YIELD)
 
     def wait(self, until: Callable[[], bool], timeout: float | None) -> bool:
         """Wait on :attr:`lock` until ``until()`` holds or ``timeout`` real

@@ -7,9 +7,10 @@ active one has its address and route resolved, and every later call
 (``get_request``, ``accept``, ``connect``) waits for its event.
 ``CMID(creator=CMEventChannel())`` is the asynchronous ID: its events are
 read with ``CMEvent(channel)``, and ``CMID(creator=event,
-listen_id=listener)`` is the connection of a ``CONNECT_REQUEST``. Only
-``RDMA_PS_TCP`` (RC) is supported; other port spaces, multicast, ECE and
-external QPs refuse with ``EOPNOTSUPP``.
+listen_id=listener)`` is the connection of a ``CONNECT_REQUEST``.
+``set_option`` takes what pyverbs passes, ``RDMA_OPTION_ID_ACK_TIMEOUT``.
+Only ``RDMA_PS_TCP`` (RC) is supported; other port spaces, multicast, ECE
+and external QPs refuse with ``EOPNOTSUPP``.
 
 Between processes, the devices must be on the real network
 (``SOFTRDMA_PYVERBS_NETWORK=udp:ADDR``, an address each or one shared, see
@@ -38,7 +39,7 @@ from pyverbs.device import Context
 from pyverbs.mr import MR
 from pyverbs.pd import PD
 from pyverbs.pyverbs_error import PyverbsRDMAError, PyverbsUserError
-from pyverbs.qp import QPCap, QPInitAttr
+from pyverbs.qp import QPAttr, QPCap, QPInitAttr, _query_qp
 from softrdma.cm.cma import (
     RdmaCmError,
     RdmaCmEvent,
@@ -302,6 +303,7 @@ class CMID(PyverbsCM):
         self.qp: ibqp.QueuePair | None = None
         self._wr_id = 0
         self._child_qp_init: QPInitAttr | None = None
+        self._qp_init: QPInitAttr | None = None  # what the QP was created with
         self.sync: bool
         self.event_channel: CMEventChannel
         self.id: RdmaCmId
@@ -441,6 +443,7 @@ class CMID(PyverbsCM):
             self.qp = cm_id.create_qp(self.pd.alive(what), init)
         except SoftRdmaError as ex:
             raise _cm_error(what, ex) from None
+        self._qp_init = qp_init
 
     # -- connections -------------------------------------------------------------
 
@@ -517,6 +520,30 @@ class CMID(PyverbsCM):
         if self.sync:
             self._wait(RdmaCmEventType.DISCONNECTED)
 
+    def set_option(self, level: int, optname: int, optval: int, optlen: int) -> None:
+        """``rdma_set_option``; like pyverbs, only ``RDMA_OPTION_ID_ACK_TIMEOUT``
+        (a ``uint8_t``: the QP's local ACK timeout, 4.096 µs × 2**optval,
+        set at RTS instead of the CM's)."""
+        what = "Failed to set option"
+        if optname != ce.RDMA_OPTION_ID_ACK_TIMEOUT:
+            raise PyverbsUserError("CMID.set_option supports only RDMA_OPTION_ID_ACK_TIMEOUT")
+        if not 0 <= optval <= 0xFF:
+            raise OverflowError(f"ACK timeout {optval} is not a uint8_t")
+        if level != ce.RDMA_OPTION_ID:  # ucma: no such option at that level
+            raise PyverbsRDMAError(f"{what}: level {level}", errno.ENOSYS)
+        if optlen != 1:
+            raise PyverbsRDMAError(f"{what}: optlen {optlen}, not 1", errno.EINVAL)
+        try:
+            self._check(what).set_ack_timeout(optval)
+        except RdmaCmError as ex:
+            raise _cm_error(what, ex) from None
+
+    def query_qp(self, attr_mask: int) -> tuple[QPAttr, QPInitAttr]:
+        """``ibv_query_qp`` of the ID's QP: ``(QPAttr, QPInitAttr)``."""
+        qp = self._qp("Failed to query QP")
+        assert self._qp_init is not None
+        return _query_qp(qp, self._qp_init)
+
     def establish(self) -> None:
         """``rdma_establish``: for IDs without a CM-created QP, which
         softrdma's CM does not support (``EOPNOTSUPP``)."""
@@ -529,9 +556,7 @@ class CMID(PyverbsCM):
             "set_local_ece",
             "get_remote_ece",
             "post_ud_send",
-            "query_qp",
             "init_qp_attr",
-            "set_option",
         ):
             raise PyverbsRDMAError(f"CMID.{name} is not supported", errno.EOPNOTSUPP)
         raise AttributeError(name)

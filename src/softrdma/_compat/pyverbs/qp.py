@@ -494,18 +494,7 @@ class QP(PyverbsCM):
 
     def query(self, attr_mask: int) -> tuple[QPAttr, QPInitAttr]:
         """``ibv_query_qp``: ``(QPAttr, QPInitAttr)``."""
-        qp = self._alive("Failed to query QP")
-        attr, _ = qp.query()
-        out = QPAttr.from_ib(attr, qp.cap)
-        init = copy.copy(self.init_attr)
-        init.cap = QPCap(
-            qp.cap.max_send_wr,
-            qp.cap.max_recv_wr,
-            qp.cap.max_send_sge,
-            qp.cap.max_recv_sge,
-            qp.cap.max_inline_data,
-        )
-        return out, init
+        return _query_qp(self._alive("Failed to query QP"), self.init_attr)
 
     # -- posting ---------------------------------------------------------------------
 
@@ -927,3 +916,19 @@ def _bind_wr(
         bind_length=info.length,
         mw_access=access,
     )
+
+
+def _query_qp(qp: ibqp.QueuePair, init_attr: QPInitAttr) -> tuple[QPAttr, QPInitAttr]:
+    """``ibv_query_qp`` of ``qp``, created with ``init_attr``: its
+    attributes and its init attributes with the capabilities it got (a QP's
+    or a CM ID's, which ``rdma_create_qp`` made)."""
+    attr, _ = qp.query()
+    init = copy.copy(init_attr)
+    init.cap = QPCap(
+        qp.cap.max_send_wr,
+        qp.cap.max_recv_wr,
+        qp.cap.max_send_sge,
+        qp.cap.max_recv_sge,
+        qp.cap.max_inline_data,
+    )
+    return QPAttr.from_ib(attr, qp.cap), init
