@@ -221,11 +221,82 @@ def test_udp_network_setting_and_fork(pyverbs_on_path: None) -> None:
     assert out.stdout == "0 True\n", out.stderr
 
 
-def test_an_external_qp_is_refused(pyverbs_on_path: None) -> None:
-    from pyverbs.cmid import ConnParam
+@pytest.mark.parametrize("machine", ["rxe0:cpu,rxe1:iommu"], indirect=True)
+def test_an_external_qp_is_connected_by_the_application(machine: str) -> None:
+    """rdma-core's external-QP flow: IDs without QPs connect QPs the
+    application made (``ConnParam(qp_num=...)``) and moved with
+    ``init_qp_attr``; the active side gets CONNECT_RESPONSE, not
+    ESTABLISHED, and ``establish`` sends the RTU the passive side waits for."""
+    import pyverbs.cm_enums as ce
+    import pyverbs.enums as e
+    from pyverbs.cmid import CMID, AddrInfo, CMEvent, CMEventChannel, ConnParam
+    from pyverbs.cq import CQ
     from pyverbs.pyverbs_error import PyverbsRDMAError
+    from pyverbs.qp import QP, QPAttr, QPCap, QPInitAttr
+    from pyverbs.wr import SGE, RecvWR, SendWR
 
+    def event(ch: CMEventChannel, want: int) -> None:
+        ev = CMEvent(ch)
+        assert ev.event_type == want, ev.event_str()
+        ev.ack_cm_event()
+
+    def external_qp(cmid: CMID) -> tuple[QP, CQ]:
+        cq = CQ(cmid.context, 8, None, None, 0)
+        init = QPInitAttr(qp_type=e.IBV_QPT_RC, rcq=cq, scq=cq, cap=QPCap(max_recv_wr=1))
+        return QP(cmid.pd, init, QPAttr()), cq  # in INIT, as pyverbs leaves an RC QP
+
+    def ready(cmid: CMID, qp: QP) -> None:
+        for state in (e.IBV_QPS_INIT, e.IBV_QPS_RTR, e.IBV_QPS_RTS):
+            qp.modify(*cmid.init_qp_attr(state))
+
+    s_ch, c_ch = CMEventChannel(), CMEventChannel()
+    listener = CMID(creator=s_ch)
+    listener.bind_addr(AddrInfo(src="127.0.0.1", src_service=7001, flags=ce.RAI_PASSIVE))
+    listener.listen()
+    client = CMID(creator=c_ch)
+    client.resolve_addr(AddrInfo(src="127.0.0.2", dst="127.0.0.1", dst_service=7001))
+    event(c_ch, ce.RDMA_CM_EVENT_ADDR_RESOLVED)
+    client.resolve_route()
+    event(c_ch, ce.RDMA_CM_EVENT_ROUTE_RESOLVED)
     with pytest.raises(PyverbsRDMAError) as ex:
-        ConnParam(qp_num=0x12).to_rdma()
-    assert ex.value.error_code == errno.EOPNOTSUPP
-    assert ConnParam().to_rdma().private_data == b""
+        client.init_qp_attr(e.IBV_QPS_RTR)  # nothing from the peer yet
+    assert ex.value.error_code == errno.EINVAL
+    c_qp, c_cq = external_qp(client)
+    client.connect(ConnParam(qp_num=c_qp.qp_num))
+    req = CMEvent(s_ch)
+    assert req.event_type == ce.RDMA_CM_EVENT_CONNECT_REQUEST
+    child = CMID(creator=req, listen_id=listener)
+    req.ack_cm_event()
+    s_qp, s_cq = external_qp(child)
+    ready(child, s_qp)  # before accept, from the REQ
+    buf = child.reg_msgs(16)
+    s_qp.post_recv(RecvWR(1, 1, [SGE(buf.buf, 16, buf.lkey)]))
+    child.accept(ConnParam(qp_num=s_qp.qp_num))
+    event(c_ch, ce.RDMA_CM_EVENT_CONNECT_RESPONSE)
+    ready(client, c_qp)
+    attr, _ = c_qp.query(e.IBV_QP_DEST_QPN | e.IBV_QP_SQ_PSN | e.IBV_QP_RQ_PSN)
+    s_attr, _ = s_qp.query(e.IBV_QP_DEST_QPN | e.IBV_QP_SQ_PSN | e.IBV_QP_RQ_PSN)
+    assert (attr.dest_qp_num, s_attr.dest_qp_num) == (s_qp.qp_num, c_qp.qp_num)
+    assert (attr.sq_psn, attr.rq_psn) == (s_attr.rq_psn, s_attr.sq_psn)
+    client.establish()
+    event(s_ch, ce.RDMA_CM_EVENT_ESTABLISHED)
+    with pytest.raises(PyverbsRDMAError) as ex:
+        client.establish()  # once only
+    assert ex.value.error_code == errno.EINVAL
+    with pytest.raises(PyverbsRDMAError) as ex:
+        client.init_qp_attr(e.IBV_QPS_SQD)
+    assert ex.value.error_code == errno.EINVAL
+    msg = client.reg_msgs(16)
+    msg.write(b"external", 8)
+    c_qp.post_send(SendWR(2, opcode=e.IBV_WR_SEND, num_sge=1, sg=[SGE(msg.buf, 8, msg.lkey)]))
+    for cq in (c_cq, s_cq):
+        for _ in range(1000):
+            n, wcs = cq.poll()
+            if n:
+                assert wcs[0].status == e.IBV_WC_SUCCESS
+                break
+        else:
+            raise AssertionError("no completion")
+    assert buf.read(8, 0) == b"external"
+    for obj in (client, child, listener):
+        obj.close()

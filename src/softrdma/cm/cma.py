@@ -4,7 +4,8 @@ Kernel counterparts: ``drivers/infiniband/core/cma.c`` and librdmacm
 (``rdma_create_event_channel``, ``rdma_create_id``, ``rdma_bind_addr``,
 ``rdma_resolve_addr``, ``rdma_resolve_route``, ``rdma_create_qp``,
 ``rdma_connect``, ``rdma_listen``, ``rdma_accept``, ``rdma_reject``,
-``rdma_disconnect``, ``rdma_get_cm_event``, ``rdma_destroy_id``, and the
+``rdma_disconnect``, ``rdma_get_cm_event``, ``rdma_destroy_id``,
+``rdma_init_qp_attr`` and ``rdma_establish`` for external QPs, and the
 options of ``rdma_set_option``: ``rdma_set_service_type``,
 ``rdma_set_reuseaddr``, ``rdma_set_afonly``, ``rdma_set_ack_timeout``).
 
@@ -31,7 +32,11 @@ The service ID is the port space over the port (``rdma_get_service_id``); the CM
 ``cma_hdr`` (addresses and source port), and a consumer has the 56 bytes
 after it. The QP is moved through its states by the CM: INIT at
 ``create_qp``, RTR and RTS at ``accept`` or when the REP arrives, ERR at
-``disconnect`` (flushing every outstanding work request).
+``disconnect`` (flushing every outstanding work request). An ID without a
+QP of its own connects an external one named in ``RdmaConnParam.qp_num``:
+the application moves it with :meth:`RdmaCmId.init_qp_attr`'s attributes,
+and the active side gets CONNECT_RESPONSE instead of ESTABLISHED and sends
+the RTU with :meth:`RdmaCmId.establish`.
 
 Events are queued on the channel from the device's scheduler;
 :meth:`RdmaEventChannel.get_cm_event` waits for one (on simulated time, it
@@ -152,6 +157,26 @@ class RdmaConnParam:
     retry_count: int = 7
     rnr_retry_count: int = 7
     srq: int = 0
+    qp_num: int = 0
+    """An external QP's number, for an ID without a QP of its own."""
+
+
+@dataclass(slots=True)
+class _ConnPath:
+    """What a connection's QP is moved to RTR and RTS with, once the CM has
+    the peer's REQ (passive) or REP (active): ``cm_id_priv->av`` and the
+    message fields ``ib_cm_init_qp_attr`` reads."""
+
+    remote_qpn: int
+    sq_psn: int  # the peer's starting PSN: the one it receives from
+    path_mtu: IbMtu
+    flow_label: int
+    traffic_class: int
+    resp: int  # max_dest_rd_atomic: the READs and atomics this side serves
+    init: int  # max_rd_atomic: the ones it has outstanding
+    timeout: int
+    retry: int
+    rnr_retry: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +312,8 @@ class RdmaCmId:
         self._cma = _cma(channel.host)
         self._cm_ids: list[IbCmId] = []  # one per device for a wildcard listener
         self._req: CmReq | None = None  # the REQ of a passive connection
-        self._rq_psn = 0  # the PSN we receive from: the one we put in the REQ / REP
+        self._path: _ConnPath | None = None
+        self._rq_psn: int | None = None  # id_priv->seq_num, drawn on first use
         self._destroyed = False
 
     def __repr__(self) -> str:
@@ -487,12 +513,7 @@ class RdmaCmId:
             raise RdmaCmError(errno.EINVAL, f"{self!r} has a QP already")
         with self.device.lock:
             qp = self.device.create_qp(pd, init_attr)
-            m = IbQpAttrMask
-            qp.modify(
-                QpAttr(qp_state=IbQpState.INIT, pkey_index=0, port_num=self.port_num,
-                       qp_access_flags=IbAccess(0)),
-                m.STATE | m.PKEY_INDEX | m.PORT | m.ACCESS_FLAGS,
-            )  # fmt: skip
+            qp.modify(*self.init_qp_attr(IbQpState.INIT))
             self.qp = qp
             return qp
 
@@ -502,41 +523,58 @@ class RdmaCmId:
             self.qp.destroy()
             self.qp = None
 
-    def _ready_qp(self, remote_qpn: int, sq_psn: int, req: CmReq, resp: int, init: int,
-                  rnr_retry: int, timeout: int, retry: int) -> None:  # fmt: skip
-        """``cma_modify_qp_rtr`` + ``cma_modify_qp_rts`` with the attributes
-        the CM took from the REQ / REP (``ib_cm_init_qp_attr``). As in
-        Linux, the starting PSN a side puts in its REQ or REP is the one it
-        *receives* from; it sends from the peer's (``sq_psn``)."""
-        qp = self.qp
-        assert qp is not None and self.device is not None
+    def _seq_num(self) -> int:
+        """The PSN this side receives from, which it puts in its REQ or REP
+        (cma.c's random ``id_priv->seq_num``; it sends from the peer's)."""
+        if self._rq_psn is None:
+            self._rq_psn = self._cma.rng.getrandbits(24)
+        return self._rq_psn
+
+    def init_qp_attr(self, state: IbQpState) -> tuple[QpAttr, IbQpAttrMask]:
+        """``rdma_init_qp_attr``: the attributes and mask that move the
+        connection's QP to ``state`` — INIT, RTR or RTS — as the CM moves
+        the ID's own QP and an application an external one. INIT before
+        the peer's REQ or REP has no remote access; RTR and RTS need it
+        (``ib_cm_init_qp_attr``), else ``EINVAL``."""
+        self._check()
         m = IbQpAttrMask
-        access = IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE
-        if resp:
-            access |= IbAccess.REMOTE_READ | IbAccess.REMOTE_ATOMIC
-        qp.modify(QpAttr(qp_state=IbQpState.INIT, qp_access_flags=access), m.STATE | m.ACCESS_FLAGS)
-        mtu = min(IbMtu(req.path_mtu), self.device.query_port(self.port_num).active_mtu)
-        qp.modify(
-            QpAttr(
-                qp_state=IbQpState.RTR,
-                ah_attr=AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, flow_label=req.primary_flow_label,
-                               traffic_class=req.primary_traffic_class),
-                path_mtu=mtu,
-                dest_qp_num=remote_qpn,
-                rq_psn=self._rq_psn,
-                max_dest_rd_atomic=resp,
-                min_rnr_timer=0,
-            ),
-            m.STATE | m.AV | m.PATH_MTU | m.DEST_QPN | m.RQ_PSN | m.MAX_DEST_RD_ATOMIC
-            | m.MIN_RNR_TIMER,
-        )  # fmt: skip
-        if self.ack_timeout is not None:  # rdma_init_qp_attr: the ID's overrides the CM's
-            timeout = self.ack_timeout
-        qp.modify(
-            QpAttr(qp_state=IbQpState.RTS, sq_psn=sq_psn, timeout=timeout, retry_cnt=retry,
-                   rnr_retry=rnr_retry, max_rd_atomic=init),
-            m.STATE | m.SQ_PSN | m.TIMEOUT | m.RETRY_CNT | m.RNR_RETRY | m.MAX_QP_RD_ATOMIC,
-        )  # fmt: skip
+        path = self._path
+        if state is IbQpState.INIT:
+            access = IbAccess(0)
+            if path is not None:
+                access = IbAccess.LOCAL_WRITE | IbAccess.REMOTE_WRITE
+                if path.resp:
+                    access |= IbAccess.REMOTE_READ | IbAccess.REMOTE_ATOMIC
+            attr = QpAttr(qp_state=state, pkey_index=0, port_num=self.port_num,
+                          qp_access_flags=access)  # fmt: skip
+            return attr, m.STATE | m.PKEY_INDEX | m.PORT | m.ACCESS_FLAGS
+        if path is None or state not in (IbQpState.RTR, IbQpState.RTS):
+            raise RdmaCmError(errno.EINVAL, f"{self!r}: no QP attributes for {state.name}")
+        if state is IbQpState.RTR:
+            ah = AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, flow_label=path.flow_label,
+                        traffic_class=path.traffic_class)  # fmt: skip
+            attr = QpAttr(qp_state=state, ah_attr=ah, path_mtu=path.path_mtu,
+                          dest_qp_num=path.remote_qpn, rq_psn=self._seq_num(),
+                          max_dest_rd_atomic=path.resp, min_rnr_timer=0)  # fmt: skip
+            return attr, (
+                m.STATE | m.AV | m.PATH_MTU | m.DEST_QPN | m.RQ_PSN | m.MAX_DEST_RD_ATOMIC
+                | m.MIN_RNR_TIMER
+            )  # fmt: skip
+        # the ID's ACK timeout, when set, overrides the CM's
+        timeout = path.timeout if self.ack_timeout is None else self.ack_timeout
+        attr = QpAttr(qp_state=state, sq_psn=path.sq_psn, timeout=timeout, retry_cnt=path.retry,
+                      rnr_retry=path.rnr_retry, max_rd_atomic=path.init)  # fmt: skip
+        return attr, (
+            m.STATE | m.SQ_PSN | m.TIMEOUT | m.RETRY_CNT | m.RNR_RETRY | m.MAX_QP_RD_ATOMIC
+        )
+
+    def _ready_qp(self) -> None:
+        """``cma_modify_qp_rtr`` + ``cma_modify_qp_rts``: the ID's own QP
+        (if any: an external one is the application's) through INIT, RTR
+        and RTS."""
+        if self.qp is not None:
+            for state in (IbQpState.INIT, IbQpState.RTR, IbQpState.RTS):
+                self.qp.modify(*self.init_qp_attr(state))
 
     def _qp_error(self) -> None:
         """``cma_modify_qp_err``: every outstanding work request flushes."""
@@ -546,14 +584,15 @@ class RdmaCmId:
         ):  # fmt: skip
             qp.modify(QpAttr(qp_state=IbQpState.ERR), IbQpAttrMask.STATE)
 
-    def _ready_to_send(self, param: RdmaConnParam, private_max: int) -> tuple[IbDevice, QueuePair]:
-        """The checks ``rdma_connect`` and ``rdma_accept`` share: a QP on
-        the ID, private data that fits."""
-        if self.qp is None or self.device is None:
-            raise RdmaCmError(errno.EINVAL, "create a QP on the ID first")
+    def _ready_to_send(self, param: RdmaConnParam, private_max: int) -> tuple[IbDevice, int]:
+        """The checks ``rdma_connect`` and ``rdma_accept`` share; the
+        device and the connection's QP number: the ID's QP's, else the
+        external QP's of ``param.qp_num`` (``id_priv->qp_num``)."""
+        if self.device is None or (self.qp is None and not param.qp_num):
+            raise RdmaCmError(errno.EINVAL, "create a QP on the ID (or name one in qp_num)")
         if len(param.private_data) > private_max:
             raise RdmaCmError(errno.EINVAL, f"private data over {private_max} bytes")
-        return self.device, self.qp
+        return self.device, self.qp.qp_num if self.qp is not None else param.qp_num
 
     # -- active side -------------------------------------------------------------------
 
@@ -562,22 +601,21 @@ class RdmaCmId:
         events that follow are ESTABLISHED, REJECTED or UNREACHABLE."""
         param = RdmaConnParam() if param is None else param
         self._check(RdmaCmState.ROUTE_RESOLVED)
-        device, qp = self._ready_to_send(param, REQ_PRIVATE_DATA)
+        device, qpn = self._ready_to_send(param, REQ_PRIVATE_DATA)
         with device.lock:
             cm_id = ib_cm_port(device, self.port_num).create_id(self._cm_handler, self)
             self._cm_ids = [cm_id]
-            self._rq_psn = self._cma.rng.getrandbits(24)
             hdr = CmaHdr(self.src_addr, self.dst_addr, self.src_port)
             sgid = device.query_gid(self.port_num)
             req = CmReq(
                 service_id=rdma_ps_service_id(self.ps, self.dst_port),
-                local_qpn=qp.qp_num,
+                local_qpn=qpn,
                 responder_resources=param.responder_resources,
                 initiator_depth=param.initiator_depth,
                 remote_cm_response_timeout=CMA_CM_RESPONSE_TIMEOUT,
                 transport_service_type=0,
                 end_to_end_flow_control=bool(param.flow_control),
-                starting_psn=self._rq_psn,
+                starting_psn=self._seq_num(),
                 local_cm_response_timeout=CMA_CM_RESPONSE_TIMEOUT,
                 retry_count=param.retry_count,
                 partition_key=0xFFFF,
@@ -662,6 +700,18 @@ class RdmaCmId:
         child.flow_label = req.primary_flow_label
         child.state = RdmaCmState.CONNECT
         child._req = req
+        child._path = _ConnPath(
+            remote_qpn=req.local_qpn,
+            sq_psn=req.starting_psn,
+            path_mtu=child.path_mtu,
+            flow_label=req.primary_flow_label,
+            traffic_class=req.primary_traffic_class,
+            resp=req.initiator_depth,  # until accept says otherwise
+            init=req.responder_resources,
+            timeout=req.primary_local_ack_timeout,
+            retry=req.retry_count,
+            rnr_retry=req.rnr_retry_count,
+        )
         child._cm_ids = [cm_id]
         cm_id.handler = child._cm_handler
         cm_id.context = child
@@ -678,9 +728,10 @@ class RdmaCmId:
         self.channel._post(RdmaCmEvent(RdmaCmEventType.CONNECT_REQUEST, child, self, 0, param))
 
     def accept(self, param: RdmaConnParam | None = None) -> None:
-        """``rdma_accept``: ready the QP (RTR, then RTS) with the REQ's
-        attributes and send the REP (``cma_accept_ib``); ESTABLISHED follows
-        the peer's RTU."""
+        """``rdma_accept``: ready the ID's QP (RTR, then RTS) with the REQ's
+        attributes — an external QP, named by ``param.qp_num``, the
+        application readies with :meth:`init_qp_attr` — and send the REP
+        (``cma_accept_ib``); ESTABLISHED follows the peer's RTU."""
         param = RdmaConnParam() if param is None else param
         self._check(RdmaCmState.CONNECT)
         req, cm_id = self._req, self.cm_id
@@ -688,17 +739,15 @@ class RdmaCmId:
             CmState.REQ_RCVD, CmState.MRA_REQ_SENT
         ):  # fmt: skip
             raise RdmaCmError(errno.EINVAL, f"{self!r} has no connection request to accept")
-        device, qp = self._ready_to_send(param, REP_PRIVATE_DATA)
+        device, qpn = self._ready_to_send(param, REP_PRIVATE_DATA)
+        assert self._path is not None
         with device.lock:
-            self._rq_psn = self._cma.rng.getrandbits(24)
-            self._ready_qp(
-                req.local_qpn, req.starting_psn, req, param.responder_resources,
-                param.initiator_depth, req.rnr_retry_count, req.primary_local_ack_timeout,
-                req.retry_count,
-            )  # fmt: skip
+            self._path.resp = param.responder_resources
+            self._path.init = param.initiator_depth
+            self._ready_qp()
             rep = CmRep(
-                local_qpn=qp.qp_num,
-                starting_psn=self._rq_psn,
+                local_qpn=qpn,
+                starting_psn=self._seq_num(),
                 responder_resources=param.responder_resources,
                 initiator_depth=param.initiator_depth,
                 target_ack_delay=device.attrs.local_ca_ack_delay,
@@ -708,6 +757,19 @@ class RdmaCmId:
                 private_data=param.private_data,
             )
             cm_id.send_rep(rep)
+
+    def establish(self) -> None:
+        """``rdma_establish``: the active side of an external QP, once
+        CONNECT_RESPONSE came and the application moved its QP to RTS
+        with :meth:`init_qp_attr`, sends the RTU."""
+        self._check(RdmaCmState.CONNECT)
+        cm_id, device = self.cm_id, self.device
+        if self.qp is not None or cm_id is None or device is None or cm_id.state not in (
+            CmState.REP_RCVD, CmState.MRA_REP_SENT
+        ):  # fmt: skip
+            raise RdmaCmError(errno.EINVAL, f"{self!r} has no connection response to establish")
+        with device.lock:
+            cm_id.send_rtu()
 
     def reject(self, private_data: bytes = b"") -> None:
         """``rdma_reject``: refuse the connection request (a REJ with
@@ -772,22 +834,33 @@ class RdmaCmId:
         post = self.channel._post
         E = RdmaCmEventType
         if t is CmEventType.REP_RECEIVED:
-            assert isinstance(ev.msg, CmRep) and self.qp is not None
+            assert isinstance(ev.msg, CmRep) and self.device is not None
             rep = ev.msg
             req = cm_id.conn.req
             assert req is not None
-            self._ready_qp(
-                rep.local_qpn, rep.starting_psn, req, rep.initiator_depth,
-                rep.responder_resources, rep.rnr_retry_count, req.primary_local_ack_timeout,
-                req.retry_count,
-            )  # fmt: skip
-            cm_id.send_rtu()
+            self._path = _ConnPath(
+                remote_qpn=rep.local_qpn,
+                sq_psn=rep.starting_psn,
+                path_mtu=min(IbMtu(req.path_mtu), self.device.query_port(self.port_num).active_mtu),
+                flow_label=req.primary_flow_label,
+                traffic_class=req.primary_traffic_class,
+                resp=rep.initiator_depth,
+                init=rep.responder_resources,
+                timeout=req.primary_local_ack_timeout,
+                retry=req.retry_count,
+                rnr_retry=rep.rnr_retry_count,
+            )
             param = RdmaConnParam(
                 private_data=rep.private_data,
                 responder_resources=rep.initiator_depth,
                 initiator_depth=rep.responder_resources,
                 rnr_retry_count=rep.rnr_retry_count,
             )
+            if self.qp is None:  # an external QP: the application readies it, then establish()
+                post(RdmaCmEvent(E.CONNECT_RESPONSE, self, param=param))
+                return
+            self._ready_qp()
+            cm_id.send_rtu()
             post(RdmaCmEvent(E.ESTABLISHED, self, param=param))
         elif t in (CmEventType.RTU_RECEIVED, CmEventType.USER_ESTABLISHED):
             post(RdmaCmEvent(E.ESTABLISHED, self))

@@ -9,13 +9,14 @@ active one has its address and route resolved, and every later call
 read with ``CMEvent(channel)``, and ``CMID(creator=event,
 listen_id=listener)`` is the connection of a ``CONNECT_REQUEST``.
 ``set_option`` takes what pyverbs passes, ``RDMA_OPTION_ID_ACK_TIMEOUT``.
-Only ``RDMA_PS_TCP`` (RC) is supported; other port spaces, multicast, ECE
-and external QPs refuse with ``EOPNOTSUPP``.
+An external QP (``ConnParam(qp_num=...)`` on an ID without one) is moved by
+the application with ``init_qp_attr``; the active side then gets
+``CONNECT_RESPONSE`` and calls ``establish``. Only ``RDMA_PS_TCP`` (RC) is
+supported; other port spaces, multicast and ECE refuse with ``EOPNOTSUPP``.
 
 Between processes, the devices must be on the real network
 (``SOFTRDMA_PYVERBS_NETWORK=udp:ADDR``, an address each or one shared, see
 :mod:`pyverbs._softrdma`); in-process devices reach each other as well.
-``ConnParam(qp_num=...)`` (an external QP) refuses with ``EOPNOTSUPP``.
 Where C would block forever, a wait ends with ``ETIMEDOUT`` after
 :data:`CM_EVENT_TIMEOUT` seconds.
 """
@@ -51,7 +52,7 @@ from softrdma.cm.cma import (
 from softrdma.errors import SoftRdmaError
 from softrdma.verbs import qp as ibqp
 from softrdma.verbs import wr as ibwr
-from softrdma.verbs.enums import IbQpType, IbSendFlags, IbWrOpcode
+from softrdma.verbs.enums import IbQpState, IbQpType, IbSendFlags, IbWrOpcode
 
 __all__ = [
     "CMID",
@@ -259,8 +260,6 @@ class ConnParam(PyverbsObject):
         self._data = data.encode() if isinstance(data, str) else bytes(data)
 
     def to_rdma(self) -> RdmaConnParam:
-        if self.qpn:  # the QP of the connection is not the CM's own
-            raise PyverbsRDMAError(f"external QP {self.qpn:#x} in ConnParam", errno.EOPNOTSUPP)
         return RdmaConnParam(
             private_data=self._data,
             responder_resources=self.resources,
@@ -269,6 +268,7 @@ class ConnParam(PyverbsObject):
             retry_count=self.retry,
             rnr_retry_count=self.rnr_retry,
             srq=self.srq,
+            qp_num=self.qpn,
         )
 
     def __str__(self) -> str:
@@ -487,15 +487,17 @@ class CMID(PyverbsCM):
             self._wait(RdmaCmEventType.ESTABLISHED)
 
     def connect(self, param: ConnParam | None = None) -> None:
-        """``rdma_connect``; a synchronous ID waits for ``ESTABLISHED``
-        (``ECONNREFUSED`` when rejected)."""
+        """``rdma_connect``; a synchronous ID waits for ``ESTABLISHED`` —
+        ``CONNECT_RESPONSE`` for an external QP — (``ECONNREFUSED`` when
+        rejected)."""
         cm_id = self._check("Failed to connect")
         try:
             cm_id.connect(param.to_rdma() if param is not None else None)
         except SoftRdmaError as ex:
             raise _cm_error("Failed to connect", ex) from None
         if self.sync:
-            self._wait(RdmaCmEventType.ESTABLISHED)
+            E = RdmaCmEventType
+            self._wait(E.ESTABLISHED if cm_id.qp is not None else E.CONNECT_RESPONSE)
 
     def reject(self, private_data: bytes | str = b"", private_data_len: int | None = None) -> None:
         """``rdma_reject`` with ``private_data``."""
@@ -545,9 +547,26 @@ class CMID(PyverbsCM):
         return _query_qp(qp, self._qp_init)
 
     def establish(self) -> None:
-        """``rdma_establish``: for IDs without a CM-created QP, which
-        softrdma's CM does not support (``EOPNOTSUPP``)."""
-        raise PyverbsRDMAError("Failed to establish: external QPs", errno.EOPNOTSUPP)
+        """``rdma_establish``: the active side of an external QP (one named
+        in ``ConnParam(qp_num=...)``) sends the RTU once its QP is in RTS."""
+        what = "Failed to Complete an active connection request"
+        try:
+            self._check(what).establish()
+        except RdmaCmError as ex:
+            raise _cm_error(what, ex) from None
+
+    def init_qp_attr(self, qp_state: int) -> tuple[QPAttr, int]:
+        """``rdma_init_qp_attr``: ``(QPAttr, attr_mask)`` that move an
+        external QP to ``qp_state`` (INIT, RTR, RTS) for this connection."""
+        what = "Failed to get QP attributes"
+        try:
+            state = IbQpState(qp_state)
+            attr, mask = self._check(what).init_qp_attr(state)
+        except ValueError:
+            raise PyverbsRDMAError(f"{what}: QP state {qp_state}", errno.EINVAL) from None
+        except RdmaCmError as ex:
+            raise _cm_error(what, ex) from None
+        return QPAttr.from_ib(attr, ibqp.QpCap()), int(mask)
 
     def __getattr__(self, name: str) -> Any:
         if name in (
@@ -556,7 +575,6 @@ class CMID(PyverbsCM):
             "set_local_ece",
             "get_remote_ece",
             "post_ud_send",
-            "init_qp_attr",
         ):
             raise PyverbsRDMAError(f"CMID.{name} is not supported", errno.EOPNOTSUPP)
         raise AttributeError(name)
