@@ -28,9 +28,9 @@ port's active MTU, hop limit 64, the flow label cma.c derives from the
 two ports (``cma_get_roce_udp_flow_label``), which also picks the QP's UDP
 source port, the ID's type of service as traffic class (0 unless set) and a
 packet life time of 18, or one less than the ID's ACK timeout when set.
-The service ID is the port space over the port (``rdma_get_service_id``); the CM REQ's private data starts with the 36-byte
-``cma_hdr`` (addresses and source port), and a consumer has the 56 bytes
-after it. The QP is moved through its states by the CM: INIT at
+The service ID is the port space over the port (``rdma_get_service_id``);
+the CM REQ's private data starts with the 36-byte ``cma_hdr`` (addresses
+and source port), and a consumer has the 56 bytes after it. The QP is moved through its states by the CM: INIT at
 ``create_qp``, RTR and RTS at ``accept`` or when the REP arrives, ERR at
 ``disconnect`` (flushing every outstanding work request). An ID without a
 QP of its own connects an external one named in ``RdmaConnParam.qp_num``:

@@ -99,8 +99,9 @@ class Scheduler(Protocol):
     def progress(self, until: Callable[[], bool]) -> None:
         """Called by a poller that found nothing (``ib_poll_cq`` on an empty
         CQ): simulated time runs the hardware until ``until()`` holds or it
-        has nothing left to do, within a budget; real time returns at once
-        (the progress thread is already running)."""
+        has nothing left to do, within a budget; real time, whose progress
+        thread is already running, lets it run for a moment (the caller may
+        hold :attr:`lock`)."""
         ...
 
     def wait(self, until: Callable[[], bool], timeout: float | None) -> bool:

@@ -409,7 +409,7 @@ class IbDevice(abc.ABC):
     def progress(self, until: Callable[[], bool]) -> None:
         """Let the hardware run for a poller that found nothing: on simulated
         time, run the scheduler until ``until()`` holds or its budget is
-        spent; on real time, return at once (the progress thread runs it)
+        spent; on real time, give the progress thread a moment to
         (:meth:`Scheduler.progress <softrdma.time.base.Scheduler.progress>`)."""
         self.scheduler.progress(until)
 
