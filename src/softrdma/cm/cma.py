@@ -163,15 +163,12 @@ class RdmaConnParam:
 
 @dataclass(slots=True)
 class _ConnPath:
-    """What a connection's QP is moved to RTR and RTS with, once the CM has
-    the peer's REQ (passive) or REP (active): ``cm_id_priv->av`` and the
-    message fields ``ib_cm_init_qp_attr`` reads."""
+    """What a connection's QP is moved to RTR and RTS with, besides the
+    ID's route, once the CM has the peer's REQ (passive) or REP (active):
+    the message fields ``ib_cm_init_qp_attr`` reads."""
 
     remote_qpn: int
     sq_psn: int  # the peer's starting PSN: the one it receives from
-    path_mtu: IbMtu
-    flow_label: int
-    traffic_class: int
     resp: int  # max_dest_rd_atomic: the READs and atomics this side serves
     init: int  # max_rd_atomic: the ones it has outstanding
     timeout: int
@@ -551,9 +548,11 @@ class RdmaCmId:
         if path is None or state not in (IbQpState.RTR, IbQpState.RTS):
             raise RdmaCmError(errno.EINVAL, f"{self!r}: no QP attributes for {state.name}")
         if state is IbQpState.RTR:
-            ah = AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, flow_label=path.flow_label,
-                        traffic_class=path.traffic_class)  # fmt: skip
-            attr = QpAttr(qp_state=state, ah_attr=ah, path_mtu=path.path_mtu,
+            assert self.device is not None
+            mtu = min(self.path_mtu, self.device.query_port(self.port_num).active_mtu)
+            ah = AhAttr(self.dgid, hop_limit=CMA_HOP_LIMIT, flow_label=self.flow_label,
+                        traffic_class=self.traffic_class)  # fmt: skip
+            attr = QpAttr(qp_state=state, ah_attr=ah, path_mtu=mtu,
                           dest_qp_num=path.remote_qpn, rq_psn=self._seq_num(),
                           max_dest_rd_atomic=path.resp, min_rnr_timer=0)  # fmt: skip
             return attr, (
@@ -698,14 +697,12 @@ class RdmaCmId:
         child.listen_id = self
         child.path_mtu = IbMtu(min(req.path_mtu, int(child.device.query_port().active_mtu)))
         child.flow_label = req.primary_flow_label
+        child.traffic_class = req.primary_traffic_class
         child.state = RdmaCmState.CONNECT
         child._req = req
         child._path = _ConnPath(
             remote_qpn=req.local_qpn,
             sq_psn=req.starting_psn,
-            path_mtu=child.path_mtu,
-            flow_label=req.primary_flow_label,
-            traffic_class=req.primary_traffic_class,
             resp=req.initiator_depth,  # until accept says otherwise
             init=req.responder_resources,
             timeout=req.primary_local_ack_timeout,
@@ -834,16 +831,13 @@ class RdmaCmId:
         post = self.channel._post
         E = RdmaCmEventType
         if t is CmEventType.REP_RECEIVED:
-            assert isinstance(ev.msg, CmRep) and self.device is not None
+            assert isinstance(ev.msg, CmRep)
             rep = ev.msg
             req = cm_id.conn.req
             assert req is not None
             self._path = _ConnPath(
                 remote_qpn=rep.local_qpn,
                 sq_psn=rep.starting_psn,
-                path_mtu=min(IbMtu(req.path_mtu), self.device.query_port(self.port_num).active_mtu),
-                flow_label=req.primary_flow_label,
-                traffic_class=req.primary_traffic_class,
                 resp=rep.initiator_depth,
                 init=rep.responder_resources,
                 timeout=req.primary_local_ack_timeout,
